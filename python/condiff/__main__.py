@@ -1,0 +1,3 @@
+from condiff.cli import main
+
+raise SystemExit(main())
