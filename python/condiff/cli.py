@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ops-info": ("condiff.ops.info:main", "which fused-op backends are live on this machine"),
     "flops": ("condiff.flops:main", "params and GFLOPs of every backbone beside the paper's Table A1"),
     "convert": ("condiff.models.convert:main", "convert DiT / diffusers checkpoints to and from condiff"),
-    "sample": ("condiff.diffusion.sample_cli:main", "sample a PNG grid from a checkpoint or a zoo name"),
+    "sample": ("condiff.sample:main", "sample a PNG grid from a checkpoint or a zoo name"),
     "make-shards": ("condiff.data.make_shards:main", "write webdataset shards (image folder, CSV/JSONL, shapes)"),
     "precompute": ("condiff.data.precompute:main", "encode shards into latent (and text-state) shards"),
     "train": ("condiff.train.__main__:main", "train a model from a YAML recipe (single process)"),
