@@ -1,0 +1,427 @@
+"""Streaming reader for webdataset tar shards (img2dataset layout, or latent shards from `precompute`).
+
+Sample layout read (one tar member per field, grouped by key, parsed by the `webdataset` library):
+  image    `jpg` / `jpeg` / `png` / `webp` (any PIL mode; converted to RGB, see `transforms.to_rgb`)
+  caption  `txt`, else the json field `caption`
+  label    `cls` (an integer), else the json field `label`
+  json     per-sample metadata; `original_height` / `original_width` (img2dataset) give the original size
+  latent   `safetensors` written by `condiff precompute` (see `precompute.py`): then the batch has
+           `latent` instead of `image`, and text states when they were precomputed.
+
+Batches (docs/ARCHITECTURE.md): `image` (B,3,R,R) float32 in [-1,1] or `latent` (B,C,h,w) float32;
+`label` (B,) int64 (class data); `caption` list[str] (text data); `control_h` (B,6), `control_l` (B,2)
+float32; `key` list[str]; precomputed text adds `text` (B,T,C), `text_lengths` (B,) int64, `pooled` (B,Cp).
+
+Splitting, shuffling, resuming. A "slot" is one (rank, worker) pair, slot = rank * num_workers + worker,
+S = world_size * num_workers slots in all. Each epoch e, every slot permutes the shard list with the same
+seeded permutation (seed, e); with >= S shards slot i reads shards i, i+S, ...; with fewer shards every
+slot reads all of them and keeps raw samples i, i+S, ... Either way no sample is read by two slots.
+Each slot then shuffles its raw (undecoded) sample stream with a buffer of `shuffle_buffer` samples and
+an RNG seeded by (seed, e, slot). Crop/flip use an RNG seeded by (seed, e, sample key).
+The POSITION of a run is, per slot, (epoch, number of raw samples of that epoch's shuffled stream
+already consumed) -- skipped bad samples included -- for the batches the training loop has actually
+received (prefetched batches do not count). `ShardLoader.state_dict()` returns it (JSON-able);
+`load_state_dict` resumes exactly there: the slot replays its stream without decoding up to the
+position, so the next batches are identical to those an uninterrupted run would have produced.
+A position is only valid for the same shard list, seed, world size and number of workers (checked).
+In DDP each rank holds only its own slots: gather every rank's `state_dict()["slots"]` and merge them
+(`merge_positions`) before saving; every rank can load the merged dict.
+
+With `epochs=None` (default, for step-based training) each slot streams epochs forever, so ranks never
+run dry at different times; with a finite `epochs` iteration ends after that many epochs per slot.
+
+Bad samples never stop the stream: undecodable / truncated images, samples without an image, a missing
+caption (text data) or label (class data), images with a short side below `min_size`, unreadable latent
+files, and unreadable or truncated tar files are skipped, counted in `ShardLoader.stats` and named
+(sample key and shard) in a warning on the `condiff.data` logger.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import zlib
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import braceexpand
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import filters as wds_filters
+from webdataset import tariterators
+
+from .transforms import CropTransform, to_rgb
+
+log = logging.getLogger("condiff.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LATENT_EXT = "safetensors"
+_MAX_RAW_EMPTY_EPOCHS = 1
+
+
+# ------------------------------------------------------------------------------------------ shard lists
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Shard paths from a spec: a path, a glob (`*`, `?`, `[`), a brace list (`shard-{000..009}.tar`),
+    a directory (all `*.tar` inside), several of these joined by `::`, or a list of them.
+    Raises FileNotFoundError naming every pattern that matched no file."""
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).split("::")
+    out: list[str] = []
+    missing: list[str] = []
+    for item in items:
+        for path in braceexpand.braceexpand(str(item)):
+            path = os.path.expanduser(path)
+            if os.path.isdir(path):
+                found = sorted(glob.glob(os.path.join(path, "*.tar")))
+            elif any(ch in path for ch in "*?["):
+                found = sorted(glob.glob(path))
+            else:
+                found = [path] if os.path.exists(path) else []
+            if not found:
+                missing.append(path)
+            out.extend(found)
+    if missing:
+        raise FileNotFoundError(f"no shard file matches {missing} (from shard spec {spec!r})")
+    return out
+
+
+# -------------------------------------------------------------------------------------------- config
+@dataclass
+class LoaderConfig:
+    """Everything the reader needs (JSON-able; the trainer stores it in the run's meta)."""
+
+    shards: str | list[str] = ""
+    batch_size: int = 64
+    resolution: int = 256  # square output side in pixels (ignored for latent shards)
+    crop: str = "global"  # global | local | mix | center (transforms.CROP_RATIOS)
+    flip_prob: float = 0.5
+    conditioning: str = "class"  # class (needs a label) | text (needs a caption) | none
+    num_workers: int = 0
+    seed: int = 0
+    shuffle_buffer: int = 1000  # samples; <= 1 disables sample shuffling
+    shuffle_shards: bool = True
+    epochs: int | None = None  # None: stream forever
+    drop_last: bool = True  # only matters at the end of a finite stream
+    min_size: int = 0  # skip images whose short side (decoded pixels) is below this
+    resample: str = "bicubic"
+    rank: int | None = None  # None: torch.distributed rank (0 when not initialised)
+    world_size: int | None = None
+    pin_memory: bool = False
+
+    def __post_init__(self):
+        if self.conditioning not in ("class", "text", "none"):
+            raise ValueError(f"LoaderConfig.conditioning must be class | text | none, got {self.conditioning!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"LoaderConfig.batch_size must be >= 1, got {self.batch_size}")
+        CropTransform(self.resolution, self.crop, self.flip_prob, self.resample)  # validates crop/flip/resample
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _seed_int(*parts) -> int:
+    """A stable 64-bit seed from strings / ints (independent of PYTHONHASHSEED)."""
+    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little")
+
+
+# ------------------------------------------------------------------------------------ sample decoding
+class SkipSample(Exception):
+    """Raised by the decoder for a sample that must be skipped; `.reason` is the stats counter."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _text_field(sample: dict, name: str) -> str | None:
+    v = sample.get(name)
+    if v is None:
+        return None
+    return v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+def decode_sample(sample: dict, cfg: LoaderConfig, transform: CropTransform, rng: np.random.Generator, stats: Counter) -> dict:
+    """One raw webdataset sample (bytes per field) -> dict of per-sample arrays (see module docstring).
+
+    Raises SkipSample for samples that must be skipped; counts mode conversions in `stats`."""
+    meta: dict = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+            if not isinstance(meta, dict):
+                meta = {}
+        except (ValueError, UnicodeDecodeError) as exn:
+            raise SkipSample("bad_json", str(exn)) from None
+    out: dict = {"key": sample["__key__"]}
+
+    caption = _text_field(sample, "txt")
+    if caption is None and isinstance(meta.get("caption"), str):
+        caption = meta["caption"]
+    label = None
+    if "cls" in sample:
+        try:
+            label = int(_text_field(sample, "cls").strip())
+        except ValueError:
+            raise SkipSample("missing_label", f"cls field is not an integer: {sample['cls'][:20]!r}") from None
+    elif meta.get("label") is not None:
+        label = int(meta["label"])
+    if cfg.conditioning == "text":
+        if caption is None:
+            raise SkipSample("missing_caption", "no txt field and no json 'caption'")
+        out["caption"] = caption.strip()
+    elif cfg.conditioning == "class":
+        if label is None:
+            raise SkipSample("missing_label", "no cls field and no json 'label'")
+        out["label"] = label
+    if caption is not None and cfg.conditioning != "text":
+        out["caption"] = caption.strip()
+
+    if LATENT_EXT in sample:
+        return _decode_latent(sample, meta, out, rng)
+
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise SkipSample("no_image", f"no field among {IMAGE_EXTS}; fields: {sorted(k for k in sample if not k.startswith('__'))}")
+    try:
+        image = Image.open(io.BytesIO(sample[ext]))
+        image.load()
+        image, converted = to_rgb(image)
+    except Exception as exn:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
+        raise SkipSample("corrupt_image", f"{type(exn).__name__}: {exn}") from None
+    if converted is not None:
+        stats[f"converted_{converted}"] += 1
+    w, h = image.size
+    if min(h, w) < cfg.min_size:
+        raise SkipSample("too_small", f"{w}x{h} < min_size {cfg.min_size}")
+    orig = None
+    if "original_height" in meta and "original_width" in meta:
+        orig = (float(meta["original_height"]), float(meta["original_width"]))
+    x, control_h, control_l, _ = transform(image, rng, orig)
+    out.update(image=x, control_h=control_h, control_l=control_l)
+    return out
+
+
+def _decode_latent(sample: dict, meta: dict, out: dict, rng: np.random.Generator) -> dict:
+    from safetensors.torch import load as st_load
+
+    try:
+        tensors = st_load(bytes(sample[LATENT_EXT]))
+        latent, control_h, control_l = tensors["latent"], tensors["control_h"], tensors["control_l"]
+    except Exception as exn:
+        raise SkipSample("bad_latent", f"{type(exn).__name__}: {exn}") from None
+    a = int(rng.integers(latent.shape[0]))  # one of the stored augmentations
+    out.update(latent=latent[a].float(), control_h=control_h[a].float().numpy(), control_l=control_l.float().numpy())
+    if "text" in tensors:
+        out["text"] = tensors["text"].float()  # (L, C) valid tokens only
+        out["text_max_length"] = int(meta.get("text_max_length", tensors["text"].shape[0]))
+        out["pooled"] = tensors["pooled"].float()
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    """List of decoded samples -> batch dict (docs/ARCHITECTURE.md)."""
+    batch: dict = {"key": [s["key"] for s in samples]}
+    for name in ("image", "latent"):
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
+    batch["control_h"] = torch.from_numpy(np.stack([s["control_h"] for s in samples])).float()
+    batch["control_l"] = torch.from_numpy(np.stack([s["control_l"] for s in samples])).float()
+    if all("label" in s for s in samples):
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.int64)
+    if all("caption" in s for s in samples):
+        batch["caption"] = [s["caption"] for s in samples]
+    if "text" in samples[0]:
+        t = max(s["text_max_length"] for s in samples)
+        states = torch.zeros(len(samples), t, samples[0]["text"].shape[-1])
+        for i, s in enumerate(samples):
+            states[i, : s["text"].shape[0]] = s["text"]
+        batch["text"] = states
+        batch["text_lengths"] = torch.tensor([s["text"].shape[0] for s in samples], dtype=torch.int64)
+        batch["pooled"] = torch.stack([s["pooled"] for s in samples])
+    return batch
+
+
+# ------------------------------------------------------------------------------------------- stream
+class ShardStream(IterableDataset):
+    """The per-slot stream of batches (see module docstring). Used through `ShardLoader`."""
+
+    def __init__(self, cfg: LoaderConfig, shards: list[str], rank: int, world_size: int, resume: dict[int, tuple[int, int]]):
+        self.cfg, self.shards, self.rank, self.world_size, self.resume = cfg, shards, rank, world_size, resume
+        self.transform = CropTransform(cfg.resolution, cfg.crop, cfg.flip_prob, cfg.resample)
+
+    def _raw(self, shards: list[str], stats: Counter):
+        """Raw samples (dict of bytes) of `shards` in order; unreadable/truncated tars are counted."""
+
+        def handler(exn: Exception) -> bool:
+            stats["shard_errors"] += 1
+            log.warning("skipping the rest of a shard after a read error: %s", exn)
+            return True
+
+        def opened():
+            for url in shards:
+                try:
+                    stream = open(url, "rb")
+                except OSError as exn:
+                    handler(exn)
+                    continue
+                try:
+                    yield {"url": url, "stream": stream}
+                finally:
+                    stream.close()
+
+        files = tariterators.tar_file_expander(opened(), handler=handler)
+        return tariterators.group_by_keys(files, handler=handler)
+
+    def __iter__(self):
+        cfg = self.cfg
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        slots = self.world_size * workers
+        slot = self.rank * workers + worker
+        epoch, start = self.resume.get(slot, (0, 0))
+        stats: Counter = Counter()
+        pending: list[dict] = []
+        while cfg.epochs is None or epoch < cfg.epochs:
+            shards = list(self.shards)
+            if cfg.shuffle_shards:
+                random.Random(_seed_int(cfg.seed, epoch, "shards")).shuffle(shards)
+            stride = 1
+            if len(shards) >= slots:
+                shards = shards[slot::slots]
+            else:
+                stride = slots
+            raw = self._raw(shards, stats)
+            if stride > 1:
+                raw = (s for i, s in enumerate(raw) if i % stride == slot)
+            if cfg.shuffle_buffer > 1:
+                rng = random.Random(_seed_int(cfg.seed, epoch, "samples", slot))
+                raw = wds_filters._shuffle(raw, bufsize=cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng)
+            count = 0
+            for count, sample in enumerate(raw, start=1):
+                if count <= start:
+                    continue
+                stats["read"] += 1
+                key = sample.get("__key__", "?")
+                rng = np.random.default_rng(_seed_int(cfg.seed, epoch, key))
+                try:
+                    pending.append(decode_sample(sample, cfg, self.transform, rng, stats))
+                except SkipSample as exn:
+                    stats[f"skipped_{exn.reason}"] += 1
+                    log.warning("skipping sample %r from %s: %s", key, sample.get("__url__", "?"), exn)
+                    continue
+                if len(pending) == cfg.batch_size:
+                    yield self._emit(pending, slot, epoch, count, stats)
+                    pending = []
+            if count == 0 and start == 0:
+                raise RuntimeError(
+                    f"data slot {slot} (rank {self.rank}, worker {worker}) got no readable sample in epoch {epoch} "
+                    f"from {len(shards)} shard(s) with {slots} slot(s); stats: {dict(stats)}"
+                )
+            epoch, start = epoch + 1, 0
+        if pending and not cfg.drop_last:
+            yield self._emit(pending, slot, epoch - 1, count, stats)
+
+    @staticmethod
+    def _emit(samples: list[dict], slot: int, epoch: int, count: int, stats: Counter) -> dict:
+        batch = collate(samples)
+        stats["samples"] += len(samples)
+        batch["_position"] = (slot, epoch, count)
+        batch["_stats"] = (slot, dict(stats))
+        return batch
+
+
+# ------------------------------------------------------------------------------------------- loader
+def merge_positions(slot_dicts: list[dict]) -> dict:
+    """Union of several ranks' `state_dict()["slots"]` (for DDP checkpoints)."""
+    merged: dict = {}
+    for d in slot_dicts:
+        merged.update(d)
+    return merged
+
+
+class ShardLoader:
+    """Iterable of batches over a shard set, with an exact resumable position and bad-sample counts.
+
+    >>> loader = ShardLoader(LoaderConfig(shards="data/shard-{000000..000009}.tar", batch_size=64, resolution=32))
+    >>> for batch in loader: ...          # batch dict, see module docstring
+    >>> state = loader.state_dict()       # store in the checkpoint; later: loader.load_state_dict(state)
+    """
+
+    def __init__(self, config: LoaderConfig | dict):
+        self.config = config if isinstance(config, LoaderConfig) else LoaderConfig(**config)
+        self.shards = expand_shards(self.config.shards)
+        rank, world = _dist_rank_world()
+        self.rank = rank if self.config.rank is None else self.config.rank
+        self.world_size = world if self.config.world_size is None else self.config.world_size
+        self._slots: dict[int, tuple[int, int]] = {}
+        self._slot_stats: dict[int, dict] = {}
+
+    @property
+    def num_workers(self) -> int:
+        return max(1, self.config.num_workers)
+
+    def _fingerprint(self) -> str:
+        return hashlib.sha1("\n".join(self.shards).encode()).hexdigest()[:16]
+
+    def __iter__(self):
+        stream = ShardStream(self.config, self.shards, self.rank, self.world_size, dict(self._slots))
+        kw = {}
+        if self.config.num_workers > 0:
+            kw = dict(prefetch_factor=2, persistent_workers=False)
+        dl = DataLoader(stream, batch_size=None, num_workers=self.config.num_workers, pin_memory=self.config.pin_memory, **kw)
+        for batch in dl:
+            slot, epoch, count = batch.pop("_position")
+            self._slots[int(slot)] = (int(epoch), int(count))
+            slot, stats = batch.pop("_stats")
+            self._slot_stats[int(slot)] = stats
+            yield batch
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters summed over this rank's slots: read, samples, skipped_<reason>, converted_<mode>,
+        shard_errors (as of the last batch received)."""
+        total: Counter = Counter()
+        for s in self._slot_stats.values():
+            total.update(s)
+        return dict(total)
+
+    def report(self) -> str:
+        s = self.stats
+        skipped = {k: v for k, v in s.items() if k.startswith("skipped_") or k == "shard_errors"}
+        return f"data: read {s.get('read', 0)}, batched {s.get('samples', 0)}, skipped {skipped or 'none'}, " + (
+            f"converted {({k: v for k, v in s.items() if k.startswith('converted_')})}"
+        )
+
+    def state_dict(self) -> dict:
+        return {
+            "version": 1,
+            "seed": self.config.seed,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "shards": self._fingerprint(),
+            "slots": {str(k): list(v) for k, v in sorted(self._slots.items())},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        expect = {"seed": self.config.seed, "world_size": self.world_size, "num_workers": self.num_workers, "shards": self._fingerprint()}
+        diff = {k: (state.get(k), v) for k, v in expect.items() if state.get(k) != v}
+        if diff:
+            raise ValueError(
+                "data position does not match this loader (saved, current): "
+                + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
+                + "; resume with the same shard list, seed, world size and num_workers"
+            )
+        self._slots = {int(k): (int(v[0]), int(v[1])) for k, v in state["slots"].items()}
