@@ -1,0 +1,88 @@
+"""The analytic shapes-alignment detector on the dataset's own images: ground truth ~100 %, shuffled
+captions at the chance level a perfect detector gets, mirrored images break left/right only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from condiff.data import shapes
+from condiff.eval import align as A
+from condiff.eval.fid import center_crop_arr
+
+
+def _dataset(preset: str, n: int, res: int, seed: int):
+    imgs, caps = [], []
+    for i in range(n):
+        s = shapes.render(i, preset, seed=seed)
+        imgs.append(center_crop_arr(s.image, res))
+        caps.append(s.caption)
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2), caps  # (n, 3, res, res) uint8
+
+
+@pytest.fixture(scope="module")
+def default64():
+    return _dataset("default", 160, 64, seed=11)
+
+
+@pytest.fixture(scope="module")
+def demo32():
+    return _dataset("demo", 160, 32, seed=12)
+
+
+def test_ground_truth_default_preset(default64):
+    imgs, caps = default64
+    r = A.score_images(imgs, caps)
+    assert r["n"] == 160 and r["n_relation"] > 100  # both one- and two-object captions are covered
+    assert r["colour"] >= 0.99 and r["count"] >= 0.99
+    assert r["shape"] >= 0.97 and r["relation"] >= 0.97
+    assert r["overall"] >= 0.95
+
+
+def test_ground_truth_demo_preset_at_32px(demo32):
+    imgs, caps = demo32
+    r = A.score_images(imgs.float() / 127.5 - 1, caps)  # the [-1, 1] float path
+    assert r["colour"] == 1.0 and r["relation"] == 1.0
+    assert r["overall"] >= 0.97
+
+
+@pytest.mark.parametrize("which", ["default64", "demo32"])
+def test_shuffled_captions_at_chance(which, request):
+    imgs, caps = request.getfixturevalue(which)
+    perm = np.random.default_rng(0).permutation(len(caps))
+    shuffled = [caps[j] for j in perm]
+    got, chance = A.score_images(imgs, shuffled), A.oracle_scores(caps, shuffled)
+    truth = A.score_images(imgs, caps)
+    for m in ("colour", "shape", "overall"):
+        assert abs(got[m] - chance[m]) <= 0.06, (m, got[m], chance[m])
+        assert got[m] < truth[m] or truth[m] == chance[m] == 1.0
+    assert got["overall"] < 0.3
+    assert got["relation"] <= chance["relation"] + 0.08
+
+
+def test_mirrored_images_swap_left_and_right(demo32):
+    """A horizontal flip keeps colours and shapes and makes every left/right relation wrong."""
+    imgs, caps = demo32
+    r = A.score_images(imgs.flip(-1), caps)
+    assert r["colour"] == 1.0 and r["shape"] >= 0.97
+    assert r["relation"] == 0.0 and r["relation_given_found"] == 0.0
+
+
+def test_detect_reads_a_known_image():
+    s = shapes.render(3, "default", seed=0)
+    dets = A.detect(np.asarray(s.image))
+    objs = s.entry[1:]
+    assert sorted((d.colour, d.shape) for d in dets) == sorted(objs)
+    if s.entry[0] == "horizontal":
+        left = min(dets, key=lambda d: d.x)
+        assert (left.colour, left.shape) == objs[0]
+
+
+def test_empty_image_and_bad_input():
+    r = A.score_images(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), ["a red circle", "a blue square above a red star"])
+    assert r["colour"] == 0.0 and r["overall"] == 0.0 and r["n_relation"] == 1
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        A.score_images(torch.zeros(2, 3, 8, 8), ["a red circle"])
+    with pytest.raises(ValueError, match="shapes grammar"):
+        A.score_images(torch.zeros(1, 3, 8, 8), ["a photo of a dog"])
