@@ -1,0 +1,122 @@
+"""LPIPS size-diversity (paper Sec. 3, "Evaluation", and Tab. 2a): how much the image changes when only the
+size conditioning changes.
+
+Protocol: for each prompt, K generations (paper: K = 10) with the same seed, prompt and initial noise but
+a different size conditioning phi_l = (size, size); sizes smaller than the target resolution are excluded
+(the paper's "LPIPS/HR"; `include_low=True` keeps them, the paper's plain "LPIPS" column with sizes
+[64, 128, 256, 512, 1024]). Score of a prompt = mean LPIPS over the K (K - 1) / 2 pairs; the reported
+number = mean over prompts (paper: 10k prompts). Lower = the size condition changes less of the image
+(better disentangled semantics and size: Tab. 2a, 0.04 with the power-cosine schedule vs 0.33 uniform).
+
+Default sizes (the paper does not list its ten): `default_sizes(resolution)` = 10 sizes evenly spaced
+from the resolution to 4 x the resolution (256 -> 256 ... 1024, covering Tab. 2a's 256, 512, 1024).
+
+LPIPS through the `lpips` package (v0.1, its shipped linear-layer weights). The backbone (AlexNet by
+default, or VGG16) needs torchvision's ImageNet weights, which cannot be downloaded here: give them as a
+local file (`backbone_path`, `$CONDIFF_LPIPS_BACKBONE`, or torch hub's cache
+`$TORCH_HOME/hub/checkpoints/<torchvision file name>`), or use `random_backbone=True` (`pnet_rand`) for
+offline tests, whose numbers are not comparable with the paper's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+BACKBONE_ENV = "CONDIFF_LPIPS_BACKBONE"
+BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+BACKBONE_URLS = {"alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+                 "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth"}
+
+
+def default_sizes(resolution: int, k: int = 10) -> list[int]:
+    """`k` sizes evenly spaced in [resolution, 4 resolution], rounded to integers."""
+    return [int(round(s)) for s in np.linspace(resolution, 4 * resolution, k)]
+
+
+def protocol_sizes(sizes: list[int], resolution: int, include_low: bool = False) -> list[int]:
+    """The sizes used: those >= resolution unless `include_low`; at least two are needed for a pair."""
+    used = [int(s) for s in sizes if include_low or s >= resolution]
+    if len(used) < 2:
+        raise ValueError(f"LPIPS size protocol: sizes {list(sizes)} leave {used} at resolution {resolution} "
+                         "(sizes below the resolution are excluded); give at least two sizes >= the resolution")
+    return used
+
+
+def _backbone_file(net: str, backbone_path: str | os.PathLike | None) -> Path:
+    fname = BACKBONE_FILES[net]
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / fname
+    candidates = [Path(p) for p in (backbone_path, os.environ.get(BACKBONE_ENV)) if p] + [hub]
+    for c in candidates:
+        c = c / fname if c.is_dir() else c
+        if c.is_file():
+            return c
+    raise FileNotFoundError(
+        f"LPIPS-{net} needs torchvision's ImageNet weights '{fname}' for its backbone and nothing may be "
+        f"downloaded here. Fetch {BACKBONE_URLS[net]} on a machine with internet, then pass "
+        f"--lpips-backbone PATH, or set {BACKBONE_ENV}=PATH, or copy it to {hub}. For an offline smoke test "
+        f"use a random backbone (--lpips-random; numbers not comparable with the paper's).")
+
+
+def lpips_model(net: str = "alex", backbone_path: str | os.PathLike | None = None, random_backbone: bool = False,
+                device="cpu"):
+    """`lpips.LPIPS` (v0.1, shipped linear layers) with the backbone's weights from a local file, or random."""
+    import warnings
+
+    import lpips
+
+    if net not in BACKBONE_FILES:
+        raise ValueError(f"LPIPS net {net!r}: expected one of {list(BACKBONE_FILES)}")
+    file = None if random_backbone else _backbone_file(net, backbone_path)
+    with warnings.catch_warnings():  # lpips calls torchvision with the deprecated `pretrained=` argument
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+    if file is not None:
+        import torchvision
+
+        tv = getattr(torchvision.models, "alexnet" if net == "alex" else "vgg16")(weights=None)
+        tv.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+        # lpips' slices hold the torchvision `features` modules under their original indices
+        for name, module in model.net.named_modules():
+            if name.count(".") == 1 and name.startswith("slice"):
+                module.load_state_dict(tv.features[int(name.split(".")[1])].state_dict())
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def mean_pairwise_lpips(images: Tensor, model) -> float:
+    """Mean LPIPS over all pairs of (K, 3, H, W) images in [-1, 1]."""
+    k = images.shape[0]
+    pairs = list(itertools.combinations(range(k), 2))
+    if not pairs:
+        raise ValueError("mean_pairwise_lpips: need at least two images")
+    i = torch.tensor([p[0] for p in pairs])
+    j = torch.tensor([p[1] for p in pairs])
+    return float(model(images[i], images[j]).mean())
+
+
+# sample_fn(noise (B, C, h, w), prompts [B], sizes (B, 2) float (orig_height, orig_width)) -> (B, 3, H, W) in [-1, 1]
+SampleFn = Callable[[Tensor, list, Tensor], Tensor]
+
+
+def size_diversity(sample_fn: SampleFn, prompts: list, noise_fn: Callable[[int], Tensor], sizes: list[int],
+                   model, prompts_per_batch: int = 1) -> tuple[float, list[float]]:
+    """Run the protocol. `noise_fn(i)` is prompt i's initial noise (C, h, w) (same for all its sizes).
+    Returns (mean over prompts, per-prompt scores)."""
+    k = len(sizes)
+    size_t = torch.tensor([[s, s] for s in sizes], dtype=torch.float32)  # (K, 2)
+    scores: list[float] = []
+    for start in range(0, len(prompts), prompts_per_batch):
+        idx = list(range(start, min(start + prompts_per_batch, len(prompts))))
+        noise = torch.stack([noise_fn(i) for i in idx]).repeat_interleave(k, dim=0)  # (P K, C, h, w)
+        batch_prompts = [prompts[i] for i in idx for _ in range(k)]
+        images = sample_fn(noise, batch_prompts, size_t.repeat(len(idx), 1))  # (P K, 3, H, W)
+        for p in range(len(idx)):
+            scores.append(mean_pairwise_lpips(images[p * k:(p + 1) * k].float(), model))
+    return float(np.mean(scores)), scores

@@ -1,0 +1,76 @@
+"""LPIPS size-diversity protocol, offline with a random backbone; backbone weights from a local file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from condiff.eval import lpips_size as L
+
+
+@pytest.fixture(scope="module")
+def net():
+    return L.lpips_model("alex", random_backbone=True)
+
+
+def _noise(i: int) -> torch.Tensor:
+    return torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i))
+
+
+def test_protocol_sizes():
+    assert L.default_sizes(256) == [256, 341, 427, 512, 597, 683, 768, 853, 939, 1024]
+    assert L.protocol_sizes([64, 128, 256, 512, 1024], 256) == [256, 512, 1024]
+    assert L.protocol_sizes([64, 128, 256, 512, 1024], 256, include_low=True) == [64, 128, 256, 512, 1024]
+    with pytest.raises(ValueError, match="at least two sizes"):
+        L.protocol_sizes([64, 128, 256], 256)
+
+
+def test_size_blind_sampler_scores_zero_and_gets_same_noise(net):
+    seen = []
+
+    def sample_fn(noise, prompts, sizes):
+        seen.append((noise, prompts, sizes))
+        return noise.tanh()  # ignores the size conditioning
+
+    sizes = L.protocol_sizes(L.default_sizes(32), 32)
+    mean, per_prompt = L.size_diversity(sample_fn, ["a", "b", "c"], _noise, sizes, net, prompts_per_batch=2)
+    assert mean == 0.0 and len(per_prompt) == 3
+    noise, prompts, size_t = seen[0]
+    k = len(sizes)
+    assert noise.shape == (2 * k, 3, 32, 32) and prompts == ["a"] * k + ["b"] * k
+    assert torch.equal(noise[0], noise[k - 1]) and not torch.equal(noise[0], noise[k])  # same noise per prompt
+    assert size_t[:k, 0].tolist() == sizes and torch.equal(size_t[:, 0], size_t[:, 1])
+
+
+def test_size_dependent_sampler_scores_higher(net):
+    def make(strength):
+        def sample_fn(noise, prompts, sizes):
+            ramp = torch.linspace(-1, 1, 32)[None, None, None, :]
+            return (noise.tanh() * 0.5 + strength * (sizes[:, :1, None, None] / 128.0) * ramp).clamp(-1, 1)
+        return sample_fn
+
+    sizes = [32, 64, 96, 128]
+    weak, _ = L.size_diversity(make(0.1), ["a", "b"], _noise, sizes, net)
+    strong, _ = L.size_diversity(make(0.8), ["a", "b"], _noise, sizes, net)
+    assert 0.0 < weak < strong
+
+
+def test_backbone_from_local_file(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.alexnet(weights=None)
+    path = tmp_path / L.BACKBONE_FILES["alex"]
+    torch.save(tv.state_dict(), path)
+    model = L.lpips_model("alex", backbone_path=tmp_path)
+    torch.testing.assert_close(model.net.slice1[0].weight, tv.features[0].weight)
+    torch.testing.assert_close(model.net.slice5._modules["10"].bias, tv.features[10].bias)
+
+
+def test_missing_backbone_says_what_to_provide(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv(L.BACKBONE_ENV, raising=False)
+    with pytest.raises(FileNotFoundError) as err:
+        L.lpips_model("vgg", backbone_path=tmp_path / "missing")
+    msg = str(err.value)
+    assert "vgg16-397923af.pth" in msg and L.BACKBONE_ENV in msg and "--lpips-random" in msg
