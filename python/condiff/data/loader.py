@@ -32,7 +32,7 @@ run dry at different times; with a finite `epochs` iteration ends after that man
 
 Bad samples never stop the stream: undecodable / truncated images, samples without an image, a missing
 caption (text data) or label (class data), images with a short side below `min_size`, unreadable latent
-files, and unreadable or truncated tar files are skipped, counted in `ShardLoader.stats` and named
+files, a non-integer `cls`, a json that does not parse, and unreadable or truncated tar files are skipped, counted in `ShardLoader.stats` and named
 (sample key and shard) in a warning on the `condiff.data` logger.
 """
 
@@ -174,8 +174,9 @@ def decode_sample(sample: dict, cfg: LoaderConfig, transform: CropTransform, rng
     if "cls" in sample:
         try:
             label = int(_text_field(sample, "cls").strip())
-        except ValueError:
-            raise SkipSample("missing_label", f"cls field is not an integer: {sample['cls'][:20]!r}") from None
+        except (ValueError, UnicodeDecodeError):
+            if cfg.conditioning == "class":  # a label nobody asked for may be malformed
+                raise SkipSample("bad_label", f"cls field is not an integer: {sample['cls'][:20]!r}") from None
     elif meta.get("label") is not None:
         label = int(meta["label"])
     if cfg.conditioning == "text":
@@ -333,6 +334,8 @@ class ShardStream(IterableDataset):
             epoch, start = epoch + 1, 0
         if pending and not cfg.drop_last:
             yield self._emit(pending, slot, epoch - 1, count, stats)
+        # end of a finite stream: a marker carrying the final position and counts (not a batch)
+        yield {"_end": True, "_position": (slot, epoch, 0), "_stats": (slot, dict(stats))}
 
     @staticmethod
     def _emit(samples: list[dict], slot: int, epoch: int, count: int, stats: Counter) -> dict:
@@ -387,7 +390,8 @@ class ShardLoader:
             self._slots[int(slot)] = (int(epoch), int(count))
             slot, stats = batch.pop("_stats")
             self._slot_stats[int(slot)] = stats
-            yield batch
+            if not batch.pop("_end", False):
+                yield batch
 
     @property
     def stats(self) -> dict[str, int]:

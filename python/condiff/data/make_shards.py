@@ -70,6 +70,13 @@ def _sample(key: int, ext: str, data: bytes, w: int, h: int, source: str, captio
     return s
 
 
+def _write_info(out: str, info: dict) -> dict:
+    """Write `dataset.json` (a summary of the shard set) and return `info`."""
+    with open(os.path.join(out, "dataset.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
 def write_shapes(out: str, n: int, seed: int = 0, preset: str = "default", shard_size: int = 1000) -> dict:
     cfg = shapes_mod.get_config(preset)
     with ShardSetWriter(out, shard_size) as w:
@@ -87,7 +94,7 @@ def write_shapes(out: str, n: int, seed: int = 0, preset: str = "default", shard
         "class_names": shapes_mod.class_names(cfg),
         "shards": [os.path.basename(p) for p in w.paths],
     }
-    return info
+    return _write_info(out, info)
 
 
 def write_photos(out: str, shard_size: int = 1000) -> dict:
@@ -97,7 +104,8 @@ def write_photos(out: str, shard_size: int = 1000) -> dict:
             img_w, img_h = img.size
             w.write(_sample(i, "png", pil_png_bytes(img), img_w, img_h, f"skimage:{name}", caption=f"a photo: {name}", label=i))
             names.append(name)
-    return {"source": "skimage", "n": len(names), "num_classes": len(names), "class_names": names, "shards": [os.path.basename(p) for p in w.paths]}
+    info = {"source": "skimage", "n": len(names), "num_classes": len(names), "class_names": names, "shards": [os.path.basename(p) for p in w.paths]}
+    return _write_info(out, info)
 
 
 def _list_folder(root: str) -> tuple[list[tuple[str, int | None]], list[str]]:
@@ -136,7 +144,7 @@ def _read_table(path: str) -> list[dict]:
     return rows
 
 
-def write_files(out: str, items: list[dict], shard_size: int = 1000) -> dict:
+def write_files(out: str, items: list[dict], shard_size: int = 1000, **info) -> dict:
     """items: dicts with path, optional caption, label. Returns summary with the skipped paths."""
     skipped = []
     with ShardSetWriter(out, shard_size) as w:
@@ -160,7 +168,8 @@ def write_files(out: str, items: list[dict], shard_size: int = 1000) -> dict:
             label = None if label in (None, "") else int(label)
             w.write(_sample(key, ext, data, img_w, img_h, path, caption, label))
             key += 1
-    return {"n": key, "skipped": skipped, "shards": [os.path.basename(p) for p in w.paths]}
+    info.update(n=key, skipped=skipped, shards=[os.path.basename(p) for p in w.paths])
+    return _write_info(out, info)
 
 
 def main(argv: list[str]) -> int:
@@ -183,8 +192,8 @@ def main(argv: list[str]) -> int:
         if not listed:
             print(f"make-shards: no images ({', '.join(_IMAGE_SUFFIXES)}) under {args.source}", file=sys.stderr)
             return 2
-        info = write_files(args.out, [{"path": pth, "label": cid} for pth, cid in listed], args.shard_size)
-        info.update(source=os.path.abspath(args.source), num_classes=len(classes), class_names=classes)
+        items = [{"path": pth, "label": cid} for pth, cid in listed]
+        info = write_files(args.out, items, args.shard_size, source=os.path.abspath(args.source), num_classes=len(classes), class_names=classes)
         with open(os.path.join(args.out, "classes.json"), "w") as f:
             json.dump({"classes": classes, "class_to_id": {c: i for i, c in enumerate(classes)}}, f, indent=1)
     elif os.path.isfile(args.source) and args.source.endswith((".csv", ".jsonl")):
@@ -193,13 +202,10 @@ def main(argv: list[str]) -> int:
         except ValueError as exn:
             print(f"make-shards: {exn}", file=sys.stderr)
             return 2
-        info = write_files(args.out, rows, args.shard_size)
-        info.update(source=os.path.abspath(args.source))
+        info = write_files(args.out, rows, args.shard_size, source=os.path.abspath(args.source))
     else:
         print(f"make-shards: source {args.source!r} is not 'shapes', 'photos', a folder, or an existing .csv/.jsonl file", file=sys.stderr)
         return 2
-    with open(os.path.join(args.out, "dataset.json"), "w") as f:
-        json.dump(info, f, indent=1)
     skipped = info.get("skipped", [])
     print(f"make-shards: wrote {info['n']} samples in {len(info['shards'])} shard(s) to {args.out}" + (f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""))
     return 0
