@@ -1,0 +1,318 @@
+"""Typed training configuration: plain dataclasses (edm2 style), YAML recipes and `key=value` overrides.
+
+A recipe is a YAML file whose nested mappings mirror `TrainConfig` below. Two extras:
+  * `base: other.yaml` (path relative to the file) merges the recipe over another one (recursively;
+    the 512 fine-tunes and the transfers are a few lines over their 256 recipes);
+  * command-line overrides `section.key=value`, the value parsed as YAML (`optim.betas=[0.9,0.95]`).
+Every key is checked: an unknown key, or a value of the wrong type, raises `ConfigError` naming the
+full dotted key and what was expected. The resolved config (`to_dict`) is saved with every run
+(`run_dir/config.yaml`) and in every checkpoint's meta.json.
+
+Paper defaults (App. C "Training", "Influence of momentum", "Scaling the training"):
+  * Adam, constant learning rate; 256 px: batch 2,048, lr 1e-3 ("10 x 10^-4"), doubling lr again diverged;
+    512 px: batch 384. betas (0.9, 0.999) are the PyTorch defaults the paper starts from; its grid
+    search (Fig. A2, UNet, 70k steps) found beta2 = 0.95 better by 4.78 FID, so our recipes use
+    betas [0.9, 0.95]. `optim.betas=[0.9,0.999]` restores the default.
+  * Batch/LR coupling (Tab. A2): FID improved with larger batch AND larger lr in every setting until
+    the run diverged. `optim.lr` is the lr AT `optim.ref_batch` images per step; when the global
+    batch differs, `optim.lr_scaling` rescales it by gamma = batch / ref_batch: "sqrt" (lr * sqrt(gamma)),
+    "linear" (lr * gamma) or "none". The recipes pin ref_batch to their own batch, so nothing changes
+    unless you change the batch (e.g. fewer GPUs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or an override is invalid; the message names the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mmdit-ours-tiny"  # a zoo name understood by condiff.models.create
+    conditioning: str = "class"  # "class" | "text"
+    kwargs: dict = field(default_factory=dict)  # extra keyword overrides for create() (e.g. num_classes)
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # webdataset shards: path / glob / brace pattern / directory (`condiff make-shards`)
+    resolution: int = 256  # training image size in pixels (square; ignored for latent shards)
+    crop: str = "global"  # "global" (0.9-1) | "local" (0.4-0.6) | "mix" (0.4-1) | "center": crop-size ratio (Fig. 8c)
+    flip: bool = True  # random horizontal flips (recorded in phi_h)
+    num_classes: int = 0  # class-conditional data: number of classes; 0 = read dataset.json beside the shards
+    label_drop: float = 0.1  # probability of the null class / empty caption (classifier-free guidance)
+    control_drop: float = 0.1  # probability of dropping the control condition (control guidance, Eq. 2)
+    workers: int = 2  # data-loader worker processes per rank (0 = in the main process)
+    shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer
+
+
+@dataclass
+class TextConfig:
+    encoder: dict = field(default_factory=dict)  # condiff.conditioning.text.build_text_encoder(config); {} = class-cond
+    cache: int = 0  # keep the encodings of up to this many distinct captions (small caption vocabularies)
+
+
+@dataclass
+class AutoencoderConfig:
+    config: dict = field(default_factory=dict)  # autoencoder config; {} = pixel-space diffusion
+
+
+@dataclass
+class ScheduleConfig:
+    kwargs: dict = field(default_factory=dict)  # condiff.diffusion.Schedule keyword arguments
+    weighting: str = "inv-snr"  # diffusion_loss weighting: "inv-snr" (App. C, 1/sigma_t^2) | "none" | "min-snr-gamma"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # "adam" | "adamw"
+    lr: float = 1e-3  # learning rate at ref_batch images per step (constant after warm-up)
+    ref_batch: int = 2048  # batch size at which `lr` was tuned (paper: 2,048 at 256 px)
+    lr_scaling: str = "none"  # "none" | "sqrt" | "linear": rescale lr by batch / ref_batch (App. C)
+    betas: list = field(default_factory=lambda: [0.9, 0.95])  # paper's best (Fig. A2); PyTorch default [0.9, 0.999]
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.9999
+    warmup: int = 10  # effective decay min(decay, (1 + step) / (warmup + step)); 0 = no warm-up
+    start_step: int = 0  # EMA copies the weights until this step
+
+
+@dataclass
+class LogConfig:
+    every: int = 50  # steps between JSONL metric records
+    tensorboard: bool = False
+    progress: bool = True  # tqdm progress bar on rank 0
+    sample_every: int = 0  # steps between EMA sample grids (0: only at the end)
+    sample_prompts: list = field(default_factory=list)  # text-cond grid prompts
+    sample_labels: list = field(default_factory=list)  # class-cond grid labels
+    sample_steps: int = 25  # DDIM steps for grids
+    sample_guidance: float = 3.0  # classifier-free guidance scale lambda for grids (Eq. 2)
+    sample_per_prompt: int = 4  # images per prompt / label in a grid
+
+
+@dataclass
+class TransferConfig:
+    strict_shapes: bool = False  # refuse to start if any source weight cannot be loaded
+    rescale_schedule: bool = True  # Eq. 3 when the resolution changes
+    keep_base_size: bool = True  # App. C: keep the source model's positional-grid base size
+    use_ema: bool = True  # initialise from the source's EMA weights (else its raw weights)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    steps: int = 1000  # total optimizer steps (resume continues up to this)
+    batch_size: int = 64  # GLOBAL images per step (split evenly across ranks)
+    grad_accum: int = 1  # micro-batches per step on each rank
+    save_every: int = 1000
+    keep_last: int = 3  # complete checkpoints kept (0 keeps all)
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast; weights and optimizer stay fp32)
+    parallel: str = "auto"  # "auto" (ddp if world > 1) | "none" | "ddp" | "fsdp"
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    max_nonfinite: int = 20  # stop after this many consecutive non-finite steps
+    init_from: str = ""  # checkpoint (or run dir) to initialise from (condiff.transfer; its schedule, rescaled)
+    resume: bool = True  # continue from run_dir's latest checkpoint when there is one
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu) | "cpu" | "cuda"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+
+    def validate(self) -> "TrainConfig":
+        def check(ok: bool, key: str, expected: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}: expected {expected}, got {_get(self, key)!r}")
+
+        check(self.steps >= 0, "steps", "a non-negative integer")
+        check(self.batch_size > 0, "batch_size", "a positive integer")
+        check(self.grad_accum > 0, "grad_accum", "a positive integer")
+        check(self.save_every > 0, "save_every", "a positive integer")
+        check(self.precision in ("fp32", "bf16"), "precision", "'fp32' or 'bf16'")
+        check(self.parallel in ("auto", "none", "ddp", "fsdp"), "parallel", "one of auto/none/ddp/fsdp")
+        check(self.device in ("auto", "cpu", "cuda"), "device", "one of auto/cpu/cuda")
+        check(self.max_nonfinite > 0, "max_nonfinite", "a positive integer")
+        check(self.model.conditioning in ("class", "text"), "model.conditioning", "'class' or 'text'")
+        check(self.data.crop in ("global", "local", "mix", "center"), "data.crop", "one of global/local/mix/center")
+        check(self.data.resolution > 0, "data.resolution", "a positive integer")
+        check(0 <= self.data.label_drop < 1, "data.label_drop", "a probability in [0, 1)")
+        check(0 <= self.data.control_drop <= 1, "data.control_drop", "a probability in [0, 1]")
+        check(self.optim.name in ("adam", "adamw"), "optim.name", "'adam' or 'adamw'")
+        check(self.optim.lr > 0, "optim.lr", "a positive float")
+        check(self.optim.lr_scaling in ("none", "sqrt", "linear"), "optim.lr_scaling", "one of none/sqrt/linear")
+        check(len(self.optim.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.optim.betas),
+              "optim.betas", "two floats in [0, 1)")
+        check(self.optim.grad_clip >= 0, "optim.grad_clip", "a non-negative float (0 disables)")
+        check(0 <= self.ema.decay < 1, "ema.decay", "a float in [0, 1)")
+        check(self.log.every > 0, "log.every", "a positive integer")
+        if self.model.conditioning == "text" and not self.text.encoder:
+            raise ConfigError("text.encoder: a text-conditioned model (model.conditioning=text) needs a text encoder config")
+        return self
+
+    def effective_lr(self) -> float:
+        """optim.lr rescaled for batch_size by the App. C rule chosen in optim.lr_scaling."""
+        gamma = self.batch_size / self.optim.ref_batch
+        factor = {"none": 1.0, "sqrt": math.sqrt(gamma), "linear": gamma}[self.optim.lr_scaling]
+        return self.optim.lr * factor
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats. Raises ConfigError."""
+    origin = typing.get_origin(tp) or tp
+    if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if origin is float and isinstance(value, str) and _looks_float(value):  # YAML 1.1 reads 1e-4 as a string
+        return float(value)
+    if origin is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if origin is bool and isinstance(value, bool):
+        return value
+    if origin is str and isinstance(value, str):
+        return value
+    if origin is list and isinstance(value, (list, tuple)):
+        return _fix_yaml_floats(list(value))
+    if origin is dict and isinstance(value, dict):
+        return _fix_yaml_floats(dict(value))
+    raise ConfigError(f"{key}: expected {_type_name(origin)}, got {type(value).__name__} {value!r}")
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r} (known in {prefix.rstrip('.') or 'the top level'}: "
+                              f"{', '.join(sorted(names))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            _apply(getattr(obj, key), value, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(value, tp, dotted))
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular `base:` chain {' -> '.join(map(str, seen + (path,)))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a path string, got {base!r}")
+    return _merge(_load_yaml(path.parent / base, seen + (path,)), data, _OPAQUE)
+
+
+def _merge(base: dict, over: dict, opaque: frozenset = frozenset()) -> dict:
+    """Recursive dict merge; keys in `opaque` are replaced whole instead of merged."""
+    out = dict(base)
+    for k, v in over.items():
+        deep = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in opaque
+        out[k] = _merge(out[k], v, opaque) if deep else v
+    return out
+
+
+# dict-valued fields that a recipe replaces whole when it overrides its `base:` (a different text
+# encoder or autoencoder config must not inherit the base's keys). Command-line overrides always merge.
+_OPAQUE = frozenset({"encoder", "config"})
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r} ({e})") from e
+    return key.strip(), value
+
+
+def _looks_float(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def _fix_yaml_floats(data: Any) -> Any:
+    """PyYAML (YAML 1.1) reads `1e-4` as a string; turn such strings back into floats."""
+    if isinstance(data, dict):
+        return {k: _fix_yaml_floats(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_fix_yaml_floats(v) for v in data]
+    if isinstance(data, str) and _looks_float(data) and "e" in data.lower() and "n" not in data.lower():
+        return float(data)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), data: dict | None = None) -> TrainConfig:
+    """Build a validated TrainConfig from a YAML recipe (or a dict) plus `key=value` overrides."""
+    merged: dict = {}
+    if path is not None:
+        merged = _load_yaml(Path(path))
+    if data is not None:
+        merged = _merge(merged, data, _OPAQUE)
+    for item in overrides:
+        key, value = parse_override(item)
+        merged = _merge(merged, _nest(key, value))
+    cfg = TrainConfig()
+    _apply(cfg, merged)
+    return cfg.validate()
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

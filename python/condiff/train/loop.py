@@ -1,0 +1,568 @@
+"""The training loop: one code path for a laptop CPU, one GPU, and many nodes (torchrun).
+
+One optimizer step (App. C recipe):
+    for each of `grad_accum` micro-batches on this rank:
+        batch -> (pixels | VAE latents) x0, `Cond` (class ids | text-encoder states, control metadata,
+                 both already dropped per sample for guidance by the data stream)
+        loss = diffusion_loss(model, x0, cond, schedule)   # eps-prediction, 1/sigma^2 weighting (App. C)
+        (loss / grad_accum).backward()                      # DDP all-reduces on the last micro-batch
+    grad_norm = clip(grads, optim.grad_clip)
+    if loss or grad_norm is non-finite on ANY rank: skip the update (counted; too many in a row stop the run)
+    else: lr = constant lr with linear warm-up; Adam(W) step; EMA update
+    every log.every: JSONL record (+ TensorBoard); every save_every: atomic checkpoint;
+    every log.sample_every: EMA sample grid.
+
+Exact resume: the checkpoint holds the model, EMA, optimizer (full, unsharded), the per-rank torch
+RNG states and the per-rank data positions; restoring them makes the continued run bit-identical to
+an uninterrupted one (tested with 2 gloo processes). Sample grids draw from their own generator so
+they never perturb the training RNG stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from condiff.conditioning.cond import Cond
+from condiff.train import checkpoint as ckpt
+from condiff.train import distributed as D
+from condiff.train.config import TrainConfig, dump_config
+from condiff.train.data import TrainStream, dataset_info, merge_positions
+from condiff.train.ema import EMA
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps: the run stops; the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                             "python_pos": random.getstate()[2]}
+    np_state = np.random.get_state()
+    state["numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+    state["numpy_pos"] = int(np_state[2])
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class CachedTextEncoder:
+    """Wraps a frozen `TextEncoder`, memoising per-caption encodings (small caption vocabularies, e.g.
+    the shapes demo: each distinct caption goes through the encoder once). Returns the same
+    TextBatch fields: states (B, T, C), lengths (B,), pooled (B, Cp)."""
+
+    def __init__(self, encoder: Any, capacity: int):
+        self.encoder, self.capacity = encoder, capacity
+        self.cache: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.encoder, name)
+
+    def precompute(self, captions: list[str]) -> None:
+        todo = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        for i in range(0, len(todo), 64):
+            chunk = todo[i : i + 64]
+            out = self.encoder.encode(chunk)
+            for j, cap in enumerate(chunk):
+                if len(self.cache) < self.capacity:
+                    pooled = out.pooled[j] if getattr(out, "pooled", None) is not None else None
+                    self.cache[cap] = (out.states[j].detach(), out.lengths[j].detach(), pooled)
+
+    def encode(self, captions: list[str]):
+        missing = [c for c in captions if c not in self.cache]
+        if missing and len(self.cache) + len(set(missing)) <= self.capacity:
+            self.precompute(missing)
+            missing = []
+        if missing:
+            return self.encoder.encode(captions)
+        rows = [self.cache[c] for c in captions]
+        from types import SimpleNamespace
+
+        pooled = torch.stack([r[2] for r in rows]) if rows[0][2] is not None else None
+        return SimpleNamespace(states=torch.stack([r[0] for r in rows]), lengths=torch.stack([r[1] for r in rows]),
+                               pooled=pooled)
+
+
+def build_text_encoder(cfg: TrainConfig):
+    if cfg.model.conditioning != "text":
+        return None
+    from condiff.conditioning.text import build_text_encoder as build
+
+    encoder = build(cfg.text.encoder)
+    if hasattr(encoder, "eval"):
+        encoder.eval()
+    return CachedTextEncoder(encoder, cfg.text.cache) if cfg.text.cache > 0 else encoder
+
+
+def build_autoencoder(cfg: TrainConfig):
+    if not cfg.autoencoder.config:
+        return None
+    from condiff.data.autoencoder import build_autoencoder as build
+
+    return build(cfg.autoencoder.config)
+
+
+def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
+    """Keyword arguments for `condiff.models.create`: the recipe's `model.kwargs` plus, for class-
+    conditional models, the class count of the data. Widths that depend on the text encoder or the
+    autoencoder (text/context dims, input channels) are stated in the recipe, where they are visible;
+    a mismatch fails at the first forward with the model's message."""
+    kw: dict[str, Any] = {}
+    if cfg.model.conditioning == "class" and num_classes:
+        kw["num_classes"] = num_classes
+    kw.update(cfg.model.kwargs)
+    return kw
+
+
+def build_model(cfg: TrainConfig, kwargs: dict) -> nn.Module:
+    from condiff.models import create
+
+    return create(cfg.model.name, conditioning=cfg.model.conditioning, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ trainer
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info: D.DistInfo | None = None):
+        self.cfg = cfg
+        self.info = info or D.init(cfg.device)
+        self.device = self.info.device
+        world = self.info.world_size
+        if cfg.batch_size % (world * cfg.grad_accum):
+            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by world_size x grad_accum = "
+                             f"{world} x {cfg.grad_accum}")
+        self.micro_batch = cfg.batch_size // (world * cfg.grad_accum)
+        self.run_dir = Path(cfg.run_dir)
+        seed_everything(cfg.seed)  # identical on every rank: FSDP2 shards a model each rank initialised
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        D.barrier()
+
+        resume_from = ckpt.latest_checkpoint(self.run_dir) if cfg.resume else None
+        meta = ckpt.read_meta(resume_from) if resume_from else None
+        self.text_encoder = build_text_encoder(cfg)
+        self.autoencoder = build_autoencoder(cfg)
+
+        self.step = 0
+        self.num_classes = cfg.data.num_classes or int(dataset_info(cfg.data.shards).get("num_classes", 0))
+        if cfg.model.conditioning == "class" and not self.num_classes:
+            raise ValueError(f"data.num_classes: class-conditional training needs the class count (set data.num_classes, "
+                             f"or shards written by `condiff make-shards` with a dataset.json)")
+        self.data = TrainStream(cfg.data, conditioning=cfg.model.conditioning, batch_size=self.micro_batch,
+                                rank=self.info.rank, world_size=world, seed=cfg.seed, num_classes=self.num_classes)
+        if meta is not None and meta.get("data_position"):
+            self.data.load_state_dict(meta["data_position"])
+        self.train_sizes: list[list[int]] = list(meta.get("train_sizes", [])) if meta else []
+        self.transfer_info: dict[str, Any] | None = None
+
+        if meta is not None:  # resume: the architecture and schedule are the checkpoint's
+            self.model = ckpt.build_model_from_meta(meta)
+            from condiff.diffusion import Schedule
+
+            self.schedule = Schedule.from_dict(meta["schedule"])
+            self.transfer_info = meta.get("transfer")
+        elif cfg.init_from:
+            from condiff.transfer import transfer_init
+
+            kwargs = model_kwargs(cfg, self.num_classes)
+            self.model, self.schedule, self.transfer_info = transfer_init(cfg, kwargs, log=self.log_text)
+        else:
+            from condiff.diffusion import Schedule
+
+            self.model = build_model(cfg, model_kwargs(cfg, self.num_classes))
+            self.schedule = Schedule(**cfg.schedule.kwargs)
+        self.model.to(self.device)
+        self.model_config = dict(self.model.config)
+
+        if cfg.activation_checkpointing:
+            D.apply_activation_checkpointing(self.model)
+        parallel = cfg.parallel if cfg.parallel != "auto" else ("ddp" if self.info.enabled else "none")
+        self.parallel = parallel
+        # FSDP2 shards `self.model` in place; DDP returns a wrapper used for forward/backward only
+        self.fwd_model = D.wrap_model(self.model, self.info, parallel, mixed_bf16=cfg.precision == "bf16")
+        if cfg.compile:
+            self.fwd_model = torch.compile(self.fwd_model)
+        self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step)
+        seed_everything(cfg.seed * 1000 + self.info.rank + 1)  # per-rank streams (noise, timesteps) from here on
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
+        self.lr = cfg.effective_lr()
+        self.optimizer = opt_cls(params, lr=self.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                 weight_decay=cfg.optim.weight_decay)
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.images_seen = 0
+        if resume_from is not None:
+            self._resume(resume_from, meta)
+
+    # -------------------------------------------------------------------------------- persistence
+    def log_text(self, msg: str) -> None:
+        if self.info.is_main:
+            print(f"[condiff.train] {msg}", file=sys.stderr, flush=True)
+
+    def _resume(self, path: Path, meta: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        D.load_full_state_dict(self.model, ckpt.load_weights(path, "model"))
+        ema_state = ckpt.load_weights(path, "ema") if (path / "ema.safetensors").is_file() else ckpt.load_weights(path, "model")
+        self.ema.load_state_dict(ema_state)
+        optim = ckpt.load_pt(path, "optim.pt")
+        if optim is not None:
+            set_optimizer_state_dict(self.model, self.optimizer, optim,
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        rng = ckpt.load_pt(path, "rng.pt")
+        if rng is not None and len(rng) == self.info.world_size:
+            _set_rng_state(rng[self.info.rank], self.device)
+        elif rng is not None:
+            self.log_text(f"resume: checkpoint has RNG states for {len(rng)} ranks, this run has "
+                          f"{self.info.world_size}: RNG streams restart from the seed (not bit-exact)")
+        self.step = int(meta["step"])
+        counters = meta.get("counters", {})
+        self.nonfinite_total = int(counters.get("nonfinite_total", 0))
+        self.images_seen = int(counters.get("images_seen", 0))
+        self.log_text(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> Path | None:
+        """Collective: every rank gathers; rank 0 writes the checkpoint atomically."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        model_state = D.full_state_dict(self.model)
+        ema_state = self.ema.state_dict(self.model)
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        rng = D.all_gather_object(_rng_state(self.device))
+        positions = merge_positions(D.all_gather_object(self.data.state_dict()))
+        path = None
+        if self.info.is_main:
+            meta = {
+                "model": self.model_config,
+                "schedule": self.schedule.to_dict(),
+                "text_encoder": getattr(self.text_encoder, "config", None),
+                "autoencoder": getattr(self.autoencoder, "config", None),
+                "base_size": getattr(self.model, "base_size", None),
+                "train_sizes": ckpt.cap_sizes(self.train_sizes),
+                "data_position": positions,
+                "world_size": self.info.world_size,
+                "config": self.cfg.to_dict(),
+                "transfer": self.transfer_info,
+                "counters": {"nonfinite_total": self.nonfinite_total, "images_seen": self.images_seen},
+            }
+            keep = self.cfg.keep_last if self.cfg.keep_last > 0 else None
+            path = ckpt.save_checkpoint(self.run_dir, self.step, model_state=model_state, ema_state=ema_state,
+                                        meta=meta, optim_state=optim_state, rng_state=rng, keep_last=keep)
+        D.barrier()
+        return path
+
+    # -------------------------------------------------------------------------------- one step
+    def prepare(self, batch: dict[str, Any]) -> tuple[Tensor, Cond]:
+        """Batch dict -> (x0 (B, C, H, W) on device, Cond on device)."""
+        dev = self.device
+        if "latent" in batch:
+            x0 = batch["latent"].to(dev)
+        else:
+            x0 = batch["image"].to(dev)
+            if self.autoencoder is not None:
+                with torch.no_grad():
+                    x0 = self.autoencoder.encode(x0)
+        if "control_l" in batch and len(self.train_sizes) < ckpt.TRAIN_SIZES_CAP:
+            self.train_sizes.extend([[int(round(h)), int(round(w))] for h, w in batch["control_l"].tolist()])
+        cond = Cond()
+        if self.cfg.model.conditioning == "class":
+            cond.labels = batch["label"].to(dev)
+        else:
+            with torch.no_grad():
+                enc = self.text_encoder.encode(list(batch["caption"]))
+            cond.text = enc.states.to(dev)
+            cond.text_lengths = enc.lengths.to(dev)
+            cond.pooled = enc.pooled.to(dev) if getattr(enc, "pooled", None) is not None else None
+        if "control_h" in batch:
+            cond.control_h = batch["control_h"].to(dev)
+            cond.control_l = batch["control_l"].to(dev)
+            if "control_keep" in batch:
+                cond.control_keep = batch["control_keep"].to(dev).bool()
+        return x0, cond
+
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict[str, float]:
+        from condiff.diffusion.loss import diffusion_loss
+
+        cfg = self.cfg
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x0, cond = self.prepare(next(self.data))
+            sync = micro == cfg.grad_accum - 1
+            no_sync = self.fwd_model.no_sync() if (not sync and hasattr(self.fwd_model, "no_sync")) else contextlib.nullcontext()
+            with no_sync, self._autocast():
+                loss, _ = diffusion_loss(self.fwd_model, x0, cond, self.schedule, weighting=cfg.schedule.weighting)
+            (loss.float() / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float() / cfg.grad_accum
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        # agree across ranks: mean loss, and "all finite" (a NaN on one rank skips the step everywhere)
+        stats = torch.stack([loss_sum, torch.isfinite(loss_sum).float(), torch.isfinite(grad_norm).float()]).detach()
+        stats = D.all_reduce_sum(stats.clone())
+        world = self.info.world_size
+        finite = bool(stats[1] == world) and bool(stats[2] == world)
+        lr = self.lr * min(1.0, (self.step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps > 0 else self.lr
+        if finite:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.ema.update(self.model, self.step)
+            self.nonfinite_streak = 0
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.images_seen += cfg.batch_size
+        return {"loss": float(stats[0] / world), "grad_norm": float(grad_norm), "lr": lr, "finite": finite}
+
+    # -------------------------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        logger = MetricsLogger(self.run_dir, enabled=self.info.is_main, tensorboard=cfg.log.tensorboard)
+        bar = None
+        if self.info.is_main and cfg.log.progress and self.step < cfg.steps:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                       file=sys.stderr)
+        t_start = time.perf_counter()
+        t_window, window_steps, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+        start_step = self.step
+        last_save = self.step
+        try:
+            while self.step < cfg.steps:
+                out = self.train_step()
+                window_steps += 1
+                if out["finite"]:
+                    window_loss += out["loss"]
+                    window_n += 1
+                if not out["finite"]:
+                    self.log_text(f"step {self.step}: non-finite loss/gradient (loss={out['loss']}, "
+                                  f"grad_norm={out['grad_norm']}), update skipped "
+                                  f"({self.nonfinite_streak} in a row, {self.nonfinite_total} in total)")
+                    if self.nonfinite_streak >= cfg.max_nonfinite:
+                        raise NonFiniteError(
+                            f"{self.nonfinite_streak} consecutive non-finite steps (max_nonfinite={cfg.max_nonfinite}) "
+                            f"at step {self.step}: stopping. The last good checkpoint is "
+                            f"{ckpt.latest_checkpoint(self.run_dir) or '(none yet)'}; lower optim.lr, check the data, "
+                            f"or raise max_nonfinite.")
+                if bar is not None:
+                    elapsed = max(time.perf_counter() - t_window, 1e-9)
+                    bar.set_postfix(loss=f"{out['loss']:.4f}", img_s=f"{window_steps * cfg.batch_size / elapsed:.1f}",
+                                    refresh=False)
+                    bar.update(1)
+                if self.step % cfg.log.every == 0 or self.step == cfg.steps:
+                    elapsed = time.perf_counter() - t_window
+                    logger.log({"step": self.step, "loss": window_loss / max(window_n, 1), "grad_norm": out["grad_norm"],
+                                "lr": out["lr"], "img_per_s": window_steps * cfg.batch_size / max(elapsed, 1e-9),
+                                "sec_per_step": elapsed / max(window_steps, 1), "nonfinite_total": self.nonfinite_total,
+                                "images_seen": self.images_seen, "time": time.time()})
+                    t_window, window_steps, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+                if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and self.step < cfg.steps:
+                    self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png")
+                if self.step % cfg.save_every == 0:
+                    self.save()
+                    last_save = self.step
+        finally:
+            if bar is not None:
+                bar.close()
+            logger.close()
+        if last_save != self.step or not ckpt.latest_checkpoint(self.run_dir):
+            self.save()
+        wall = time.perf_counter() - t_start
+        summary = {"steps": self.step, "steps_this_run": self.step - start_step, "wall_s": wall,
+                   "sec_per_step": wall / max(self.step - start_step, 1), "nonfinite_total": self.nonfinite_total,
+                   "run_dir": str(self.run_dir)}
+        if self.info.is_main:
+            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        if cfg.log.sample_prompts or cfg.log.sample_labels:
+            summary["grid"] = str(self.sample_grid(self.run_dir / "samples" / "final.png"))
+        return summary
+
+    # -------------------------------------------------------------------------------- samples
+    def sample_grid(self, path: Path) -> Path | None:
+        """EMA sample grid (rows = prompts / labels, columns = samples). Collective (gathers EMA)."""
+        ema_state = self.ema.state_dict(self.model)
+        if not self.info.is_main:
+            return None
+        from condiff.models import create
+
+        model = create(**self.model_config)
+        model.load_state_dict(ema_state)
+        model.to(self.device).eval()
+        text_encoder = self.text_encoder
+        images = sample_images(model, self.schedule, self.cfg, text_encoder=text_encoder, autoencoder=self.autoencoder,
+                               train_sizes=self.train_sizes, num_classes=self.num_classes, device=self.device)
+        save_grid(images, path, nrow=self.cfg.log.sample_per_prompt)
+        return path
+
+
+def _condition_rows(cfg: TrainConfig, text_encoder: Any, n_per: int, train_sizes: list, num_classes: int,
+                    device) -> tuple[Cond, Cond]:
+    """(cond, null cond) for the grid: each prompt / label repeated n_per times; control metadata =
+    a full-image view of the most common training size (Tab. 2b: condition on the training sizes)."""
+    if cfg.model.conditioning == "text":
+        prompts = [p for p in cfg.log.sample_prompts for _ in range(n_per)]
+        enc = text_encoder.encode(prompts)
+        null = text_encoder.encode([""] * len(prompts))
+        cond = Cond(text=enc.states, text_lengths=enc.lengths, pooled=getattr(enc, "pooled", None))
+        null_cond = Cond(text=null.states, text_lengths=null.lengths, pooled=getattr(null, "pooled", None))
+    else:
+        labels = torch.tensor([int(l) for l in cfg.log.sample_labels for _ in range(n_per)])
+        cond = Cond(labels=labels)
+        null_cond = Cond(labels=torch.full_like(labels, num_classes))
+    b = cond.batch_size
+    if train_sizes:
+        sizes = torch.tensor(train_sizes, dtype=torch.float32)
+        h, w = torch.median(sizes[:, 0]).item(), torch.median(sizes[:, 1]).item()
+    else:
+        h = w = float(cfg.data.resolution)
+    side = min(h, w)
+    control_h = torch.tensor([[(h - side) / 2, (w - side) / 2, side, side, 1.0, 0.0]]).repeat(b, 1)
+    control_l = torch.tensor([[h, w]]).repeat(b, 1)
+    for c in (cond, null_cond):
+        c.control_h, c.control_l = control_h, control_l
+    return cond.to(device), null_cond.to(device)
+
+
+@torch.no_grad()
+def sample_images(model: nn.Module, schedule: Any, cfg: TrainConfig, *, text_encoder=None, autoencoder=None,
+                  train_sizes=(), num_classes: int = 0, device="cpu", seed: int = 1234) -> Tensor:
+    """DDIM + classifier-free guidance (Eq. 2 with beta = 1: lam * eps(c,s) + (1 - lam) * eps(0,0)).
+    Returns images (N, 3, H, W) in [-1, 1]; N = prompts (or labels) x sample_per_prompt."""
+    from condiff.diffusion.guidance import ControlGuidance
+    from condiff.diffusion.sampling import ddim, spaced_timesteps
+
+    n_per = cfg.log.sample_per_prompt
+    cond, null_cond = _condition_rows(cfg, text_encoder, n_per, list(train_sizes), num_classes, device)
+    b = cond.batch_size
+    gen = torch.Generator().manual_seed(seed)
+    channels = int(model.config.get("in_channels", 3))
+    res = cfg.data.resolution // (getattr(autoencoder, "downsample", 1) if autoencoder is not None else 1)
+    x_T = torch.randn(b, channels, res, res, generator=gen).to(device)
+    model_fn = ControlGuidance(model, null_cond, lam=cfg.log.sample_guidance, beta=1.0)
+    ts = spaced_timesteps(cfg.log.sample_steps, schedule.num_timesteps)
+    x0 = ddim(model_fn, x_T, ts, cond, schedule=schedule)  # deterministic (eta = 0)
+    if autoencoder is not None:
+        x0 = autoencoder.decode(x0)
+    return x0.clamp(-1, 1).cpu()
+
+
+def save_grid(images: Tensor, path: Path, nrow: int, upscale: int = 0) -> None:
+    """Save (N, 3, H, W) in [-1, 1] as a PNG grid with `nrow` images per row (nearest upscaling of
+    tiny images to >= 64 px per cell so they are visible)."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h = images.shape[-1]
+    factor = upscale or max(1, 64 // h)
+    if factor > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+    grid = make_grid((images + 1) / 2, nrow=nrow, padding=2, pad_value=0.5)
+    arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(arr).save(path)
+
+
+class MetricsLogger:
+    """JSONL metrics (`metrics.jsonl`, one record per log interval, appended across resumes) and,
+    optionally, TensorBoard scalars (`tb/`)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError("log.tensorboard=true needs the tensorboard package (pip install tensorboard)") from e
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_loss_curve(metrics: Path, out: Path) -> Path | None:
+    """Loss vs step from metrics.jsonl (matplotlib, Agg backend); None when there is nothing to plot."""
+    if not metrics.is_file():
+        return None
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = [r for r in records if math.isfinite(r.get("loss", float("nan")))]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    loss = [r["loss"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot(steps, loss, lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a training run; sets up and tears down the process group when launched by torchrun."""
+    info = D.init(cfg.device)
+    try:
+        return Trainer(cfg, info).run()
+    finally:
+        D.shutdown()
