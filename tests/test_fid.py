@@ -98,7 +98,7 @@ def test_reference_stats_cached_under_content_hash(tmp_path, monkeypatch):
     assert "2 skipped" in logs[0]
     assert (tmp_path / "cache" / "fid_ref" / f"{ref.key}.npz").is_file()
     # second call hits the cache: no image is read
-    monkeypatch.setattr(F, "shard_features", lambda *a, **k: pytest.fail("cache miss"))
+    monkeypatch.setattr(F, "shard_moments", lambda *a, **k: pytest.fail("cache miss"))
     again = F.reference_stats(spec, ext, 16, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(again.mu, ref.mu)
     assert again.key == ref.key
@@ -135,3 +135,14 @@ def test_missing_inception_names_the_file(tmp_path, monkeypatch):
 def test_bad_extractor_spec():
     with pytest.raises(ValueError, match="random"):
         F.build_extractor("resnet")
+
+
+def test_moments_equal_np_cov_and_merge():
+    rng = np.random.default_rng(1)
+    a = rng.normal(3.0, 0.5, size=(50, 6))
+    b = rng.normal(2.0, 1.5, size=(70, 6))
+    direct = F.FidStats.from_features(np.concatenate([a, b]))
+    merged = F.Moments().update(a[:20]).update(a[20:]).merge(F.Moments().update(b)).stats()
+    assert merged.n == 120
+    np.testing.assert_allclose(merged.mu, direct.mu, rtol=1e-12)
+    np.testing.assert_allclose(merged.sigma, direct.sigma, rtol=1e-10, atol=1e-12)

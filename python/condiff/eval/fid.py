@@ -339,19 +339,60 @@ def iter_shard_images(shards: list[str], resolution: int, stats: ShardReadStats,
             return
 
 
-def shard_features(shards: list[str], extractor: FeatureExtractor, resolution: int,
-                   max_images: int | None = None, stats: ShardReadStats | None = None) -> np.ndarray:
-    """Features (N, D) of the images of `shards` (fixed order), in batches of `extractor.batch_size`."""
+class Moments:
+    """Streaming first and second moments of features (float64, shifted by the first batch's mean for
+    accuracy), mergeable across ranks: what reference statistics of millions of images need instead of
+    holding every feature. `stats()` equals `FidStats.from_features` of all updates (np.cov, ddof 1)."""
+
+    def __init__(self):
+        self.n, self.shift, self.s1, self.s2 = 0, None, None, None
+
+    def update(self, feats: np.ndarray) -> "Moments":
+        f = np.asarray(feats, dtype=np.float64)
+        if len(f) == 0:
+            return self
+        if self.shift is None:
+            self.shift = f.mean(axis=0)
+            self.s1, self.s2 = np.zeros_like(self.shift), np.zeros((f.shape[1], f.shape[1]))
+        d = f - self.shift  # (b, D)
+        self.n += len(f)
+        self.s1 += d.sum(axis=0)
+        self.s2 += d.T @ d
+        return self
+
+    def merge(self, other: "Moments") -> "Moments":
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            self.n, self.shift, self.s1, self.s2 = other.n, other.shift.copy(), other.s1.copy(), other.s2.copy()
+            return self
+        c = other.shift - self.shift  # re-centre other's sums on self.shift: d_self = d_other + c
+        self.s1 += other.s1 + other.n * c
+        self.s2 += other.s2 + np.outer(c, other.s1) + np.outer(other.s1, c) + other.n * np.outer(c, c)
+        self.n += other.n
+        return self
+
+    def stats(self, key: str = "") -> FidStats:
+        if self.n < 2:
+            raise ValueError(f"FID statistics need at least 2 samples, got {self.n}")
+        mean_d = self.s1 / self.n
+        sigma = (self.s2 - self.n * np.outer(mean_d, mean_d)) / (self.n - 1)
+        return FidStats(self.shift + mean_d, sigma, self.n, key)
+
+
+def shard_moments(shards: list[str], extractor: FeatureExtractor, resolution: int,
+                  max_images: int | None = None, stats: ShardReadStats | None = None) -> Moments:
+    """Feature moments of the images of `shards` (fixed order), in batches of `extractor.batch_size`."""
     stats = stats if stats is not None else ShardReadStats()
-    feats, batch = [], []
+    moments, batch = Moments(), []
     for arr in iter_shard_images(shards, resolution, stats, max_images):
         batch.append(arr)
         if len(batch) == extractor.batch_size:
-            feats.append(extractor.features(torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)))
+            moments.update(extractor.features(torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)))
             batch = []
     if batch:
-        feats.append(extractor.features(torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)))
-    return np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+        moments.update(extractor.features(torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)))
+    return moments
 
 
 def reference_stats(shards: str | Iterable[str], extractor: FeatureExtractor, resolution: int, *,
@@ -361,9 +402,10 @@ def reference_stats(shards: str | Iterable[str], extractor: FeatureExtractor, re
     """Statistics of a reference shard set (train or val), computed once and cached as
     `<cache_dir>/fid_ref/<key>.npz` under `reference_key` (content hash).
 
+    Features are reduced on the fly to their moments (`Moments`): the set may hold millions of images.
     Distributed: rank r reads shards r, r + W, ...; `gather(obj) -> list of every rank's obj` (all ranks)
-    collects the features; every rank returns the same statistics. `max_images` caps the count per rank
-    when distributed (N = W * max_images / W), the whole count otherwise."""
+    merges the moments; every rank returns the same statistics. `max_images` caps the count: per rank
+    ceil(max_images / W) when distributed."""
     files = expand_shards(shards)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     key = reference_key(files, extractor, resolution, max_images, cache)
@@ -374,17 +416,18 @@ def reference_stats(shards: str | Iterable[str], extractor: FeatureExtractor, re
     t0 = time.time()
     stats = ShardReadStats()
     per_rank = None if max_images is None else -(-max_images // world_size)
-    feats = shard_features(files[rank::world_size], extractor, resolution, per_rank, stats)
+    moments = shard_moments(files[rank::world_size], extractor, resolution, per_rank, stats)
     if gather is not None:
-        parts = gather((feats, stats.images, stats.skipped))
-        feats = np.concatenate([p[0] for p in parts if len(p[0])])
+        parts = gather((moments, stats.images, stats.skipped, stats.errors))
+        moments = Moments()
+        for part in parts:
+            moments.merge(part[0])
         stats.images, stats.skipped = sum(p[1] for p in parts), sum(p[2] for p in parts)
-    if max_images is not None:
-        feats = feats[:max_images]
-    if len(feats) < 2:
-        raise ValueError(f"reference shards {files[:3]}...: only {len(feats)} decodable images "
+        stats.errors = [e for p in parts for e in p[3]]
+    if moments.n < 2:
+        raise ValueError(f"reference shards {files[:3]}...: only {moments.n} decodable images "
                          f"({stats.skipped} skipped: {stats.errors[:3]})")
-    ref = FidStats.from_features(feats, key)
+    ref = moments.stats(key)
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
