@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from condiff.conditioning.cond import Cond
-from condiff.models.unet import UNet, build_unet, timestep_embedding
+from condiff.models.unet import UNet, build_unet
 
 
 def _randomize_zero_params(model: torch.nn.Module) -> None:
@@ -17,12 +17,17 @@ def _randomize_zero_params(model: torch.nn.Module) -> None:
                 p.normal_(0, 0.02)
 
 
+def _control(b):
+    return dict(control_h=torch.tensor([[0.0, 0, 256, 256, 1, 0]]).repeat(b, 1),
+                control_l=torch.tensor([[256.0, 256]]).repeat(b, 1))
+
+
 def _class_cond(b, labels=None):
-    return Cond(labels=torch.arange(b) % 10 if labels is None else labels)
+    return Cond(labels=torch.arange(b) % 10 if labels is None else labels, **_control(b))
 
 
 def _text_cond(b, dim=64, tokens=7):
-    return Cond(text=torch.randn(b, tokens, dim), pooled=torch.randn(b, dim))
+    return Cond(text=torch.randn(b, tokens, dim), pooled=torch.randn(b, dim), **_control(b))
 
 
 @pytest.mark.parametrize("conditioning", ["class", "text"])
@@ -72,8 +77,8 @@ def test_text_conditioning_uses_states_and_pooled():
     _randomize_zero_params(model)
     x, t, cond = torch.randn(2, 4, 8, 8), torch.full((2,), 300.0), _text_cond(2)
     base = model(x, t, cond)
-    other_text = Cond(text=cond.text + 1.0, pooled=cond.pooled)
-    other_pooled = Cond(text=cond.text, pooled=cond.pooled + 1.0)
+    other_text = Cond(text=cond.text + 1.0, pooled=cond.pooled, **_control(2))
+    other_pooled = Cond(text=cond.text, pooled=cond.pooled + 1.0, **_control(2))
     assert not torch.allclose(model(x, t, other_text), base)
     assert not torch.allclose(model(x, t, other_pooled), base)
 
@@ -85,22 +90,25 @@ def test_gradients_reach_every_parameter():
         cond = _class_cond(2) if conditioning == "class" else _text_cond(2)
         model(torch.randn(2, 4, 8, 8), torch.full((2,), 10.0), cond).square().mean().backward()
         for name, p in model.named_parameters():
-            if conditioning == "class" and name == "class_embed.weight":
+            if conditioning == "class" and name == "class_embed.embedding_table.weight":
                 assert p.grad[:2].abs().sum() > 0  # rows of the labels used
                 continue
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_paper_sizes_on_meta_device():
-    """Table A1 UNet cells: class 398.11M (+ the 1.03M class table) vs 401.75M; text 872.63M vs 864.31M."""
+    """Table A1 UNet cells: class 398.11M (+ class table + control embedder) vs 401.75M; text 872.63M (+ control)
+    vs 864.31M."""
     with torch.device("meta"):
         cls = build_unet("unet-sdxl", "class")
         txt = build_unet("unet-sdxl", "text")
     assert next(cls.parameters()).is_meta
     n_cls = sum(p.numel() for p in cls.parameters())
     n_txt = sum(p.numel() for p in txt.parameters())
-    # exact counts of the designs in notes/table-a1.md (class: 398.11M without the class table)
-    assert n_cls - cls.class_embed.weight.numel() == 398_105_092 and n_txt == 872_634_820
+    # exact counts of the designs in notes/table-a1.md (without the class table and the control embedder)
+    ctrl = sum(p.numel() for p in cls.control_embed.parameters())
+    assert n_cls - cls.class_embed.embedding_table.weight.numel() - ctrl == 398_105_092
+    assert n_txt - sum(p.numel() for p in txt.control_embed.parameters()) == 872_634_820
     assert abs(n_cls / 401.75e6 - 1) < 0.02 and abs(n_txt / 864.31e6 - 1) < 0.02
     # SDXL structure: 3 levels, attention only at levels 2 and 3, width 256/512/1024
     assert [s.res.in_layers[2].out_channels for s in cls.down if s.res is not None] == [256, 256, 512, 512, 1024, 1024]
@@ -115,18 +123,10 @@ def test_config_is_json_and_rebuilds():
     assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in model.parameters()]
 
 
-def test_timestep_embedding_layout():
-    emb = timestep_embedding(torch.tensor([0.0, 2.0]), 8)
-    assert emb.shape == (2, 8)
-    assert torch.equal(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))  # [cos | sin] at t=0
-    freqs = torch.tensor([10000 ** (-i / 4) for i in range(4)])
-    assert torch.allclose(emb[1], torch.cat([torch.cos(2 * freqs), torch.sin(2 * freqs)]), atol=1e-6)
-
-
 def test_bad_inputs_raise_clear_errors():
     model = build_unet("unet-sdxl-tiny", "class", num_classes=10)
     x, t = torch.randn(1, 4, 8, 8), torch.zeros(1)
-    with pytest.raises(ValueError, match="cond.labels is required"):
+    with pytest.raises(ValueError, match="Cond.labels is required"):
         model(x, t, Cond())
     with pytest.raises(ValueError, match="divisible by 2"):
         model(torch.randn(1, 4, 7, 8), t, _class_cond(1))
@@ -139,3 +139,73 @@ def test_bad_inputs_raise_clear_errors():
         build_unet("unet-sdxl-tiny", "class", transformer_depth=(1,))
     with pytest.raises(ValueError, match="unknown UNet config"):
         build_unet("unet-huge")
+
+
+def test_text_padding_modes():
+    """Zero padding (the baseline) zeroes the states past `text_lengths`; replicate fills them with copies."""
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 300.0)
+    text, pooled, lengths = torch.randn(2, 7, 64), torch.randn(2, 64), torch.tensor([3, 7])
+    zero = build_unet("unet-sdxl-tiny", "text")
+    _randomize_zero_params(zero)
+    manual = text.clone()
+    manual[0, 3:] = 0
+    out = zero(x, t, Cond(text=text, pooled=pooled, text_lengths=lengths))
+    assert torch.allclose(out, zero(x, t, Cond(text=manual, pooled=pooled)), atol=1e-6)
+    assert not torch.allclose(out, zero(x, t, Cond(text=text, pooled=pooled)), atol=1e-4)
+    rep = build_unet("unet-sdxl-tiny", "text", text_padding="replicate")
+    rep.load_state_dict(zero.state_dict())
+    copies = text.clone()
+    copies[0, 3:] = text[0, torch.arange(3, 7) % 3]
+    out = rep(x, t, Cond(text=text, pooled=pooled, text_lengths=lengths))
+    assert torch.allclose(out, rep(x, t, Cond(text=copies, pooled=pooled)), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["additive", "disentangled"])
+def test_control_conditioning_is_additive_and_droppable(mode):
+    model = build_unet("unet-sdxl-tiny", "class", num_classes=10, control=mode)
+    _randomize_zero_params(model)
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 100.0)
+    ctrl = dict(control_h=torch.tensor([[0.0, 0, 256, 256, 1, 0], [10, 20, 300, 200, 1.5, 1]]),
+                control_l=torch.tensor([[256.0, 256], [512, 640]]))
+    labels = torch.tensor([1, 2])
+    with_ctrl = model(x, t, Cond(labels=labels, **ctrl))
+    no_ctrl = model(x, t, Cond(labels=labels))
+    assert not torch.allclose(with_ctrl, no_ctrl)
+    dropped = model(x, t, Cond(labels=labels, control_keep=torch.tensor([False, True]), **ctrl))
+    assert torch.equal(dropped[0], no_ctrl[0]) and torch.allclose(dropped[1], with_ctrl[1], atol=1e-6)
+    # the control embedder's output layer is zero-initialised: no effect at init
+    fresh = build_unet("unet-sdxl-tiny", "class", num_classes=10, control=mode)
+    assert torch.equal(fresh(x, t, Cond(labels=labels, **ctrl)), fresh(x, t, Cond(labels=labels)))
+
+
+def test_zoo_create_and_rebuild():
+    from condiff.models import create
+
+    model = create("unet-sdxl-tiny", conditioning="class", num_classes=10)
+    assert isinstance(model, UNet) and model.config["name"] == "unet-sdxl-tiny"
+    rebuilt = create(**json.loads(json.dumps(model.config)))
+    rebuilt.load_state_dict(model.state_dict())
+    x, t = torch.randn(1, 4, 8, 8), torch.zeros(1)
+    assert torch.equal(rebuilt(x, t, _class_cond(1)), model(x, t, _class_cond(1)))
+    with pytest.raises(ValueError, match="conditioning must be one of"):
+        build_unet("unet-sdxl", "audio")
+
+
+def test_math_attention_matches_sdpa():
+    from condiff.models import attention_impl
+
+    model = build_unet("unet-sdxl-tiny", "text")
+    _randomize_zero_params(model)
+    x, t, cond = torch.randn(2, 4, 8, 8), torch.full((2,), 50.0), _text_cond(2)
+    ref = model(x, t, cond)
+    with attention_impl("math"):
+        assert torch.allclose(model(x, t, cond), ref, atol=1e-5)
+
+
+@pytest.mark.slow  # ~10-25 s of compilation on 2 cores
+def test_torch_compile_tiny():
+    model = build_unet("unet-sdxl-tiny", "class", num_classes=10)
+    _randomize_zero_params(model)
+    x, t, cond = torch.randn(2, 4, 8, 8), torch.full((2,), 50.0), _class_cond(2)
+    compiled = torch.compile(model, backend="aot_eager")
+    assert torch.allclose(compiled(x, t, cond), model(x, t, cond), atol=1e-5)

@@ -23,9 +23,11 @@ Conditioning (our reading, documented because the paper gives only the parameter
 * text: the text-encoder states (B, T, context_dim), padded by the model's padding mode, are the
   cross-attention context; the pooled vector (B, adm_dim) is the adm vector. No standard width fits the paper's
   three text cells (notes/table-a1.md); the default (ch 288, attention at levels 2-3 with depth 3, middle 3, CLIP-L
-  context 768, pooled 768) is the closest on all three: 872.6M (+1.0%), 197.5 (+4.1%) / 800.3 (-2.4%) GFLOPs.
-* control (optional, `control=True`): SDXL-style, the control embedding of `condiff.conditioning.control`
-  (E_h + gamma_c(t) E_l, Eq. 1) is added to the timestep embedding; `Cond.control_keep` drops it per row.
+  context 768, pooled 768) is the closest on all three: 875.8M (+1.3%; 872.6M without the control embedder),
+  197.5 (+4.1%) / 800.3 (-2.4%) GFLOPs against 864.31M, 189.78 / 819.56.
+* control (`"additive"`, SDXL's, the default of every backbone; `"disentangled"`, Eq. 1; or `"none"`): the
+  `ControlEmbedder` of `condiff.conditioning.control` is added to the timestep embedding; `Cond.control_keep`
+  drops it per row. Its 3.1M parameters are counted in the sizes below.
 
 Zero-init (ADM/SDXL): the last conv of every ResBlock, the output projection of every SpatialTransformer and
 conv_out are zero, so an untrained model predicts exactly 0 and every block starts as the identity.
@@ -33,13 +35,15 @@ conv_out are zero, so an untrained model predicts exactly 0 and every block star
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from condiff.conditioning.cond import Cond
+from condiff.conditioning.control import ControlEmbedder
+from condiff.conditioning.labels import LabelEmbedder, check_labels
+from condiff.conditioning.padding import pad_text
+from condiff.models.layers import attention, resolve_attn_impl, timestep_embedding
 
 UNET_CONFIGS: dict[str, dict[str, dict]] = {
     # name -> conditioning -> architecture. "unet-sdxl" is the paper's Table A1 model.
@@ -57,16 +61,6 @@ UNET_CONFIGS: dict[str, dict[str, dict]] = {
                      transformer_depth_middle=1, head_channels=16, context_dim=64, adm_dim=64, norm_groups=8),
     },
 }
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """ADM/SDXL sinusoidal timestep features. t (B,) float -> (B, dim) float32 as [cos(t w), sin(t w)],
-    w_i = max_period^(-i / (dim/2))."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, 1)) if dim % 2 else emb  # (B, dim)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -109,13 +103,13 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        # x (B, N, D); context (B, M, Dc) or None = self-attention
+    def forward(self, x: Tensor, context: Tensor | None = None, impl: str = "sdpa") -> Tensor:
+        # x (B, N, D); context (B, M, Dc) or None = self-attention; impl: see `condiff.models.layers.attention`
         context = x if context is None else context
         b, n, _ = x.shape
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in
                    (self.to_q(x), self.to_k(context), self.to_v(context)))  # (B, H, L, d) each
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
+        out = attention(q, k, v, impl)  # (B, H, N, d)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, D)
 
 
@@ -142,9 +136,9 @@ class TransformerBlock(nn.Module):
         self.attn2 = Attention(dim, context_dim, heads, head_dim)
         self.ff = GEGLU(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:  # x (B, N, D), context (B, M, Dc)
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+    def forward(self, x: Tensor, context: Tensor, impl: str) -> Tensor:  # x (B, N, D), context (B, M, Dc)
+        x = x + self.attn1(self.norm1(x), impl=impl)
+        x = x + self.attn2(self.norm2(x), context, impl)
         return x + self.ff(self.norm3(x))
 
 
@@ -162,11 +156,11 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = zero_module(nn.Linear(channels, channels))
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:  # x (B, C, H, W)
+    def forward(self, x: Tensor, context: Tensor, impl: str = "sdpa") -> Tensor:  # x (B, C, H, W)
         b, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, H*W, C)
         for block in self.blocks:
-            tokens = block(tokens, context)
+            tokens = block(tokens, context, impl)
         return x + self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -200,11 +194,11 @@ class UNetStage(nn.Module):
         super().__init__()
         self.res, self.attn, self.resample = res, attn, resample
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, impl: str) -> Tensor:
         if self.res is not None:
             x = self.res(x, emb)
         if self.attn is not None:
-            x = self.attn(x, context)
+            x = self.attn(x, context, impl)
         if self.resample is not None:
             x = self.resample(x)
         return x
@@ -220,8 +214,10 @@ class UNet(nn.Module):
       transformer_depth_middle. head_channels: channels per attention head. context_dim: cross-attention
       context width (class embedding or text states). adm_dim: width of the vector conditioning.
       text_padding / text_noise_beta: padding mode of the text states (`condiff.conditioning.padding`).
-      control: add the control embedding (Eq. 1) to the timestep embedding; control_kwargs: its options.
-      norm_groups: GroupNorm groups. dropout: ResBlock dropout.
+      control: "none", "additive" (SDXL) or "disentangled" (Eq. 1): the control embedding added to the timestep
+      embedding; control_kwargs: the other `ControlEmbedder` options (gamma, alpha, k, freq_dim).
+      norm_groups: GroupNorm groups. dropout: ResBlock dropout. attn_impl: None (module default) | "sdpa" |
+      "math" (explicit matmuls), see `condiff.models.layers.attention_impl`.
     """
 
     def __init__(
@@ -240,10 +236,11 @@ class UNet(nn.Module):
         adm_dim: int = 1024,
         text_padding: str = "zero",
         text_noise_beta: float = 0.0,
-        control: bool = False,
+        control: str = "additive",
         control_kwargs: dict | None = None,
         norm_groups: int = 32,
         dropout: float = 0.0,
+        attn_impl: str | None = None,
         name: str = "unet-sdxl",
     ):
         super().__init__()
@@ -264,16 +261,17 @@ class UNet(nn.Module):
             transformer_depth_middle=transformer_depth_middle, head_channels=head_channels,
             context_dim=context_dim, adm_dim=adm_dim, text_padding=text_padding, text_noise_beta=text_noise_beta,
             control=control, control_kwargs=dict(control_kwargs or {}), norm_groups=norm_groups, dropout=dropout,
+            attn_impl=attn_impl,
         )
         self.conditioning, self.num_classes = conditioning, num_classes
         self.in_channels, self.out_channels, self.model_channels = in_channels, out_channels, model_channels
-        self.text_padding, self.text_noise_beta = text_padding, text_noise_beta
+        self.text_padding, self.text_noise_beta, self.attn_impl = text_padding, text_noise_beta, attn_impl
         emb_dim = 4 * model_channels
 
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Sequential(nn.Linear(adm_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.class_embed = nn.Embedding(num_classes + 1, context_dim) if conditioning == "class" else None
-        self.control_embed = self._build_control(emb_dim, control_kwargs or {}) if control else None
+        self.class_embed = LabelEmbedder(num_classes, context_dim) if conditioning == "class" else None
+        self.control_embed = ControlEmbedder(emb_dim, control, **(control_kwargs or {})) if control != "none" else None
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, emb_dim, cout, norm_groups, dropout)
@@ -309,21 +307,10 @@ class UNet(nn.Module):
         )
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
 
-    @staticmethod
-    def _build_control(emb_dim: int, kwargs: dict) -> nn.Module:
-        from condiff.conditioning.control import ControlEmbedder
-
-        return ControlEmbedder(emb_dim, **kwargs)
-
     def _context(self, cond: Cond, batch: int) -> tuple[Tensor, Tensor]:
         """-> cross-attention context (B, M, context_dim), adm vector (B, adm_dim)."""
         if self.conditioning == "class":
-            if cond.labels is None:
-                raise ValueError("UNet(conditioning='class'): cond.labels is required (null class = num_classes)")
-            labels = cond.labels.long()
-            if labels.shape != (batch,):
-                raise ValueError(f"UNet: cond.labels must have shape ({batch},), got {tuple(labels.shape)}")
-            c = self.class_embed(labels)  # (B, context_dim)
+            c = self.class_embed(check_labels(cond.labels, self.num_classes, batch))  # (B, context_dim)
             return c[:, None, :], c
         if cond.text is None or cond.pooled is None:
             raise ValueError("UNet(conditioning='text'): cond.text (B, T, C) and cond.pooled (B, C_pool) are required")
@@ -335,9 +322,8 @@ class UNet(nn.Module):
                              f"got {tuple(cond.pooled.shape)}")
         text = cond.text
         if cond.text_lengths is not None:
-            from condiff.conditioning.padding import pad_text
-
-            text = pad_text(text, cond.text_lengths, self.text_padding, self.text_noise_beta)
+            beta = self.text_noise_beta if self.training else 0.0  # the noise is a training-time regulariser
+            text = pad_text(text, cond.text_lengths, self.text_padding, beta)
         return text, cond.pooled
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
@@ -352,17 +338,17 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))  # (B, E)
         emb = emb + self.label_emb(adm.to(emb.dtype))
         if self.control_embed is not None:
-            emb = emb + self.control_embed(cond, t)
-        context = context.to(x.dtype)
+            emb = emb + self.control_embed(t, cond, b).to(emb.dtype)
+        context, impl = context.to(x.dtype), resolve_attn_impl(self.attn_impl)
 
         hs = [self.conv_in(x)]  # skip activations
         for stage in self.down:
-            hs.append(stage(hs[-1], emb, context))
+            hs.append(stage(hs[-1], emb, context, impl))
         h = hs[-1]
         for stage in self.middle:
-            h = stage(h, emb, context)
+            h = stage(h, emb, context, impl)
         for stage in self.up:
-            h = stage(torch.cat([h, hs.pop()], dim=1), emb, context)
+            h = stage(torch.cat([h, hs.pop()], dim=1), emb, context, impl)
         return self.out(h)  # (B, C_out, H, W)
 
 

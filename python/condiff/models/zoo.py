@@ -26,7 +26,10 @@ from torch import nn
 
 from condiff.models.dit import AttDiT, DiT
 from condiff.models.layers import Backbone
+from condiff.models.mdt import MDTv2
 from condiff.models.mmdit import MMDiT
+from condiff.models.pixart import PixArtAlpha
+from condiff.models.unet import build_unet
 
 SIZES: dict[str, dict] = {
     "tiny": dict(depth=4, hidden_size=128, num_heads=4),
@@ -42,6 +45,8 @@ DEFAULT_SIZE = "xl/2"
 TRANSFORMERS: dict[str, type[Backbone]] = {
     "dit": DiT,
     "dit-att": AttDiT,
+    "mdt-v2": MDTv2,
+    "pixart-alpha": PixArtAlpha,
     "mmdit": MMDiT,
     "mmdit-ours": MMDiT,
 }
@@ -50,13 +55,15 @@ TRANSFORMERS: dict[str, type[Backbone]] = {
 FAMILY_DEFAULTS: dict[str, dict] = {
     "dit": dict(control="additive"),
     "dit-att": dict(control="additive"),
+    "mdt-v2": dict(control="additive"),
+    "pixart-alpha": dict(control="additive", text_padding="zero"),
     "mmdit": dict(control="additive", text_padding="zero"),
     "mmdit-ours": dict(control="disentangled", gamma="power-cosine", gamma_alpha=8.0,
                        text_padding="noisy-replicate"),
 }
 """Per-family overrides of the config-class defaults (see the module docstring)."""
 
-FAMILY_SIZE_DEFAULTS: dict[str, dict[str, dict]] = {}
+FAMILY_SIZE_DEFAULTS: dict[str, dict[str, dict]] = {"mdt-v2": {"tiny": dict(decode_layers=2)}}
 """Per-family, per-size extra defaults (e.g. mDT's decoder depth at the tiny size)."""
 
 
@@ -91,6 +98,9 @@ FAMILIES: dict[str, Callable[..., nn.Module]] = {family: build_transformer for f
 def register_family(family: str, builder: Callable[..., nn.Module]) -> None:
     """Register a backbone family (e.g. 'unet-sdxl') whose builder parses its own size names."""
     FAMILIES[family] = builder
+
+
+register_family("unet-sdxl", build_unet)  # models/unet.py: `unet-sdxl` (the paper's) and `unet-sdxl-tiny`
 
 
 def _family_of(name: str, registry) -> str:
