@@ -96,7 +96,10 @@ def test_fused_ops_match_reference_backend_and_math_attention(family, conditioni
 def test_gradients_reach_every_parameter(family, conditioning):
     model = perturb(tiny(family, conditioning)).train()
     x, t, cond = model.example_inputs(2)
-    model(x, t, cond).square().mean().backward()
+    loss = model(x, t, cond).square().mean()
+    if family == "mdt-v2":  # the masked pass (mask token, side-interpolater) of MDT's two-pass loss
+        loss = loss + model(x, t, cond, mask_ratio=model.mask_ratio).square().mean()
+    loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"parameters without gradient: {missing}"
 
@@ -123,7 +126,8 @@ def test_meta_device_construction_and_math_forward():
 TABLE_A1 = {
     ("dit", "class"): 679.09, ("dit-att", "class"): 792.44, ("mmdit", "class"): 679.09,
     ("mmdit-ours", "class"): 679.09, ("dit-att", "text"): 940.49, ("mmdit", "text"): 791.64,
-    ("mmdit-ours", "text"): 791.64,
+    ("mmdit-ours", "text"): 791.64, ("pixart-alpha", "class"): 611.7, ("pixart-alpha", "text"): 610.12,
+    ("mdt-v2", "class"): 748.07,
 }
 
 
@@ -151,3 +155,27 @@ def test_mmdit_light_vs_full_context_stream_parameter_difference():
     per_block = (6 * d * d + 6 * d) + (d * d + d) + (8 * d * d + 5 * d)
     last = (2 * d * d + 2 * d)  # pre-only context adaLN (shift, scale)
     assert full - light == (depth - 1) * per_block + last
+
+
+def test_mdt_masked_pass():
+    model = perturb(tiny("mdt-v2", "class")).train()
+    x, t, cond = model.example_inputs(3)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = model(x, t, cond, mask_ratio=0.5, generator=g1)
+    b = model(x, t, cond, mask_ratio=0.5, generator=g2)
+    assert a.shape == x.shape and torch.equal(a, b), "masking must be reproducible from the generator"
+    full = model(x, t, cond)
+    assert not torch.allclose(a, full), "the masked pass must differ from the full pass"
+    assert torch.equal(model(x, t, cond, mask_ratio=0.0), full)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        model(x, t, cond, mask_ratio=0.9)
+
+
+def test_mdt_random_masking_bookkeeping():
+    from condiff.models.mdt import random_masking
+
+    x = torch.arange(2 * 10, dtype=torch.float32).reshape(2, 10, 1)
+    kept, mask, ids_restore, ids_keep = random_masking(x, 0.3, torch.Generator().manual_seed(0))
+    assert kept.shape == (2, 7, 1) and mask.sum(1).tolist() == [3.0, 3.0]
+    for b in range(2):  # kept tokens are exactly the unmasked positions
+        assert sorted(kept[b, :, 0].long().tolist()) == [b * 10 + i for i in range(10) if mask[b, i] == 0]

@@ -54,15 +54,16 @@ class DiTBlock(nn.Module):
             nn.init.zeros_(self.cross_attn.proj.bias)
 
     def forward(self, x: Tensor, c: Tensor, context: Tensor | None = None, *, skip: Tensor | None = None,
-                cross: Tensor | None = None, impl: str = "sdpa", backend: str | None = None
-                ) -> tuple[Tensor, Tensor | None]:
-        """x (B, N, D); c (B, D); context (B, M, D) | None; skip (B, N, D); cross (B, M', D).
-        Returns (x (B, N, D), context (B, M, D) | None)."""
+                cross: Tensor | None = None, attn_bias: Tensor | None = None, impl: str = "sdpa",
+                backend: str | None = None) -> tuple[Tensor, Tensor | None]:
+        """x (B, N, D); c (B, D); context (B, M, D) | None; skip (B, N, D); cross (B, M', D);
+        attn_bias (B|1, H, N, N) additive self-attention bias (mDT). Returns (x (B, N, D), context | None)."""
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (B, N, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h_c = modulate(context, shift_msa, scale_msa, backend) if context is not None else None  # (B, M, D)
-        a_x, a_c = self.attn(modulate(x, shift_msa, scale_msa, backend), h_c, impl=impl, backend=backend)
+        a_x, a_c = self.attn(modulate(x, shift_msa, scale_msa, backend), h_c, impl=impl, backend=backend,
+                             bias=attn_bias)
         x = gated(x, gate_msa, a_x, backend)  # (B, N, D)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, cross, impl=impl)
@@ -161,20 +162,12 @@ class AttDiT(Backbone):
 def initialize_dit_weights(model: Backbone) -> None:
     """DiT's `initialize_weights`: xavier linears, then N(0, 0.02) embeddings, zero adaLN and final layer.
 
-    Embedders that own a specific init (timestep MLP N(0, 0.02), control embedders with zero output,
-    pooled projection) are re-initialised after the xavier pass.
+    Embedders that own a specific init (`Backbone.init_embedders`) are re-initialised after the xavier pass.
     """
     xavier_init_linears(model)
-    nn.init.xavier_uniform_(model.x_embedder.proj.weight.view(model.cfg.hidden_size, -1))
-    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
-    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    model.init_embedders()
     if getattr(model, "y_embedder", None) is not None:
         nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
-    if model.control_embedder is not None:
-        model.control_embedder.reset_parameters()
-    if model.pooled_embedder is not None:
-        nn.init.normal_(model.pooled_embedder.linear_1.weight, std=0.02)
-        nn.init.normal_(model.pooled_embedder.linear_2.weight, std=0.02)
     for block in model.modules():
         if hasattr(block, "zero_init"):
             block.zero_init()

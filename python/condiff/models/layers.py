@@ -58,26 +58,31 @@ def _backend(x: Tensor, backend: str | None) -> str | None:
     return "reference" if x.is_meta else backend
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, impl: str = "sdpa") -> Tensor:
-    """softmax(q k^T / sqrt(hd)) v. q (B, H, Lq, hd), k, v (B, H, Lk, hd) -> (B, H, Lq, hd)."""
+def attention(q: Tensor, k: Tensor, v: Tensor, impl: str = "sdpa", bias: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(hd) + bias) v. q (B, H, Lq, hd), k, v (B, H, Lk, hd); bias broadcastable to
+    (B, H, Lq, Lk) or None -> (B, H, Lq, hd)."""
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
     attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, Lq, Lk)
+    if bias is not None:
+        attn = attn + bias
     return attn.softmax(dim=-1) @ v  # (B, H, Lq, hd)
 
 
 def joint_attention(qkv_x: Tensor, qkv_c: Tensor | None, num_heads: int, norms: tuple[Tensor, ...] | None = None, *,
-                    impl: str = "sdpa", backend: str | None = None) -> tuple[Tensor, Tensor | None]:
+                    impl: str = "sdpa", backend: str | None = None, bias: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor | None]:
     """Attention over the joined sequence [image tokens, context tokens], each stream with its own q, k, v.
 
     qkv_x (B, N, 3D), qkv_c (B, M, 3D) or None, packed [q | k | v], head-major. norms: None (no qk-norm)
     or the RMSNorm weights (q_x, k_x, q_c, k_c), each (hd,), eps 1e-6 (SD3 / the paper's mmDiT).
+    bias: additive attention bias over the joined sequence (mDT's relative positions), or None.
     Returns out_x (B, N, D) and out_c (B, M, D) (None when qkv_c is None), before the output projection.
     """
     B, N, D3 = qkv_x.shape
     if qkv_c is None:
         qkv_c = qkv_x.new_zeros(B, 0, D3)
-    if norms is not None and impl == "sdpa":
+    if norms is not None and impl == "sdpa" and bias is None:
         out_x, out_c = ops.joint_attention(qkv_x, qkv_c, *norms, num_heads, 1e-6, backend=_backend(qkv_x, backend))
     else:
         if norms is not None:
@@ -85,7 +90,7 @@ def joint_attention(qkv_x: Tensor, qkv_c: Tensor | None, num_heads: int, norms: 
         else:
             qkv = torch.cat([qkv_x, qkv_c], dim=1)  # (B, L, 3D)
             q, k, v = qkv.reshape(B, qkv.shape[1], 3, num_heads, -1).permute(2, 0, 3, 1, 4)  # each (B, H, L, hd)
-        o = attention(q, k, v, impl).transpose(1, 2).reshape(B, q.shape[2], D3 // 3)  # (B, L, D)
+        o = attention(q, k, v, impl, bias).transpose(1, 2).reshape(B, q.shape[2], D3 // 3)  # (B, L, D)
         out_x, out_c = o[:, :N], o[:, N:]
     return out_x, (out_c if out_c.shape[1] else None)
 
@@ -100,10 +105,12 @@ def gated(x: Tensor, gate: Tensor, y: Tensor, backend: str | None = None) -> Ten
     return ops.gated_residual(x, gate, y, backend=_backend(x, backend))
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """DiT / diffusers (flip_sin_to_cos, shift 0) sinusoidal features: t (B,) -> (B, dim) = [cos, sin]."""
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, shift: float = 0.0) -> Tensor:
+    """DiT / diffusers (flip_sin_to_cos) sinusoidal features: t (B,) -> (B, dim) = [cos, sin].
+    shift: diffusers' `downscale_freq_shift` (frequencies max_period^(-i / (dim/2 - shift)); 0 = DiT, SD3, PixArt;
+    1 = diffusers' DiTTransformer2DModel, needed to convert it exactly)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift))
     args = t.float()[:, None] * freqs[None]  # (B, dim/2)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
@@ -111,15 +118,15 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 class TimestepEmbedder(nn.Module):
     """t (B,) float DDPM timesteps -> (B, dim): 256 sinusoidal features -> Linear -> SiLU -> Linear (DiT)."""
 
-    def __init__(self, dim: int, freq_dim: int = 256):
+    def __init__(self, dim: int, freq_dim: int = 256, freq_shift: float = 0.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.freq_shift = freq_dim, freq_shift
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         nn.init.normal_(self.mlp[0].weight, std=0.02)
         nn.init.normal_(self.mlp[2].weight, std=0.02)
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))  # (B, dim)
+        return self.mlp(timestep_embedding(t, self.freq_dim, shift=self.freq_shift).to(self.mlp[0].weight.dtype))  # (B, dim)
 
 
 class VectorEmbedder(nn.Module):
@@ -196,16 +203,18 @@ class Attention(nn.Module):
             if context == "full" and not context_pre_only:
                 self.context_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, c: Tensor | None = None, *, impl: str = "sdpa",
-                backend: str | None = None) -> tuple[Tensor, Tensor | None]:
-        """x (B, N, D), c (B, M, D) (only with a context stream) -> projected (out_x (B, N, D), out_c (B, M, D) | None)."""
+    def forward(self, x: Tensor, c: Tensor | None = None, *, impl: str = "sdpa", backend: str | None = None,
+                bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """x (B, N, D), c (B, M, D) (only with a context stream), bias (B|1, H, L, L) | None
+        -> projected (out_x (B, N, D), out_c (B, M, D) | None)."""
         qkv_c = self.context_qkv(c) if (c is not None and self.context is not None) else None  # (B, M, 3D)
         norms = None
         if self.q_norm is not None:
             ck = self.context_k_norm if qkv_c is not None else self.k_norm
             cq = (self.context_q_norm or ck) if qkv_c is not None else self.q_norm  # (ck: placeholder, see init)
             norms = (self.q_norm.weight, self.k_norm.weight, cq.weight, ck.weight)
-        out_x, out_c = joint_attention(self.qkv(x), qkv_c, self.num_heads, norms, impl=impl, backend=backend)
+        out_x, out_c = joint_attention(self.qkv(x), qkv_c, self.num_heads, norms, impl=impl, backend=backend,
+                                       bias=bias)
         if out_c is None or self.context_pre_only:
             return self.proj(out_x), None
         return self.proj(out_x), (self.context_proj if self.context == "full" else self.proj)(out_c)
@@ -268,6 +277,7 @@ class BackboneConfig:
     with pos_interp_scale / pos_max_size for the last two.
     learn_sigma: predict 2 C channels (DiT's learned variance, to load its checkpoints); forward returns eps.
     attn_impl: None (module default, see `attention_impl`) | sdpa | math. ops_backend: condiff.ops backend.
+    t_freq_shift: timestep-frequency shift (`timestep_embedding`); 1 only for converted diffusers DiT models.
     """
 
     name: str = ""
@@ -299,6 +309,7 @@ class BackboneConfig:
     learn_sigma: bool = False
     attn_impl: str | None = None
     ops_backend: str | None = None
+    t_freq_shift: float = 0.0
 
     def __post_init__(self):
         def check(field, value, allowed):
@@ -340,7 +351,7 @@ class Backbone(nn.Module):
         D = cfg.hidden_size
         self.out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D)
+        self.t_embedder = TimestepEmbedder(D, freq_shift=cfg.t_freq_shift)
         self.control_embedder = None
         if cfg.control != "none":
             self.control_embedder = ControlEmbedder(D, cfg.control, cfg.gamma, cfg.gamma_alpha, cfg.gamma_k,
@@ -348,6 +359,19 @@ class Backbone(nn.Module):
         self.pooled_embedder = None
         if cfg.conditioning == "text" and cfg.use_pooled:
             self.pooled_embedder = VectorEmbedder(cfg.pooled_dim, D)
+
+    def init_embedders(self) -> None:
+        """Input / timestep / control / pooled embedders init (DiT): xavier patch projection, N(0, 0.02) MLPs,
+        zero-output control embedders. Called by the subclasses' weight init after their xavier pass."""
+        nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(self.cfg.hidden_size, -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.control_embedder is not None:
+            self.control_embedder.reset_parameters()
+        if self.pooled_embedder is not None:
+            nn.init.normal_(self.pooled_embedder.linear_1.weight, std=0.02)
+            nn.init.normal_(self.pooled_embedder.linear_2.weight, std=0.02)
 
     # --- configuration -------------------------------------------------------------------------------------
     @property

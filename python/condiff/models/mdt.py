@@ -1,0 +1,190 @@
+"""mDT-v2 (Masked Diffusion Transformer v2, Gao et al. 2023, sail-sg/MDT `MDTv2`).
+
+Layout (MDTv2): (depth - decode_layers) / 2 encoder-in blocks, as many encoder-out blocks with U-ViT long
+skips (`skip_linear` on [x, skip]), one side-interpolater block, `decode_layers` decoder blocks whose skip
+is the embedded input; every block is DiT's adaLN-Zero block (c = t_emb + y_emb (+ control)) with a
+learnable relative position bias (BEiT-style table) in its self-attention.
+
+Masking (training only): `model(x_t, t, cond, mask_ratio=r)` drops a random fraction
+r + U(0, mask_ratio_jitter) of the image tokens (one fraction per call, per-sample random sets, as MDT)
+before the encoder; the side-interpolater fills the dropped positions with the learned `mask_token`, adds
+positions, runs its block and keeps its output only at masked positions (kept tokens pass unchanged);
+the decoder then predicts the full image. `mask_ratio=None` (default, sampling) is the full pass.
+
+Two-pass loss (MDTv2 training): loss = MSE(model(x_t, t, cond), eps) + MSE(model(x_t, t, cond,
+mask_ratio=model.mask_ratio), eps), the same x_t, t, eps for both passes, both over all pixels (the
+masked pass must reconstruct the masked tokens from context). `model.mask_ratio` (config, 0.3 as MDTv2's
+training script) is the hook the loss reads.
+
+Deviations from sail-sg/MDT, for resolution transfer (App. C): positions are the fixed sin-cos table of the
+actual grid (`pos_grid`) at the input and again before the decoder (MDT learns both copies from a sin-cos
+init); the relative position table is sized for the base grid and offsets beyond it are clamped, so the
+model runs at any resolution (at the base grid it is exactly MDT's bias).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from condiff.conditioning.cond import Cond
+from condiff.conditioning.labels import LabelEmbedder
+from condiff.models.dit import DiTBlock, initialize_dit_weights
+from condiff.models.layers import Backbone, BackboneConfig, FinalLayer
+
+
+class RelativePositionBias(nn.Module):
+    """Learnable per-head bias of every 2D offset between tokens (BEiT / MDT); table ((2Wh-1)(2Ww-1)+3, H).
+
+    The 3 extra rows of BEiT's table (cls-token entries) are kept for state-dict compatibility; unused.
+    """
+
+    def __init__(self, window: tuple[int, int], num_heads: int):
+        super().__init__()
+        self.window = window
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1) + 3, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def index(self, grid_h: int, grid_w: int, device) -> Tensor:
+        """(N, N) long table index of every (query, key) pair on a grid_h x grid_w grid (clamped offsets)."""
+        wh, ww = self.window
+        hh, ww_ = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device),
+                                 indexing="ij")
+        coords = torch.stack([hh.flatten(), ww_.flatten()])  # (2, N)
+        rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N)
+        dh = rel[0].clamp(-(wh - 1), wh - 1) + wh - 1
+        dw = rel[1].clamp(-(ww - 1), ww - 1) + ww - 1
+        return dh * (2 * ww - 1) + dw  # (N, N)
+
+    def forward(self, index: Tensor) -> Tensor:
+        """index (N, N) or (B, n, n) -> bias (1, H, N, N) or (B, H, n, n)."""
+        bias = self.relative_position_bias_table[index]  # (..., n, n, H)
+        return bias.permute(2, 0, 1)[None] if index.dim() == 2 else bias.permute(0, 3, 1, 2)
+
+
+def random_masking(x: Tensor, ratio: float, generator: torch.Generator | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MAE/MDT per-sample random masking. x (B, N, D) -> x_kept (B, n, D), mask (B, N) (1 = dropped),
+    ids_restore (B, N), ids_keep (B, n); n = max(1, int(N (1 - ratio)))."""
+    B, N, D = x.shape
+    n_keep = max(1, int(N * (1 - ratio)))
+    noise = torch.rand(B, N, generator=generator, device=generator.device if generator else x.device).to(x.device)
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :n_keep]  # (B, n)
+    x_kept = torch.gather(x, 1, ids_keep[:, :, None].expand(B, n_keep, D))
+    mask = torch.ones(B, N, device=x.device, dtype=x.dtype)
+    mask[:, :n_keep] = 0
+    return x_kept, torch.gather(mask, 1, ids_restore), ids_restore, ids_keep
+
+
+@dataclass
+class MDTConfig(BackboneConfig):
+    """mDT-v2: decode_layers (MDTv2's decode_layer, 4 at XL/2), mask_ratio (default ratio of the masked training
+    pass, 0.3), mask_ratio_jitter (MDT adds U(0, 0.2)), rel_pos_bias (MDT's learnable relative positions)."""
+
+    decode_layers: int = 4
+    mask_ratio: float = 0.3
+    mask_ratio_jitter: float = 0.2
+    rel_pos_bias: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = self.name or "mdt-v2"
+        if self.conditioning != "class":
+            raise ValueError(f"{name}: mDT-v2 is class-conditional only (as in the paper); for text use pixart-alpha or mmdit")
+        enc = self.depth - self.decode_layers
+        if self.decode_layers < 1 or enc < 2 or enc % 2:
+            raise ValueError(f"{name}: depth - decode_layers must be even and >= 2 (encoder in/out halves), "
+                             f"got depth {self.depth}, decode_layers {self.decode_layers}")
+        if not (0 <= self.mask_ratio and self.mask_ratio + self.mask_ratio_jitter < 1):
+            raise ValueError(f"{name}: need 0 <= mask_ratio and mask_ratio + mask_ratio_jitter < 1")
+
+
+class MDTv2(Backbone):
+    """mDT-v2. forward(x_t, t, cond, mask_ratio=None, generator=None) -> eps (B, C, H, W)."""
+
+    config_cls = MDTConfig
+
+    def __init__(self, cfg: MDTConfig):
+        super().__init__(cfg)
+        D, half = cfg.hidden_size, (cfg.depth - cfg.decode_layers) // 2
+        grid = cfg.input_size // cfg.patch_size
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D)
+
+        def block(skip: bool) -> DiTBlock:
+            b = DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, skip=skip)
+            if cfg.rel_pos_bias:
+                b.attn.rel_pos_bias = RelativePositionBias((grid, grid), cfg.num_heads)
+            return b
+
+        self.en_inblocks = nn.ModuleList([block(False) for _ in range(half)])
+        self.en_outblocks = nn.ModuleList([block(True) for _ in range(half)])
+        self.de_blocks = nn.ModuleList([block(True) for _ in range(cfg.decode_layers)])
+        self.sideblocks = nn.ModuleList([block(False)])
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
+        initialize_dit_weights(self)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    @property
+    def mask_ratio(self) -> float:
+        """Mask ratio of the second (masked) pass of the MDT training loss (module docstring)."""
+        return self.cfg.mask_ratio
+
+    def _bias(self, block: DiTBlock, index: Tensor | None) -> Tensor | None:
+        return None if index is None else block.attn.rel_pos_bias(index)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond, *, mask_ratio: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+        t = self.check_inputs(x, t, cond)
+        B, impl, backend = x.shape[0], self.attn_impl, self.cfg.ops_backend
+        run = dict(impl=impl, backend=backend)
+        x, (gh, gw) = self.embed_input(x)  # (B, N, D)
+        c = self.embed_time(t, cond, B) + self.y_embedder(self.labels(cond, B))  # (B, D)
+        input_skip = x
+        index_full = self.en_inblocks[0].attn.rel_pos_bias.index(gh, gw, x.device) if self.cfg.rel_pos_bias else None
+        index = index_full
+        masked = bool(mask_ratio)
+        if masked:
+            jitter = self.cfg.mask_ratio_jitter
+            if not (0 < mask_ratio and mask_ratio + jitter < 1):
+                raise ValueError(f"{self.cfg.name}: need 0 < mask_ratio and mask_ratio + mask_ratio_jitter ({jitter}) "
+                                 f"< 1, got mask_ratio {mask_ratio}")
+            u = torch.rand(1, generator=generator, device=generator.device if generator else "cpu").item()
+            ratio = float(mask_ratio) + jitter * u
+            x, mask, ids_restore, ids_keep = random_masking(x, ratio, generator)  # x (B, n, D)
+            if index is not None:
+                index = index[ids_keep[:, :, None], ids_keep[:, None, :]]  # (B, n, n)
+        skips = []
+        for blk in self.en_inblocks:
+            x, _ = blk(x, c, attn_bias=self._bias(blk, index), **run)
+            skips.append(x)
+        for blk in self.en_outblocks:
+            x, _ = blk(x, c, skip=skips.pop(), attn_bias=self._bias(blk, index), **run)
+        pos = self.pos_embed(gh, gw, x.device, x.dtype)  # (1, N, D) MDT's decoder_pos_embed
+        if masked:
+            x = self.side_interpolater(x, c, mask, ids_restore, pos, index_full, run)  # (B, N, D)
+        else:
+            x = x + pos
+        for blk in self.de_blocks:
+            x, _ = blk(x, c, skip=input_skip, attn_bias=self._bias(blk, index_full), **run)
+        x = self.final_layer(x, c, backend)  # (B, N, p*p*C_out)
+        return self.unpatchify(x, gh, gw)
+
+    def side_interpolater(self, x: Tensor, c: Tensor, mask: Tensor, ids_restore: Tensor, pos: Tensor,
+                          index: Tensor | None, run: dict) -> Tensor:
+        """Fill dropped tokens with mask tokens, unshuffle, add positions, run the side block; keep its output
+        only at dropped positions. x (B, n, D), mask (B, N) (1 = dropped) -> (B, N, D)."""
+        B, n, D = x.shape
+        N = ids_restore.shape[1]
+        x = torch.cat([x, self.mask_token.to(x.dtype).expand(B, N - n, D)], dim=1)  # (B, N, D) shuffled order
+        x = torch.gather(x, 1, ids_restore[:, :, None].expand(B, N, D)) + pos  # (B, N, D) image order
+        before = x
+        for blk in self.sideblocks:
+            x, _ = blk(x, c, attn_bias=self._bias(blk, index), **run)
+        m = mask[:, :, None].to(x.dtype)
+        return x * m + before * (1 - m)
