@@ -153,10 +153,9 @@ def _text_field(sample: dict, name: str) -> str | None:
     return v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v)
 
 
-def decode_sample(sample: dict, cfg: LoaderConfig, transform: CropTransform, rng: np.random.Generator, stats: Counter) -> dict:
-    """One raw webdataset sample (bytes per field) -> dict of per-sample arrays (see module docstring).
-
-    Raises SkipSample for samples that must be skipped; counts mode conversions in `stats`."""
+def parse_fields(sample: dict, cfg: LoaderConfig) -> tuple[dict, dict]:
+    """(out, meta): `out` holds key and the caption / label the conditioning needs; `meta` the parsed json.
+    Raises SkipSample (bad_json, bad_label, missing_label, missing_caption)."""
     meta: dict = {}
     if "json" in sample:
         try:
@@ -178,7 +177,11 @@ def decode_sample(sample: dict, cfg: LoaderConfig, transform: CropTransform, rng
             if cfg.conditioning == "class":  # a label nobody asked for may be malformed
                 raise SkipSample("bad_label", f"cls field is not an integer: {sample['cls'][:20]!r}") from None
     elif meta.get("label") is not None:
-        label = int(meta["label"])
+        try:
+            label = int(meta["label"])
+        except (TypeError, ValueError):
+            if cfg.conditioning == "class":
+                raise SkipSample("bad_label", f"json label is not an integer: {meta['label']!r}") from None
     if cfg.conditioning == "text":
         if caption is None:
             raise SkipSample("missing_caption", "no txt field and no json 'caption'")
@@ -189,10 +192,14 @@ def decode_sample(sample: dict, cfg: LoaderConfig, transform: CropTransform, rng
         out["label"] = label
     if caption is not None and cfg.conditioning != "text":
         out["caption"] = caption.strip()
+    if label is not None and cfg.conditioning != "class":
+        out["label"] = label
+    return out, meta
 
-    if LATENT_EXT in sample:
-        return _decode_latent(sample, meta, out, rng)
 
+def load_image(sample: dict, meta: dict, cfg: LoaderConfig, stats: Counter) -> tuple[Image.Image, tuple[float, float] | None]:
+    """(RGB image, original (height, width) from the json or None). Raises SkipSample (no_image,
+    corrupt_image, too_small); counts mode conversions in `stats` as converted_<mode>."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise SkipSample("no_image", f"no field among {IMAGE_EXTS}; fields: {sorted(k for k in sample if not k.startswith('__'))}")
@@ -210,6 +217,17 @@ def decode_sample(sample: dict, cfg: LoaderConfig, transform: CropTransform, rng
     orig = None
     if "original_height" in meta and "original_width" in meta:
         orig = (float(meta["original_height"]), float(meta["original_width"]))
+    return image, orig
+
+
+def decode_sample(sample: dict, cfg: LoaderConfig, transform: CropTransform, rng: np.random.Generator, stats: Counter) -> dict:
+    """One raw webdataset sample (bytes per field) -> dict of per-sample arrays (see module docstring).
+
+    Raises SkipSample for samples that must be skipped; counts mode conversions in `stats`."""
+    out, meta = parse_fields(sample, cfg)
+    if LATENT_EXT in sample:
+        return _decode_latent(sample, meta, out, rng)
+    image, orig = load_image(sample, meta, cfg, stats)
     x, control_h, control_l, _ = transform(image, rng, orig)
     out.update(image=x, control_h=control_h, control_l=control_l)
     return out
@@ -255,6 +273,32 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
+def iter_raw_samples(shards: list[str], stats: Counter):
+    """Raw samples (dict of bytes per field, `__key__`, `__url__`) of `shards` in order, parsed by
+    webdataset; unreadable or truncated tar files are counted in `stats["shard_errors"]`, warned about,
+    and the stream goes on with the next shard."""
+
+    def handler(exn: Exception) -> bool:
+        stats["shard_errors"] += 1
+        log.warning("skipping the rest of a shard after a read error: %s", exn)
+        return True
+
+    def opened():
+        for url in shards:
+            try:
+                stream = open(url, "rb")
+            except OSError as exn:
+                handler(exn)
+                continue
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                stream.close()
+
+    files = tariterators.tar_file_expander(opened(), handler=handler)
+    return tariterators.group_by_keys(files, handler=handler)
+
+
 # ------------------------------------------------------------------------------------------- stream
 class ShardStream(IterableDataset):
     """The per-slot stream of batches (see module docstring). Used through `ShardLoader`."""
@@ -262,29 +306,6 @@ class ShardStream(IterableDataset):
     def __init__(self, cfg: LoaderConfig, shards: list[str], rank: int, world_size: int, resume: dict[int, tuple[int, int]]):
         self.cfg, self.shards, self.rank, self.world_size, self.resume = cfg, shards, rank, world_size, resume
         self.transform = CropTransform(cfg.resolution, cfg.crop, cfg.flip_prob, cfg.resample)
-
-    def _raw(self, shards: list[str], stats: Counter):
-        """Raw samples (dict of bytes) of `shards` in order; unreadable/truncated tars are counted."""
-
-        def handler(exn: Exception) -> bool:
-            stats["shard_errors"] += 1
-            log.warning("skipping the rest of a shard after a read error: %s", exn)
-            return True
-
-        def opened():
-            for url in shards:
-                try:
-                    stream = open(url, "rb")
-                except OSError as exn:
-                    handler(exn)
-                    continue
-                try:
-                    yield {"url": url, "stream": stream}
-                finally:
-                    stream.close()
-
-        files = tariterators.tar_file_expander(opened(), handler=handler)
-        return tariterators.group_by_keys(files, handler=handler)
 
     def __iter__(self):
         cfg = self.cfg
@@ -304,7 +325,7 @@ class ShardStream(IterableDataset):
                 shards = shards[slot::slots]
             else:
                 stride = slots
-            raw = self._raw(shards, stats)
+            raw = iter_raw_samples(shards, stats)
             if stride > 1:
                 raw = (s for i, s in enumerate(raw) if i % stride == slot)
             if cfg.shuffle_buffer > 1:

@@ -15,12 +15,13 @@ from webdataset import TarWriter
 class ShardSetWriter:
     """Write samples (webdataset dicts with `__key__`) into `out_dir/<prefix>-%06d.tar`, `shard_size` per shard."""
 
-    def __init__(self, out_dir: str, shard_size: int = 1000, prefix: str = "shard"):
+    def __init__(self, out_dir: str, shard_size: int = 1000, prefix: str = "shard", start: int = 0, write_empty: bool = False):
+        """start: index of the first shard; write_empty: close() writes an empty shard if nothing was written."""
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         os.makedirs(out_dir, exist_ok=True)
-        self.out_dir, self.shard_size, self.prefix = out_dir, shard_size, prefix
-        self.shard, self.count, self.total = 0, 0, 0
+        self.out_dir, self.shard_size, self.prefix, self.write_empty = out_dir, shard_size, prefix, write_empty
+        self.shard, self.count, self.total = start, 0, 0
         self._writer: TarWriter | None = None
         self._tmp = ""
         self.paths: list[str] = []
@@ -48,6 +49,9 @@ class ShardSetWriter:
         self.shard += 1
 
     def close(self) -> None:
+        if self.total == 0 and self.write_empty and self._writer is None:
+            self._tmp = self.path(self.shard) + ".tmp"
+            self._writer = TarWriter(self._tmp)
         self._finish()
 
     def __enter__(self):
