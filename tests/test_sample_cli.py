@@ -1,0 +1,118 @@
+"""`condiff sample`: zoo smoke run, checkpoint run (stored schedule + sizes), determinism, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from condiff.diffusion.schedule import Schedule
+from condiff.sample import Loaded, Settings, generate, load_checkpoint, main, resolve, semantic_conditions
+
+
+def run(tmp_path, name, *args):
+    out = tmp_path / name
+    rc = main([*args, "--steps", "2", "--quiet", "--out", str(out)])
+    return rc, out
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A dit-tiny pixel-space checkpoint with non-trivial weights, an Eq. 3 schedule and training sizes."""
+    from condiff.models import create
+    from condiff.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create("dit-tiny", in_channels=3, input_size=16, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():  # leave no zero-initialised layer: the output must depend on the condition
+            p.add_(0.05 * torch.randn_like(p))
+    run_dir = tmp_path_factory.mktemp("run")
+    meta = {"model": model.config, "schedule": Schedule(base_resolution=8, resolution=16).to_dict(),
+            "text_encoder": None, "autoencoder": None, "base_size": model.base_size,
+            "train_sizes": [[40, 60], [100, 80], [64, 64]]}
+    state = model.state_dict()
+    save_checkpoint(run_dir, 10, model_state=state, ema_state=state, meta=meta)
+    return run_dir
+
+
+def test_zoo_smoke_run_writes_a_grid(tmp_path):
+    rc, out = run(tmp_path, "zoo.png", "--model", "dit-tiny", "--class-ids", "1", "2", "3")
+    assert rc == 0
+    img = pixels(out)
+    assert img.shape == (2 + 2 * 34, 2 + 2 * 34, 3) and img.dtype == np.uint8  # 3 images of 32 px, 2 per row
+    record = json.loads(out.with_name("zoo.png.json").read_text())
+    assert record["captions"] == ["class 1", "class 2", "class 3"] and record["resolution"] == 32
+
+
+def test_checkpoint_run_is_deterministic_and_uses_what_training_stored(tmp_path, checkpoint):
+    args = ["--checkpoint", str(checkpoint), "--class-ids", "1", "7", "--n-per-cond", "2", "--guidance", "3"]
+    rc, a = run(tmp_path, "a.png", *args)
+    rc2, b = run(tmp_path, "b.png", *args)
+    rc3, c = run(tmp_path, "c.png", *args, "--seed", "1")
+    assert rc == rc2 == rc3 == 0
+    assert np.array_equal(pixels(a), pixels(b))  # same seed and settings: the same image
+    assert not np.array_equal(pixels(a), pixels(c))
+    assert pixels(a).shape == (2 + 2 * 18, 2 + 2 * 18, 3)  # 2 rows (one per class) of 2 images of 16 px
+    rec = json.loads(a.with_name("a.png.json").read_text())
+    assert rec["schedule"] == Schedule(base_resolution=8, resolution=16).to_dict()  # the stored (Eq. 3) schedule
+    assert rec["size_mode"] == "train-dist"
+    assert {tuple(s) for s in rec["control_l"]} <= {(40.0, 60.0), (100.0, 80.0), (64.0, 64.0)}
+    assert rec["guidance_effective"] == 3.0
+
+
+def test_guidance_law_and_fixed_size_at_another_resolution(tmp_path, checkpoint):
+    rc, out = run(tmp_path, "hr.png", "--checkpoint", str(checkpoint), "--class-ids", "2", "--guidance", "1.5",
+                  "--resolution", "32", "--orig-size", "512", "--sampler", "heun")
+    assert rc == 0
+    rec = json.loads(out.with_name("hr.png.json").read_text())
+    assert rec["guidance_effective"] == 2.0  # Eq. 4: s = 32 / 16 = 2, lambda 1.5 -> 2.0
+    assert rec["size_mode"] == "fixed" and rec["control_l"] == [[512.0, 512.0]]
+    assert pixels(out).shape == (32, 32, 3)  # a single image: make_grid adds no padding
+    loaded = load_checkpoint(str(checkpoint), "cpu")
+    assert resolve(loaded, Settings(guidance=1.5, resolution=32, guidance_law=False))["guidance_effective"] == 1.5
+    # opt-in Eq. 3 for the sampling resolution composes with the stored rescaling (base 8 -> 32)
+    r = resolve(loaded, Settings(resolution=32, rescale_schedule=True))
+    assert r["schedule"] == Schedule(base_resolution=8, resolution=32)
+    assert resolve(loaded, Settings(resolution=32))["schedule"] == loaded.schedule
+
+
+def test_generate_depends_on_condition_and_guidance(checkpoint):
+    loaded = load_checkpoint(str(checkpoint), "cpu")
+    assert isinstance(loaded, Loaded) and loaded.schedule == Schedule(base_resolution=8, resolution=16)
+    cond, null, _ = semantic_conditions(loaded, [1, 7], None, 1)
+    base = Settings(steps=2, guidance=1.0, size_cond="output")
+    x1, _ = generate(loaded, cond, null, base, progress=False)
+    x4, _ = generate(loaded, cond, null, Settings(steps=2, guidance=4.0, size_cond="output"), progress=False)
+    assert x1.shape == (2, 3, 16, 16) and x1.min() >= -1 and x1.max() <= 1
+    assert not torch.allclose(x1, x4, atol=1e-3)
+    # batch size does not change the result (noise is drawn for all samples up front)
+    xb, _ = generate(loaded, cond, null, Settings(steps=2, guidance=1.0, size_cond="output", batch_size=1),
+                     progress=False)
+    torch.testing.assert_close(xb, x1, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--class-ids", "10"], "outside [0, 10)"),
+        (["--prompts", "a cat"], "class-conditional; give --class-ids"),
+        (["--class-ids", "1", "--size-cond", "fixed"], "--size-cond fixed needs --orig-size"),
+        (["--class-ids", "1", "--resolution", "21"], "multiple of the patch size"),
+        (["--class-ids", "1", "--sampler", "heun", "--eta", "1"], "--eta applies to ddim only"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(tmp_path, checkpoint, capsys, args, message):
+    rc, _ = run(tmp_path, "x.png", "--checkpoint", str(checkpoint), *args)
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    rc, _ = run(tmp_path, "x.png", "--checkpoint", str(tmp_path / "nope"), "--class-ids", "1")
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
