@@ -64,7 +64,8 @@ class TextConfig:
 
 @dataclass
 class AutoencoderConfig:
-    config: dict = field(default_factory=dict)  # autoencoder config; {} = pixel-space diffusion
+    config: dict = field(default_factory=lambda: {"kind": "pixels"})  # condiff.data.autoencoder config
+    # {"kind": "pixels"}: pixel-space diffusion; {"kind": "diffusers", "path": DIR}: a local SD-VAE
 
 
 @dataclass

@@ -3,10 +3,10 @@ resumable position.
 
 * Batches come from DATA's webdataset reader (`condiff.data.loader.ShardLoader`), split over ranks and
   workers, deterministic given (seed, epoch), with a per-slot position that resumes exactly.
-* Condition dropout for guidance happens here, per sample, with two independent draws from the
-  rank's torch RNG (whose state is checkpointed): semantic (label -> null class `num_classes`,
-  caption -> "" : `Cond`'s null conventions) with probability `label_drop`, and control
-  (control_keep -> False) with probability `control_drop` (Eq. 2 needs both nulls).
+* Condition dropout for guidance (`condiff.data.conditions.CondDropout`) is applied here, per sample,
+  with INDEPENDENT semantic (probability `label_drop`: label -> null class, caption -> "") and control
+  (probability `control_drop`: control_keep -> False) drops, drawn from the rank's global torch RNG,
+  whose state is checkpointed (Eq. 2 needs both null branches).
 * The training size distribution (original [h, w] of the samples seen, capped) is collected from the
   batches' `control_l`, so sampling can condition on sizes the model saw (Tab. 2b).
 """
@@ -34,26 +34,12 @@ def dataset_info(shards: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def drop_conditions(batch: dict[str, Any], label_drop: float, control_drop: float, num_classes: int,
-                    generator: torch.Generator | None = None) -> dict[str, Any]:
-    """Per-sample condition dropout (see module docstring). Returns a new batch dict."""
-    out = dict(batch)
-    n = len(batch["key"]) if "key" in batch else next(len(v) for v in batch.values())
-    draws = torch.rand(n, 2, generator=generator)
-    drop_sem, drop_ctl = draws[:, 0] < label_drop, draws[:, 1] < control_drop
-    if "label" in batch:
-        out["label"] = torch.where(drop_sem, torch.full_like(batch["label"], num_classes), batch["label"])
-    if "caption" in batch:
-        out["caption"] = ["" if d else c for c, d in zip(batch["caption"], drop_sem.tolist())]
-    out["control_keep"] = ~drop_ctl
-    return out
-
-
 class TrainStream:
     """Endless batches for one rank with dropout applied; `state_dict()` is this rank's position."""
 
     def __init__(self, cfg: DataConfig, *, conditioning: str, batch_size: int, rank: int, world_size: int, seed: int,
-                 num_classes: int):
+                 num_classes: int, null_text=None):
+        from condiff.data.conditions import CondDropout, DropoutConfig
         from condiff.data.loader import LoaderConfig, ShardLoader
 
         if not cfg.shards:
@@ -64,6 +50,7 @@ class TrainStream:
             shards=cfg.shards, batch_size=batch_size, resolution=cfg.resolution, crop=cfg.crop,
             flip_prob=0.5 if cfg.flip else 0.0, conditioning=conditioning, num_workers=cfg.workers, seed=seed,
             rank=rank, world_size=world_size, shuffle_buffer=cfg.shuffle_buffer))
+        self.dropout = CondDropout(DropoutConfig.independent(cfg.label_drop, cfg.control_drop), num_classes, null_text)
         self._it = None
 
     def load_state_dict(self, state: dict) -> None:
@@ -79,8 +66,11 @@ class TrainStream:
     def __next__(self) -> dict[str, Any]:
         if self._it is None:
             self._it = iter(self.loader)
-        batch = next(self._it)
-        return drop_conditions(batch, self.cfg.label_drop, self.cfg.control_drop, self.num_classes)
+        # DataLoader draws its base seed from the global torch RNG when its iterator starts; fork so
+        # that a resumed run (whose iterator starts mid-run) sees the same training RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            batch = next(self._it)
+        return self.dropout(batch)
 
     def close(self) -> None:
         self._it = None

@@ -121,11 +121,9 @@ def build_text_encoder(cfg: TrainConfig):
 
 
 def build_autoencoder(cfg: TrainConfig):
-    if not cfg.autoencoder.config:
-        return None
     from condiff.data.autoencoder import build_autoencoder as build
 
-    return build(cfg.autoencoder.config)
+    return build(cfg.autoencoder.config).eval()
 
 
 def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
@@ -175,7 +173,8 @@ class Trainer:
             raise ValueError(f"data.num_classes: class-conditional training needs the class count (set data.num_classes, "
                              f"or shards written by `condiff make-shards` with a dataset.json)")
         self.data = TrainStream(cfg.data, conditioning=cfg.model.conditioning, batch_size=self.micro_batch,
-                                rank=self.info.rank, world_size=world, seed=cfg.seed, num_classes=self.num_classes)
+                                rank=self.info.rank, world_size=world, seed=cfg.seed, num_classes=self.num_classes,
+                                null_text=self._null_text())
         if meta is not None and meta.get("data_position"):
             self.data.load_state_dict(meta["data_position"])
         self.train_sizes: list[list[int]] = list(meta.get("train_sizes", [])) if meta else []
@@ -221,6 +220,13 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from, meta)
 
+    def _null_text(self):
+        """Encoding of "" (the null caption) for shards with precomputed text states."""
+        if self.text_encoder is None:
+            return None
+        with torch.no_grad():
+            return self.text_encoder.encode([""])
+
     # -------------------------------------------------------------------------------- persistence
     def log_text(self, msg: str) -> None:
         if self.info.is_main:
@@ -264,7 +270,7 @@ class Trainer:
                 "model": self.model_config,
                 "schedule": self.schedule.to_dict(),
                 "text_encoder": getattr(self.text_encoder, "config", None),
-                "autoencoder": getattr(self.autoencoder, "config", None),
+                "autoencoder": self.autoencoder.config,
                 "base_size": getattr(self.model, "base_size", None),
                 "train_sizes": ckpt.cap_sizes(self.train_sizes),
                 "data_position": positions,
@@ -281,31 +287,22 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- one step
     def prepare(self, batch: dict[str, Any]) -> tuple[Tensor, Cond]:
-        """Batch dict -> (x0 (B, C, H, W) on device, Cond on device)."""
-        dev = self.device
+        """Batch dict -> (x0 (B, C, H, W) on device: pixels or latents, Cond on device)."""
+        from condiff.data.conditions import build_cond
+
         if "latent" in batch:
-            x0 = batch["latent"].to(dev)
-        else:
-            x0 = batch["image"].to(dev)
-            if self.autoencoder is not None:
-                with torch.no_grad():
-                    x0 = self.autoencoder.encode(x0)
-        if "control_l" in batch and len(self.train_sizes) < ckpt.TRAIN_SIZES_CAP:
-            self.train_sizes.extend([[int(round(h)), int(round(w))] for h, w in batch["control_l"].tolist()])
-        cond = Cond()
-        if self.cfg.model.conditioning == "class":
-            cond.labels = batch["label"].to(dev)
+            x0 = batch["latent"].to(self.device)
         else:
             with torch.no_grad():
-                enc = self.text_encoder.encode(list(batch["caption"]))
-            cond.text = enc.states.to(dev)
-            cond.text_lengths = enc.lengths.to(dev)
-            cond.pooled = enc.pooled.to(dev) if getattr(enc, "pooled", None) is not None else None
-        if "control_h" in batch:
-            cond.control_h = batch["control_h"].to(dev)
-            cond.control_l = batch["control_l"].to(dev)
-            if "control_keep" in batch:
-                cond.control_keep = batch["control_keep"].to(dev).bool()
+                x0 = self.autoencoder.encode(batch["image"].to(self.device))
+        if "control_l" in batch and len(self.train_sizes) < ckpt.TRAIN_SIZES_CAP:
+            self.train_sizes.extend([[int(round(h)), int(round(w))] for h, w in batch["control_l"].tolist()])
+        with torch.no_grad():
+            cond = build_cond(batch, self.text_encoder, device=self.device)
+        if self.cfg.model.conditioning == "class":
+            cond.text = cond.text_lengths = cond.pooled = None
+        else:
+            cond.labels = None
         return x0, cond
 
     def _autocast(self):
@@ -364,7 +361,7 @@ class Trainer:
         t_start = time.perf_counter()
         t_window, window_steps, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
         start_step = self.step
-        last_save = self.step
+        last_save, save_pending = self.step, False
         try:
             while self.step < cfg.steps:
                 out = self.train_step()
@@ -397,8 +394,10 @@ class Trainer:
                 if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and self.step < cfg.steps:
                     self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png")
                 if self.step % cfg.save_every == 0:
+                    save_pending = True
+                if save_pending and self.nonfinite_streak == 0:  # never checkpoint inside a non-finite streak
                     self.save()
-                    last_save = self.step
+                    last_save, save_pending = self.step, False
         finally:
             if bar is not None:
                 bar.close()
@@ -474,13 +473,13 @@ def sample_images(model: nn.Module, schedule: Any, cfg: TrainConfig, *, text_enc
     b = cond.batch_size
     gen = torch.Generator().manual_seed(seed)
     channels = int(model.config.get("in_channels", 3))
-    res = cfg.data.resolution // (getattr(autoencoder, "downsample", 1) if autoencoder is not None else 1)
+    res = cfg.data.resolution // int(getattr(autoencoder, "downsample", 1))
     x_T = torch.randn(b, channels, res, res, generator=gen).to(device)
     model_fn = ControlGuidance(model, null_cond, lam=cfg.log.sample_guidance, beta=1.0)
     ts = spaced_timesteps(cfg.log.sample_steps, schedule.num_timesteps)
     x0 = ddim(model_fn, x_T, ts, cond, schedule=schedule)  # deterministic (eta = 0)
     if autoencoder is not None:
-        x0 = autoencoder.decode(x0)
+        x0 = autoencoder.decode(x0)  # identity for pixel-space models
     return x0.clamp(-1, 1).cpu()
 
 

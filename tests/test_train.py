@@ -1,0 +1,250 @@
+"""Trainer: configs, EMA, exact resume (2 gloo processes), non-finite guard, outputs, inference loading."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from condiff.train import checkpoint as ck
+from condiff.train.config import ConfigError, TrainConfig, load_config
+from condiff.train.ema import EMA
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "model.name=mmdit-ours-tiny",
+    "model.kwargs={in_channels: 3, input_size: 8, depth: 2, hidden_size: 32, num_heads: 2}",
+    "data.resolution=8", "data.workers=0", "data.shuffle_buffer=16",
+    "batch_size=8", "log.progress=false", "log.every=1", "optim.warmup_steps=2", "ema.decay=0.9",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from condiff.data.make_shards import write_shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    info = write_shapes(str(out), 64, seed=0, preset="demo", shard_size=16)
+    (out / "dataset.json").write_text(json.dumps(info))
+    return str(out)
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_config_rejects_unknown_and_ill_typed_keys():
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'"):
+        load_config(overrides=["optim.lrr=1e-4"])
+    with pytest.raises(ConfigError, match="unknown config key 'nope'"):
+        load_config(data={"nope": 1})
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected float, got str 'fast'"):
+        load_config(overrides=["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="steps: expected int, got float"):
+        load_config(overrides=["steps=1.5"])
+    with pytest.raises(ConfigError, match="data.flip: expected bool"):
+        load_config(overrides=["data.flip=2"])
+    with pytest.raises(ConfigError, match="optim.betas: expected two floats"):
+        load_config(overrides=["optim.betas=[0.9]"])
+    with pytest.raises(ConfigError, match="text.encoder"):
+        load_config(overrides=["model.conditioning=text"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(overrides=["steps"])
+
+
+def test_config_yaml_base_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("steps: 10\noptim: {lr: 1e-4, betas: [0.9, 0.95]}\nmodel: {kwargs: {depth: 2}}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {warmup_steps: 5}\nmodel: {kwargs: {hidden_size: 64}}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["optim.lr=2e-4", "model.kwargs.num_heads=4"])
+    assert cfg.steps == 10 and cfg.optim.lr == 2e-4 and cfg.optim.warmup_steps == 5
+    assert cfg.optim.betas == [0.9, 0.95]
+    assert cfg.model.kwargs == {"depth": 2, "hidden_size": 64, "num_heads": 4}
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_lr_scaling_rule():
+    cfg = load_config(overrides=["batch_size=512", "optim.ref_batch=2048", "optim.lr=1e-3", "optim.lr_scaling=sqrt"])
+    assert math.isclose(cfg.effective_lr(), 1e-3 * 0.5)
+    cfg = load_config(overrides=["batch_size=512", "optim.ref_batch=2048", "optim.lr=1e-3", "optim.lr_scaling=linear"])
+    assert math.isclose(cfg.effective_lr(), 1e-3 * 0.25)
+    assert load_config(overrides=["batch_size=512"]).effective_lr() == TrainConfig().optim.lr
+
+
+def test_train_cli_print_config_and_config_error(capsys):
+    from condiff.train.__main__ import main
+
+    assert main(["--print-config", "steps=7", "optim.betas=[0.9,0.999]"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 7" in out and "- 0.999" in out
+    assert main(["optim.bogus=1"]) == 2
+    assert "unknown config key 'optim.bogus'" in capsys.readouterr().err
+
+
+def test_recipes_all_parse():
+    recipes = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(recipes) >= 20
+    for path in recipes:
+        cfg = load_config(path)
+        assert cfg.steps > 0, path
+
+
+# ------------------------------------------------------------------------------------------ EMA
+def test_ema_matches_formula():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9, warmup=10)
+    shadow0 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=0)
+    d = min(0.9, 1 / 10)  # (1 + 0) / (10 + 0)
+    torch.testing.assert_close(ema.shadow[0], d * shadow0 + (1 - d) * model.weight.detach())
+    assert ema.decay_at(1000) == 0.9
+    assert EMA(model, decay=0.5, warmup=0).decay_at(0) == 0.5
+    state = ema.state_dict(model)
+    assert set(state) == set(model.state_dict())
+    fresh = torch.nn.Linear(3, 2)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.weight, ema.shadow[0])
+
+
+# ------------------------------------------------------------------------------------------ resume
+_RESUME_WORKER = r"""
+import sys
+from condiff.train.config import load_config
+from condiff.train.loop import Trainer
+from condiff.train import distributed as D
+
+root, shards = sys.argv[1], sys.argv[2]
+tiny = sys.argv[3:]
+info = D.init("cpu")
+common = tiny + [f"data.shards={shards}", "save_every=2"]
+Trainer(load_config(overrides=common + [f"run_dir={root}/full", "steps=4", "parallel=ddp"]), info).run()
+Trainer(load_config(overrides=common + [f"run_dir={root}/split", "steps=2", "parallel=ddp"]), info).run()
+Trainer(load_config(overrides=common + [f"run_dir={root}/split", "steps=4", "parallel=ddp"]), info).run()
+# FSDP2 (fully_shard) with per-block activation checkpointing, also stopped and resumed
+fsdp = common + [f"run_dir={root}/fsdp", "parallel=fsdp", "activation_checkpointing=true"]
+Trainer(load_config(overrides=fsdp + ["steps=2"]), info).run()
+Trainer(load_config(overrides=fsdp + ["steps=4"]), info).run()
+D.shutdown()
+"""
+
+
+def test_resume_is_exact_with_two_processes(tmp_path, shards):
+    """torchrun, 2 gloo processes: DDP 4 steps == 2 steps + resume + 2 steps, bit for bit (model, EMA,
+    Adam state); FSDP2 + activation checkpointing (2 + resume + 2) matches DDP to float rounding."""
+    script = tmp_path / "worker.py"
+    script.write_text(_RESUME_WORKER)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "python"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path), shards, *TINY]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full, split = tmp_path / "full" / "step_00000004", tmp_path / "split" / "step_00000004"
+    for which in ("model", "ema"):
+        a, b = ck.load_weights(full, which), ck.load_weights(split, which)
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{which}:{k} differs after resume"
+    oa, ob = ck.load_pt(full, "optim.pt"), ck.load_pt(split, "optim.pt")
+    for k in oa["state"]:
+        assert torch.equal(oa["state"][k]["exp_avg_sq"], ob["state"][k]["exp_avg_sq"])
+    meta = ck.read_meta(split)
+    assert meta["world_size"] == 2 and len(meta["data_position"]["slots"]) == 2
+    # the run really moved: weights differ from the step-2 checkpoint
+    mid = ck.load_weights(tmp_path / "split" / "step_00000002", "model")
+    assert any(not torch.equal(mid[k], ck.load_weights(split, "model")[k]) for k in mid)
+    assert len(ck.load_pt(split, "rng.pt")) == 2
+    fsdp = tmp_path / "fsdp" / "step_00000004"
+    for which in ("model", "ema"):
+        a, b = ck.load_weights(full, which), ck.load_weights(fsdp, which)
+        for k in a:  # sharded reductions round differently; 1e-6 is far below one step's update (~1e-3)
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"fsdp {which}:{k}")
+
+
+# ------------------------------------------------------------------------------------------ guard
+def _nan_after(stream_cls, bad_steps):
+    """Patch TrainStream.__next__ so that the batches of `bad_steps` (1-based) have NaN images."""
+    original = stream_cls.__next__
+    counter = {"n": 0}
+
+    def patched(self):
+        batch = original(self)
+        counter["n"] += 1
+        if counter["n"] in bad_steps:
+            batch = dict(batch, image=torch.full_like(batch["image"], float("nan")))
+        return batch
+
+    return patched
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, shards, monkeypatch):
+    from condiff.train import data as tdata
+    from condiff.train.loop import Trainer
+
+    monkeypatch.setattr(tdata.TrainStream, "__next__", _nan_after(tdata.TrainStream, {3}))
+    cfg = load_config(overrides=TINY + [f"data.shards={shards}", f"run_dir={tmp_path}/r", "steps=4", "save_every=2",
+                                        "max_nonfinite=2"])
+    trainer = Trainer(cfg)
+    before = {}
+    for step in range(4):
+        if step == 2:
+            before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        out = trainer.train_step()
+        if step == 2:
+            assert not out["finite"]
+            for k, v in trainer.model.state_dict().items():  # the NaN step changed nothing
+                assert torch.equal(v, before[k]), k
+    assert trainer.nonfinite_total == 1 and trainer.nonfinite_streak == 0
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_too_many_nonfinite_steps_stop_and_keep_last_good_checkpoint(tmp_path, shards, monkeypatch):
+    from condiff.train import data as tdata
+    from condiff.train.loop import NonFiniteError, Trainer
+
+    monkeypatch.setattr(tdata.TrainStream, "__next__", _nan_after(tdata.TrainStream, set(range(3, 100))))
+    cfg = load_config(overrides=TINY + [f"data.shards={shards}", f"run_dir={tmp_path}/r", "steps=10", "save_every=2",
+                                        "max_nonfinite=3"])
+    with pytest.raises(NonFiniteError, match=r"3 consecutive non-finite steps .* last good checkpoint is .*step_00000002"):
+        Trainer(cfg).run()
+    latest = ck.latest_checkpoint(tmp_path / "r")
+    assert latest.name == "step_00000002"  # step 4 was never saved: its update was skipped... and stopped at 5
+    w = ck.load_weights(latest, "model")
+    assert all(torch.isfinite(t).all() for t in w.values())
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def test_run_outputs_and_load_for_inference(tmp_path, shards):
+    from condiff.train.loop import Trainer
+
+    run = tmp_path / "run"
+    cfg = load_config(overrides=TINY + [f"data.shards={shards}", f"run_dir={run}", "steps=3", "save_every=100",
+                                        "log.sample_labels=[0,3]", "log.sample_steps=3", "log.sample_per_prompt=2"])
+    trainer = Trainer(cfg)
+    summary = trainer.run()
+    assert summary["steps"] == 3
+    assert (run / "config.yaml").is_file() and load_config(run / "config.yaml").steps == 3  # resolved config reloads
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["img_per_s"] > 0 and math.isfinite(r["loss"]) for r in records)
+    assert (run / "loss.png").stat().st_size > 1000
+    from PIL import Image
+
+    grid = Image.open(run / "samples" / "final.png")
+    assert grid.size[0] >= 2 * 64 and grid.size[1] >= 2 * 64  # 2 rows x 2 columns of >= 64 px cells
+
+    latest = ck.latest_checkpoint(run)
+    meta = ck.read_meta(latest)
+    assert meta["step"] == 3 and meta["base_size"] == 4 and meta["autoencoder"] == {"kind": "pixels"}
+    assert meta["train_sizes"] and all(32 <= h <= 64 for h, w in meta["train_sizes"])
+    inf = ck.load_for_inference(run)
+    assert inf.meta["weights"] == "ema" and not inf.model.training
+    ema = trainer.ema.state_dict(trainer.model)
+    for k, v in inf.model.state_dict().items():
+        torch.testing.assert_close(v, ema[k], rtol=0, atol=0)
+    raw = ck.load_for_inference(run, use_ema=False)
+    assert any(not torch.equal(v, ema[k]) for k, v in raw.model.state_dict().items())
+    assert inf.schedule == trainer.schedule
