@@ -116,3 +116,43 @@ def test_bad_arguments_give_clear_errors(tmp_path, checkpoint, capsys, args, mes
 def test_missing_checkpoint(tmp_path, capsys):
     rc, _ = run(tmp_path, "x.png", "--checkpoint", str(tmp_path / "nope"), "--class-ids", "1")
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_latent_checkpoint_decodes_through_its_autoencoder(tmp_path):
+    """A latent model (4 channels) + a (tiny, random) diffusers AutoencoderKL stored in the checkpoint."""
+    from diffusers import AutoencoderKL
+
+    from condiff.models import create
+    from condiff.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1, scaling_factor=0.5)
+    vae.save_pretrained(str(tmp_path / "vae"))
+    model = create("dit-tiny", input_size=8, num_classes=4)  # 4 latent channels, 8x8 latents = 16 px
+    meta = {"model": model.config, "schedule": Schedule().to_dict(), "text_encoder": None,
+            "autoencoder": {"kind": "diffusers", "path": str(tmp_path / "vae")}}
+    save_checkpoint(tmp_path / "run", 1, model_state=model.state_dict(), ema_state=None, meta=meta)
+    loaded = load_checkpoint(str(tmp_path / "run"), "cpu")
+    seen = []
+    decode = loaded.autoencoder.decode
+    loaded.autoencoder.decode = lambda z: seen.append(z) or decode(z)
+    cond, null, _ = semantic_conditions(loaded, [0, 3], None, 1)
+    images, r = generate(loaded, cond, null, Settings(steps=1), progress=False)
+    assert r["factor"] == 2 and r["latent_size"] == 8 and r["resolution"] == 16
+    assert seen[0].shape == (2, 4, 8, 8) and images.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(images, decode(seen[0]).clamp(-1, 1))
+
+
+def test_text_zoo_model_uses_the_empty_prompt_as_null(tmp_path):
+    from condiff.sample import load_zoo
+
+    loaded = load_zoo("mmdit-ours-tiny", "text", "cpu")
+    cond, null, captions = semantic_conditions(loaded, None, ["a red square", "a blue circle"], 1)
+    empty = loaded.text_encoder.encode([""])
+    assert torch.equal(null.text, empty.states) and torch.equal(null.text_lengths, empty.lengths)
+    assert cond.text.shape[0] == 2 and captions == ["a red square", "a blue circle"]
+    images, r = generate(loaded, cond, null, Settings(steps=1, guidance=3.0, resolution=16), progress=False)
+    assert images.shape == (2, 3, 16, 16)
+    assert r["guidance_effective"] == 2.0  # Eq. 4 downwards: s = 16 / 32 = 0.5

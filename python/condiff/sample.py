@@ -65,7 +65,7 @@ def autoencoder_factor(autoencoder: Any) -> int:
     """Spatial downsampling of the autoencoder (1 for pixel models)."""
     if autoencoder is None:
         return 1
-    for name in ("downsample_factor", "downsample", "scale_factor"):
+    for name in ("downsample", "downsample_factor"):
         value = getattr(autoencoder, name, None)
         if isinstance(value, int) and value >= 1:
             return value
