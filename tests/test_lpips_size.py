@@ -74,3 +74,11 @@ def test_missing_backbone_says_what_to_provide(tmp_path, monkeypatch):
         L.lpips_model("vgg", backbone_path=tmp_path / "missing")
     msg = str(err.value)
     assert "vgg16-397923af.pth" in msg and L.BACKBONE_ENV in msg and "--lpips-random" in msg
+
+
+def test_random_backbone_is_seeded():
+    torch.manual_seed(123)
+    a = L.lpips_model("alex", random_backbone=True)
+    torch.rand(5)
+    b = L.lpips_model("alex", random_backbone=True)
+    torch.testing.assert_close(a.net.slice1[0].weight, b.net.slice1[0].weight)

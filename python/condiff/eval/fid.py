@@ -385,6 +385,8 @@ def shard_moments(shards: list[str], extractor: FeatureExtractor, resolution: in
     """Feature moments of the images of `shards` (fixed order), in batches of `extractor.batch_size`."""
     stats = stats if stats is not None else ShardReadStats()
     moments, batch = Moments(), []
+    if not shards:  # more ranks than shards
+        return moments
     for arr in iter_shard_images(shards, resolution, stats, max_images):
         batch.append(arr)
         if len(batch) == extractor.batch_size:

@@ -66,7 +66,8 @@ def _backbone_file(net: str, backbone_path: str | os.PathLike | None) -> Path:
 
 def lpips_model(net: str = "alex", backbone_path: str | os.PathLike | None = None, random_backbone: bool = False,
                 device="cpu"):
-    """`lpips.LPIPS` (v0.1, shipped linear layers) with the backbone's weights from a local file, or random."""
+    """`lpips.LPIPS` (v0.1, shipped linear layers) with the backbone's weights from a local file, or a
+    random backbone drawn with seed 0 (the same on every rank and run)."""
     import warnings
 
     import lpips
@@ -74,8 +75,11 @@ def lpips_model(net: str = "alex", backbone_path: str | os.PathLike | None = Non
     if net not in BACKBONE_FILES:
         raise ValueError(f"LPIPS net {net!r}: expected one of {list(BACKBONE_FILES)}")
     file = None if random_backbone else _backbone_file(net, backbone_path)
-    with warnings.catch_warnings():  # lpips calls torchvision with the deprecated `pretrained=` argument
+    # lpips calls torchvision with the deprecated `pretrained=` argument; the random trunk is seeded so
+    # that every rank (and every run) gets the same network
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", UserWarning)
+        torch.manual_seed(0)
         model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
     if file is not None:
         import torchvision
@@ -89,10 +93,19 @@ def lpips_model(net: str = "alex", backbone_path: str | os.PathLike | None = Non
     return model.to(device).eval()
 
 
+MIN_SIZE = 64
+"""Images with a side below this are upsampled (bilinear) to it first: the AlexNet / VGG trunks need
+about 32 px to run at all and LPIPS was calibrated on 64 px patches."""
+
+
 @torch.no_grad()
 def mean_pairwise_lpips(images: Tensor, model) -> float:
-    """Mean LPIPS over all pairs of (K, 3, H, W) images in [-1, 1]."""
-    k = images.shape[0]
+    """Mean LPIPS over all pairs of (K, 3, H, W) images in [-1, 1] (see MIN_SIZE)."""
+    k, _, h, w = images.shape
+    if min(h, w) < MIN_SIZE:
+        scale = MIN_SIZE / min(h, w)
+        images = torch.nn.functional.interpolate(images, size=(round(h * scale), round(w * scale)),
+                                                 mode="bilinear", align_corners=False)
     pairs = list(itertools.combinations(range(k), 2))
     if not pairs:
         raise ValueError("mean_pairwise_lpips: need at least two images")
@@ -119,4 +132,4 @@ def size_diversity(sample_fn: SampleFn, prompts: list, noise_fn: Callable[[int],
         images = sample_fn(noise, batch_prompts, size_t.repeat(len(idx), 1))  # (P K, 3, H, W)
         for p in range(len(idx)):
             scores.append(mean_pairwise_lpips(images[p * k:(p + 1) * k].float(), model))
-    return float(np.mean(scores)), scores
+    return (float(np.mean(scores)) if scores else float("nan")), scores

@@ -1,0 +1,142 @@
+"""End-to-end `condiff eval` on a tiny random-weights checkpoint with the custom random feature extractor,
+the random LPIPS backbone and a tiny CLIP; determinism per global index; torchrun across 2 ranks."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from condiff.eval import manifest as M
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny class-conditional pixel-space DiT checkpoint, a shapes reference shard, a tiny CLIP dir."""
+    import webdataset as wds
+    from transformers import CLIPConfig, CLIPModel
+
+    from condiff.data import shapes
+    from condiff.diffusion import Schedule
+    from condiff.models import create
+    from condiff.train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    model = create("dit-tiny", conditioning="class", in_channels=3, input_size=16, num_classes=8, depth=1,
+                   hidden_size=32, num_heads=2)
+    with torch.no_grad():  # leave the zero-init: outputs must depend on noise, class and size
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = model.state_dict()
+    save_checkpoint(root / "run", 5, model_state=state, ema_state=state,
+                    meta={"model": model.config, "schedule": Schedule().to_dict(), "text_encoder": None,
+                          "autoencoder": None, "train_sizes": [[32, 32], [48, 64], [64, 48]]})
+    with wds.TarWriter(str(root / "ref-000.tar")) as w:
+        for i in range(24):
+            s = shapes.render(i, "demo", seed=0)
+            buf = io.BytesIO()
+            s.image.save(buf, format="PNG")
+            w.write({"__key__": f"{i:05d}", "png": buf.getvalue(), "txt": s.caption})
+    cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(root / "clip")
+    return root
+
+
+def _args(root: Path, out: str, n_flag: str = "--n") -> list[str]:
+    return ["--ckpt", str(root / "run"), "--metrics", "fid,clip,lpips,align", n_flag, "6", "--steps", "2",
+            "--batch-size", "4", "--ref-train", str(root / "ref-000.tar"), "--ref-val", str(root / "ref-000.tar"),
+            "--ref-max", "16", "--features", "random:16:32", "--prompts", "shapes:demo", "--clip", str(root / "clip"),
+            "--lpips-random", "--lpips-prompts", "2", "--lpips-sizes", "8,16,24", "--cache-dir", str(root / "cache"),
+            "--out", str(root / out), "--grid", "4"]
+
+
+def test_condiff_eval_end_to_end(setup, capsys):
+    from cleanfid.fid import get_folder_features
+
+    from condiff.cli import main
+    from condiff.eval import fid
+
+    root = setup
+    assert main(["eval", *_args(setup, "out"), "--save-images", str(root / "pngs")]) == 0
+    m = M.load(root / "out")
+    assert set(m.metrics) >= {"fid_train", "fid_val", "clip", "lpips_size", "align/colour", "align/overall"}
+    assert all(np.isfinite(v) for v in m.metrics.values())
+    assert m.n == 6 and m.steps == 2 and m.sampler == "ddim" and m.size_cond == "train-dist" and m.resolution == 16
+    assert m.checkpoint_hash == M.checkpoint_hash(Path(m.checkpoint))
+    assert set(m.reference) == {"train", "val"} and (root / "cache" / "fid_ref" / f"{m.reference['train']}.npz").is_file()
+    assert m.settings["lpips_sizes"] == [16, 24] and m.settings["ref_n"] == {"train": 16, "val": 16}
+    assert 0.0 <= m.metrics["clip"] <= 100.0 and m.metrics["align/n"] == 6
+    assert (root / "out" / "grid.png").is_file() and "| fid_train |" in (root / "out" / "report.md").read_text()
+    # the in-memory features == clean-fid reading the saved PNGs (the same FID against the same reference)
+    pngs = sorted((root / "pngs").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(6)]
+    ext = fid.random_extractor(16, 32)
+    feats = get_folder_features(str(root / "pngs"), ext.fn, num_workers=0, batch_size=8, device=torch.device("cpu"),
+                                mode="clean", custom_fn_resize=ext.resize.build(), verbose=False)
+    with np.load(root / "cache" / "fid_ref" / f"{m.reference['train']}.npz") as z:
+        ref = fid.FidStats(z["mu"], z["sigma"], int(z["n"]))
+    assert fid.frechet_distance(fid.FidStats.from_features(feats), ref) == pytest.approx(m.metrics["fid_train"], rel=1e-5)
+    assert "results: fid_train=" in capsys.readouterr().out
+
+
+def test_samples_are_deterministic_per_global_index(setup):
+    from condiff.eval.generate import Generator, SamplingSpec, rank_indices
+    from condiff.train.checkpoint import load_for_inference
+
+    inf = load_for_inference(setup / "run")
+    gen = Generator(inf, SamplingSpec(n=5, steps=2, batch_size=5, seed=3))
+    all_five = gen.images([0, 1, 2, 3, 4])
+    torch.testing.assert_close(gen.images([3]), all_five[3:4], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(all_five[0], all_five[1])
+    assert sorted(rank_indices(5, 0, 2) + rank_indices(5, 1, 2)) == list(range(5))
+    other_seed = Generator(inf, SamplingSpec(n=5, steps=2, seed=4)).images([3])
+    assert not torch.allclose(other_seed, all_five[3:4])
+    # size conditioning is drawn per index from the stored training sizes
+    sizes = gen.sizes(list(range(5)))
+    assert sizes.shape == (5, 2) and {tuple(s) for s in sizes.tolist()} <= {(32, 32), (48, 64), (64, 48)}
+    torch.testing.assert_close(gen.sizes([2]), sizes[2:3])
+
+
+def test_cli_errors(setup):
+    from condiff.eval.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(setup / "run"), "--metrics", "fid,bogus"])
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(setup / "run"), "--metrics", "fid"])  # no reference shards
+    with pytest.raises(ValueError, match="--prompts shapes"):
+        main(["--ckpt", str(setup / "run"), "--metrics", "align", "--n", "2", "--steps", "1"])
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch: ~60 s on the shared 2-core machine
+def test_torchrun_two_ranks_match_one(setup):
+    """`torchrun -m condiff.eval` with 2 gloo ranks gives the single-process numbers."""
+    from condiff.eval.__main__ import main
+
+    main(_args(setup, "single"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), OMP_NUM_THREADS="1")
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "condiff.eval", *_args(setup, "two", n_flag="--num-samples")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = M.load(setup / "single"), M.load(setup / "two")
+    assert two.world_size == 2 and one.world_size == 1
+    for k, v in one.metrics.items():
+        assert two.metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
