@@ -1,0 +1,321 @@
+"""`condiff flops`: parameters and GFLOPs of every backbone beside the paper's Table A1.
+
+Protocol (Table A1's caption and App. "Computational costs"): batch 1; SD-VAE latents of 4 channels at
+32 x 32 (256 px) and 64 x 64 (512 px); FLOPs = 2 x multiply-accumulates of every matmul and convolution,
+the attention matmuls (QK^T and AV) included; elementwise ops, norms and softmax are not counted (the
+convention of `torch.utils.flop_counter`, fvcore and DiT's Gflops). Conditioning: ImageNet = one class id;
+CC12M = CLIP ViT-L/14-shaped text states (1, 77, 768) plus the pooled vector (1, 768).
+
+Counting: each model is built on the meta device (no memory, no weights) and run once under
+`torch.utils.flop_counter.FlopCounterMode`. On the meta device `F.scaled_dot_product_attention` decomposes
+into two counted `bmm`s; on a real CPU it calls a fused kernel the counter does not know, for which we
+register the counter's own SDPA formula (`_COUNTER_EXTRAS`), so counts agree on both devices.
+Parameters: trainable parameters (`requires_grad`), i.e. fixed sin-cos position tables are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from condiff.conditioning.cond import Cond
+
+aten = torch.ops.aten
+
+
+
+def _sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """QK^T and AV of one SDPA call (the counter's own formula), from the argument shapes."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# Fused SDPA kernels the counter does not map (the CPU flash kernel).
+_COUNTER_EXTRAS = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flop}
+
+RESOLUTIONS = (256, 512)
+LATENT_CHANNELS, VAE_FACTOR = 4, 8
+TEXT_TOKENS, TEXT_DIM, POOLED_DIM = 77, 768, 768  # CLIP ViT-L/14
+DATASETS = {"class": "imagenet", "text": "cc12m"}
+
+# Table A1 of the paper: backbone -> conditioning -> (params M, GFLOPs @256, GFLOPs @512).
+PAPER_TABLE_A1: dict[str, dict[str, tuple[float, float, float]]] = {
+    "unet-sdxl": {"class": (401.75, 95.38, 390.0), "text": (864.31, 189.78, 819.56)},
+    "pixart-alpha": {"class": (611.7, 275.14, 1200.0), "text": (610.12, 314.68, 1140.0)},
+    "mmdit": {"class": (679.09, 237.93, 1050.0), "text": (791.64, 397.06, 1260.0)},
+    "dit-att": {"class": (792.44, 237.93, 1050.0), "text": (940.49, 407.88, 1500.0)},
+    "mdt-v2": {"class": (748.07, 259.08, 1140.0)},
+    "dit": {"class": (679.09, 237.4, 1050.0)},
+}
+# Cells where the paper is internally inconsistent (notes/table-a1.md): (backbone, conditioning, resolution).
+INCONSISTENT = {(b, "text", r) for b in ("pixart-alpha", "mmdit", "dit-att") for r in RESOLUTIONS}
+TOLERANCE = {"params": 0.02, "gflops": 0.05}  # the issue's goal for every consistent cell
+
+
+@dataclass
+class Record:
+    model: str  # zoo name, e.g. "dit-xl/2"
+    dataset: str  # "imagenet" (class-cond) or "cc12m" (text-cond)
+    resolution: int  # pixels; the latent is resolution / 8
+    params_m: float  # trainable parameters, millions
+    gflops: float  # 1e9 FLOPs (2 x MACs) of one forward at batch 1
+    paper_params_m: float | None
+    paper_gflops: float | None
+    rel_diff_params: float | None  # (ours - paper) / paper
+    rel_diff_gflops: float | None
+    consistent: bool  # False where the paper's GFLOPs cell is internally inconsistent (footnoted)
+
+
+def count_flops(model: nn.Module, *inputs, **kwargs) -> int:
+    """FLOPs (2 x MACs) of one forward `model(*inputs, **kwargs)`, attention matmuls included."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_COUNTER_EXTRAS) as counter:
+        model(*inputs, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def example_inputs(conditioning: str, resolution: int, device="meta") -> tuple[torch.Tensor, torch.Tensor, Cond]:
+    """Batch-1 inputs of Table A1: latent (1, 4, r/8, r/8), t (1,), and a class id or CLIP-L-shaped text."""
+    side = resolution // VAE_FACTOR
+    x = torch.zeros(1, LATENT_CHANNELS, side, side, device=device)
+    t = torch.full((1,), 500.0, device=device)
+    if conditioning == "class":
+        cond = Cond(labels=torch.zeros(1, dtype=torch.long, device=device))
+    elif conditioning == "text":
+        cond = Cond(text=torch.zeros(1, TEXT_TOKENS, TEXT_DIM, device=device),
+                    pooled=torch.zeros(1, POOLED_DIM, device=device))
+    else:
+        raise ValueError(f"conditioning must be 'class' or 'text', got {conditioning!r}")
+    return x, t, cond
+
+
+def _create(name: str, conditioning: str) -> nn.Module:
+    from condiff.models import create
+
+    return create(name, conditioning=conditioning)
+
+
+def build_meta(name: str, conditioning: str, build: Callable[[str, str], nn.Module] = _create) -> nn.Module:
+    """`build(name, conditioning)` on the meta device: no memory, no weights, instant."""
+    with torch.device("meta"):
+        return build(name, conditioning)
+
+
+def measure(name: str, conditioning: str, resolutions=RESOLUTIONS, build: Callable[[str, str], nn.Module] = _create,
+            model: nn.Module | None = None) -> tuple[int, dict[int, int]]:
+    """Count `name` (built on the meta device unless `model` is given) -> (trainable params, {resolution: FLOPs})."""
+    model = build_meta(name, conditioning, build) if model is None else model
+    flops = {r: count_flops(model, *example_inputs(conditioning, r)) for r in resolutions}
+    return count_params(model), flops
+
+
+def _rel(ours: float, paper: float | None) -> float | None:
+    return None if paper is None else (ours - paper) / paper
+
+
+def records_for(name: str, backbone: str, conditioning: str, build=_create, model: nn.Module | None = None
+                ) -> list[Record]:
+    """Our measurement of one zoo model beside the paper's Table A1 column `backbone`."""
+    params, flops = measure(name, conditioning, build=build, model=model)
+    paper = PAPER_TABLE_A1.get(backbone, {}).get(conditioning)
+    out = []
+    for i, r in enumerate(RESOLUTIONS):
+        p_params, p_gflops = (None, None) if paper is None else (paper[0], paper[1 + i])
+        out.append(Record(
+            model=name, dataset=DATASETS[conditioning], resolution=r, params_m=params / 1e6, gflops=flops[r] / 1e9,
+            paper_params_m=p_params, paper_gflops=p_gflops, rel_diff_params=_rel(params / 1e6, p_params),
+            rel_diff_gflops=_rel(flops[r] / 1e9, p_gflops),
+            consistent=(backbone, conditioning, r) not in INCONSISTENT,
+        ))
+    return out
+
+
+# The rows of `condiff flops`: (zoo name, Table A1 column). mmdit-ours (the paper's improved mmDiT: class as
+# tokens, control embedders of Eq. 1) is compared with the paper's mmDiT column, as the paper reports one.
+ROWS: tuple[tuple[str, str], ...] = (
+    ("unet-sdxl", "unet-sdxl"),
+    ("pixart-alpha-xl/2", "pixart-alpha"),
+    ("mmdit-xl/2", "mmdit"),
+    ("mmdit-ours-xl/2", "mmdit"),
+    ("dit-att-xl/2", "dit-att"),
+    ("mdt-v2-xl/2", "mdt-v2"),
+    ("dit-xl/2", "dit"),
+)
+
+
+def collect(rows=ROWS, build=_create) -> tuple[list[Record], dict]:
+    """Measure every (row, conditioning) the zoo supports -> (records, {(name, conditioning): model config}).
+
+    A conditioning the zoo refuses with a ValueError (e.g. text for DiT, class-only) is skipped.
+    """
+    records, configs = [], {}
+    for name, column in rows:
+        for conditioning in ("class", "text"):
+            try:
+                model = build_meta(name, conditioning, build)
+            except ValueError:
+                continue
+            records += records_for(name, column, conditioning, build, model=model)
+            configs[(name, conditioning)] = model.config
+    return records, configs
+
+
+def _cell(records: list[Record], name: str, conditioning: str, resolution: int) -> Record | None:
+    for r in records:
+        if r.model == name and r.dataset == DATASETS[conditioning] and r.resolution == resolution:
+            return r
+    return None
+
+
+def _tokens(resolution: int, patch: int = 2) -> int:
+    return (resolution // VAE_FACTOR // patch) ** 2
+
+
+def footnotes(records: list[Record], configs: dict, build=_create) -> list[str]:
+    """The arithmetic behind the inconsistent cells (notes/table-a1.md), recomputed with our own models."""
+    notes = []
+    P = PAPER_TABLE_A1
+    n256, n512 = _tokens(256), _tokens(512)
+
+    mm_t256, mm_c256 = _cell(records, "mmdit-xl/2", "text", 256), _cell(records, "mmdit-xl/2", "class", 256)
+    if mm_t256 and mm_c256:
+        cfg = configs[("mmdit-xl/2", "text")]
+        d, L = cfg["hidden_size"], cfg["depth"]
+        # our own F(N) = a + b N + c N^2 fitted on three resolutions (128 / 256 / 512 px)
+        _, f = measure("mmdit-xl/2", "text", resolutions=(128,), build=build)
+        f.update({r: _cell(records, "mmdit-xl/2", "text", r).gflops * 1e9 for r in RESOLUTIONS})
+        ns = [_tokens(r) for r in (128, 256, 512)]
+        a, b, c = _fit_quadratic(ns, [f[r] / 1e9 for r in (128, 256, 512)])
+        # the paper's two cells with our N^2 coefficient: solve a, b
+        p256, p512 = P["mmdit"]["text"][1:]
+        bp = ((p512 - c * n512**2) - (p256 - c * n256**2)) / (n512 - n256)
+        ap = p256 - c * n256**2 - bp * n256
+        m = TEXT_TOKENS
+        bound = 2 * m * P["mmdit"]["text"][0] * 1e6 / 1e9 + 4 * m * m * d * L / 1e9
+        notes.append(
+            f"mmDiT text FLOPs: params {mm_t256.params_m:.2f}M = class {mm_c256.params_m:.2f}M + "
+            f"{mm_t256.params_m - mm_c256.params_m:.2f}M; a context stream with its own q,k,v per block costs "
+            f"L(3d^2+3d) = {L * (3 * d * d + 3 * d) / 1e6:.2f}M (paper: +{P['mmdit']['text'][0] - P['mmdit']['class'][0]:.2f}M), "
+            f"so params agree. FLOPs: ours F(N) = {a:.1f} + {b:.4f} N + {c:.3e} N^2 GFLOPs (N image tokens). With our "
+            f"N^2 term, the paper's {p256} / {p512} need a resolution-independent part of {ap:.1f} GFLOPs, more "
+            f"than {m} tokens through all {P['mmdit']['text'][0]}M parameters can cost (2 x {m} x params + their "
+            f"attention = {bound:.1f}): no design with {m} text tokens reaches both cells.")
+    px_t = [_cell(records, "pixart-alpha-xl/2", "text", r) for r in RESOLUTIONS]
+    px_c = [_cell(records, "pixart-alpha-xl/2", "class", r) for r in RESOLUTIONS]
+    if all(px_t) and all(px_c):
+        pt, pc = P["pixart-alpha"]["text"], P["pixart-alpha"]["class"]
+        notes.append(
+            f"PixArt-alpha text FLOPs: the paper's text-minus-class difference is {pt[1] - pc[1]:+.1f} GFLOPs at 256 but "
+            f"{pt[2] - pc[2]:+.1f} at 512; adding {TEXT_TOKENS} cross-attention tokens can only add FLOPs (ours: "
+            f"{px_t[0].gflops - px_c[0].gflops:+.1f} / {px_t[1].gflops - px_c[1].gflops:+.1f}), and the paper's "
+            f"{pt[2]:.0f} at 512 is below its own class-cond PixArt ({pc[2]:.0f}; ours {px_c[1].gflops:.1f}). Params "
+            f"agree ({px_t[0].params_m:.2f}M vs {pt[0]}M).")
+    if ("dit-att-xl/2", "class") in configs:
+        cfg = configs[("dit-att-xl/2", "class")]
+        d, L, m = cfg["hidden_size"], cfg["depth"], TEXT_TOKENS
+        pa, pm = P["dit-att"]["text"], P["mmdit"]["text"]
+        qo = 2 * 2 * n256 * d * d * L / 1e9  # q and o projections of one cross-attention per block at N = 256
+        growth = (4 * d * d + 4 * m * d) * L * (n512 - n256) / 1e9  # its N-dependent part, 256 -> 512 px
+        at = [_cell(records, "dit-att-xl/2", "text", r) for r in RESOLUTIONS]
+        mm = [_cell(records, "mmdit-xl/2", "text", r) for r in RESOLUTIONS]
+        ours = ""
+        if all(at) and all(mm):
+            g256, g512 = at[0].gflops - mm[0].gflops, at[1].gflops - mm[1].gflops
+            ours = f" (ours: {g256:+.1f} / {g512:+.1f}, grows by {g512 - g256:.1f})"
+        notes.append(
+            f"Att-DiT text FLOPs: its params exceed mmDiT text by {pa[0] - pm[0]:.2f}M = L(4d^2+4d) = "
+            f"{L * (4 * d * d + 4 * d) / 1e6:.2f}M: one cross-attention layer per block. Such a layer adds "
+            f"(4d^2 + 4Md) L FLOPs per image token (M = {m} text tokens), so the Att-DiT minus mmDiT gap grows by "
+            f"{growth:.1f} GFLOPs from 256 to 512 px; the paper's gap is {pa[1] - pm[1]:+.1f} / {pa[2] - pm[2]:+.1f}, "
+            f"growing by {(pa[2] - pm[2]) - (pa[1] - pm[1]):.1f}{ours}. Its 256 gap is also below the {qo:.1f} "
+            f"GFLOPs of that cross-attention's q and o projections alone (possible only if the text tokens skip "
+            f"other work: ours skip the MLP).")
+    if mm_t256 and all(px_t):
+        mm_t512 = _cell(records, "mmdit-xl/2", "text", 512)
+        pt = P["pixart-alpha"]["text"]
+        notes.append(
+            f"Observation: the paper's PixArt text FLOPs ({pt[1]} / {pt[2]:.0f}) equal our mmDiT text "
+            f"({mm_t256.gflops:.1f} / {mm_t512.gflops:.1f}, {_rel(mm_t256.gflops, pt[1]):+.1%} / "
+            f"{_rel(mm_t512.gflops, pt[2]):+.1%}): the text-column FLOPs may be mis-assigned between rows.")
+    if _cell(records, "unet-sdxl", "text", 256):
+        notes.append(
+            "UNet text (not inconsistent, but no standard width fits all three cells): ch 320 with depth-2 "
+            "transformers gives 840.9M (-2.7%); our default, ch 288 with depth-3 transformers, CLIP-L context and "
+            "pooled adm 768, is the closest design on all three cells.")
+    return notes
+
+
+def _fit_quadratic(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """Exact a + b x + c x^2 through three points."""
+    A = torch.tensor([[1.0, x, x * x] for x in xs], dtype=torch.float64)
+    a, b, c = torch.linalg.solve(A, torch.tensor(ys, dtype=torch.float64)).tolist()
+    return a, b, c
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(records: list[Record], notes: list[str], markdown: bool = False) -> str:
+    """Human-readable table (plain text or Markdown): ours, paper, relative difference, footnote marks."""
+    head = ["model", "dataset", "res", "params M", "paper", "diff", "GFLOPs", "paper", "diff", ""]
+    rows = []
+    for r in records:
+        mark = "" if r.consistent else "*"
+        rows.append([r.model, r.dataset, str(r.resolution), f"{r.params_m:.2f}", _fmt(r.paper_params_m, ".2f"),
+                     _fmt(r.rel_diff_params, "+.1%"), f"{r.gflops:.2f}", _fmt(r.paper_gflops, ".2f"),
+                     _fmt(r.rel_diff_gflops, "+.1%"), mark])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    else:
+        widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head] + rows]
+    lines.append("")
+    lines.append("* the paper's cell is internally inconsistent (see the notes); not held to the 5% goal.")
+    lines += [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="condiff flops", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print a JSON list of records instead of the table")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--models", nargs="+", metavar="NAME",
+                        help=f"zoo names to measure (default: {' '.join(n for n, _ in ROWS)})")
+    args = parser.parse_args(argv)
+    rows = ROWS
+    if args.models:
+        known = dict(ROWS)
+        unknown = [m for m in args.models if m not in known]
+        if unknown:
+            parser.error(f"--models: unknown {unknown}; Table A1 rows are {list(known)}")
+        rows = tuple((m, known[m]) for m in args.models)
+    start = time.perf_counter()
+    records, configs = collect(rows)
+    if args.json:
+        print(json.dumps([_record_dict(r) for r in records], indent=1))
+        return 0
+    print(format_table(records, footnotes(records, configs), markdown=args.markdown))
+    print(f"\n(counted on the meta device in {time.perf_counter() - start:.1f} s; torch {torch.__version__})",
+          file=sys.stderr)
+    return 0
+
+
+def _record_dict(r: Record) -> dict:
+    d = asdict(r)
+    for k in ("params_m", "gflops", "rel_diff_params", "rel_diff_gflops"):
+        if d[k] is not None:
+            d[k] = round(d[k], 6)
+    return d
