@@ -254,8 +254,8 @@ def collate(samples: list[dict]) -> dict:
     """List of decoded samples -> batch dict (docs/ARCHITECTURE.md)."""
     batch: dict = {"key": [s["key"] for s in samples]}
     for name in ("image", "latent"):
-        if name in samples[0]:
-            batch[name] = torch.stack([s[name] for s in samples])
+        if name in samples[0]:  # numpy stack: single-threaded (see transforms.to_tensor)
+            batch[name] = torch.from_numpy(np.stack([s[name].numpy() for s in samples]))
     batch["control_h"] = torch.from_numpy(np.stack([s["control_h"] for s in samples])).float()
     batch["control_l"] = torch.from_numpy(np.stack([s["control_l"] for s in samples])).float()
     if all("label" in s for s in samples):
