@@ -140,3 +140,31 @@ def test_torchrun_two_ranks_match_one(setup):
     assert two.world_size == 2 and one.world_size == 1
     for k, v in one.metrics.items():
         assert two.metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+def test_text_model_eval_align(tmp_path):
+    """A text-conditioned mmDiT-ours (seeded tiny CLIP text encoder) through `condiff eval --metrics align`."""
+    from condiff.conditioning.text import build_text_encoder
+    from condiff.diffusion import Schedule
+    from condiff.eval.__main__ import main
+    from condiff.models import create
+    from condiff.train.checkpoint import save_checkpoint
+
+    enc_cfg = {"kind": "tiny-clip", "seed": 0, "dim": 32, "layers": 1, "heads": 2, "max_length": 16}
+    enc = build_text_encoder(enc_cfg)
+    torch.manual_seed(0)
+    model = create("mmdit-ours-tiny", conditioning="text", in_channels=3, input_size=16, depth=1, hidden_size=32,
+                   num_heads=2, text_dim=enc.dim, pooled_dim=enc.pooled_dim, text_len=enc.max_length)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = model.state_dict()
+    save_checkpoint(tmp_path / "run", 1, model_state=state, ema_state=state,
+                    meta={"model": model.config, "schedule": Schedule().to_dict(), "text_encoder": enc_cfg,
+                          "autoencoder": None, "train_sizes": [[32, 32]]})
+    assert main(["--ckpt", str(tmp_path / "run"), "--metrics", "align", "--n", "4", "--steps", "2",
+                 "--prompts", "shapes:demo", "--size-cond", "fixed:48", "--guidance", "2", "--control-guidance",
+                 "1.375", "--out", str(tmp_path / "out")]) == 0
+    m = M.load(tmp_path / "out")
+    assert m.metrics["align/n"] == 4 and m.size_cond == "fixed:48" and m.control_guidance == 1.375
+    assert m.settings["n_prompts"] == 8

@@ -62,12 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--sampler", default="ddim", help="ddim | dpmpp-2m | heun")
     g.add_argument("--steps", type=int, default=250)
-    g.add_argument("--spacing", default="trailing", help="timestep spacing: trailing | leading | linspace")
+    g.add_argument("--spacing", default=None, help="timestep spacing: trailing | leading | linspace "
+                                                  "(default: the sampler's, as condiff sample)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     g.add_argument("--guidance", type=float, default=1.5, help="lambda of Eq. 2 (semantic guidance)")
     g.add_argument("--control-guidance", type=float, default=1.0, help="beta of Eq. 2 (control guidance)")
     g.add_argument("--size-cond", default="train-dist", help="train-dist | output | fixed:H[xW]")
     g.add_argument("--resolution", type=int, default=None, help="output pixels (default: training resolution)")
+    g.add_argument("--no-guidance-law", action="store_true", help="keep lambda at another resolution (no Eq. 4)")
+    g.add_argument("--rescale-schedule", action="store_true", help="Eq. 3 rescaling for the sampling resolution")
+    g.add_argument("--precision", default="fp32", help="fp32 | bf16 (autocast of the model forward)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--prompts", default=None,
                    help="text file (one prompt per line), JSONL ('caption' or 'text' field), or shapes[:PRESET] "
@@ -186,7 +190,8 @@ def _log(dist: Dist, msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     from condiff.eval import align, fid, manifest
     from condiff.eval.generate import Generator, SamplingSpec, rank_indices
     from condiff.train.checkpoint import load_for_inference, resolve_checkpoint
@@ -198,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         inf = load_for_inference(ckpt, device=dist.device, use_ema=not args.raw_weights)
         spec = SamplingSpec(n=args.n, seed=args.seed, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
                             eta=args.eta, guidance=args.guidance, control_guidance=args.control_guidance,
-                            size_cond=args.size_cond, resolution=args.resolution, batch_size=args.batch_size)
+                            size_cond=args.size_cond, resolution=args.resolution, guidance_law=not args.no_guidance_law,
+                            rescale_schedule=args.rescale_schedule, precision=args.precision,
+                            batch_size=args.batch_size)
         prompts = load_prompts(args.prompts)
         gen = Generator(inf, spec, prompts, device=dist.device)
         out_dir = Path(args.out or ckpt / f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -273,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         if dist.rank == 0:
             settings = {k: v for k, v in spec.to_dict().items()
                         if k not in ("sampler", "steps", "guidance", "control_guidance", "size_cond", "n", "seed")}
-            settings.update(metrics=args.metrics, guidance_at_resolution=gen.guidance, weights=inf.meta.get("weights"),
+            settings.update(metrics=args.metrics, guidance_at_resolution=gen.guidance, spacing=gen.spacing,
+                            weights=inf.meta.get("weights"),
                             prompts=args.prompts, n_prompts=len(prompts) if prompts else None,
                             features=extractor.name if extractor else None, clip=args.clip if clip_scorer else None,
                             ref_shards={k: v for k, v in (("train", args.ref_train), ("val", args.ref_val)) if v},
@@ -284,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps=spec.steps, guidance=spec.guidance, control_guidance=spec.control_guidance,
                 size_cond=gen.size_mode if gen.size_mode != "fixed" else spec.size_cond, n=spec.n, seed=spec.seed,
                 resolution=gen.resolution, metrics=metrics, reference={k: r.key for k, r in (refs or {}).items()},
-                settings=settings, world_size=dist.world)
+                settings=settings, world_size=dist.world, command=" ".join(["condiff eval", *argv]))
             manifest.save(m, out_dir)
             shown = sorted((p for part in grid_parts for p in part), key=lambda p: p[0])
             if shown:

@@ -23,7 +23,10 @@ import torch
 from torch import Tensor
 
 from condiff.conditioning.cond import Cond
+from contextlib import nullcontext
+
 from condiff.diffusion import ControlGuidance, get_sampler, guidance_scale_for_resolution, spaced_timesteps
+from condiff.diffusion.sampling import DEFAULT_SPACING
 from condiff.diffusion.size_cond import full_crop_control_h, inference_control, size_distribution_from_meta
 
 SIZE_MODES = ("train-dist", "output", "fixed:H[xW]")
@@ -37,12 +40,15 @@ class SamplingSpec:
     seed: int = 0
     sampler: str = "ddim"
     steps: int = 250
-    spacing: str = "trailing"
+    spacing: str | None = None  # None: the sampler's DEFAULT_SPACING (as `condiff sample`)
     eta: float = 0.0
     guidance: float = 1.5  # lambda of Eq. 2 (semantic); 1 = no guidance
     control_guidance: float = 1.0  # beta of Eq. 2 (control); 1 = plain CFG
     size_cond: str = "train-dist"  # "train-dist" | "output" | "fixed:H" | "fixed:HxW"
     resolution: int | None = None  # output pixels; None = the model's training resolution
+    guidance_law: bool = True  # Eq. 4 at a resolution other than the training one
+    rescale_schedule: bool = False  # Eq. 3 for the sampling resolution (zero-shot resolution change)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the model forward)
     batch_size: int = 32
 
     def to_dict(self) -> dict:
@@ -84,16 +90,28 @@ class Generator:
         self.channels = int(cfg.get("in_channels", 3))
         self.latent_size = int(cfg.get("input_size", 32))
         self.num_classes = int(cfg.get("num_classes", 0))
-        self.factor = int(getattr(inference.autoencoder, "downsample_factor", 1) or 1) if inference.autoencoder else 1
+        ae = inference.autoencoder
+        self.factor = 1 if ae is None else int(getattr(ae, "downsample", None) or getattr(ae, "downsample_factor"))
+        if ae is None and self.channels != 3:
+            raise ValueError(f"the model has {self.channels} input channels but no autoencoder to decode them")
         self.train_resolution = self.latent_size * self.factor
         self.resolution = int(spec.resolution or self.train_resolution)
-        if self.resolution % self.factor:
-            raise ValueError(f"resolution {self.resolution} is not a multiple of the autoencoder factor {self.factor}")
+        patch = int(cfg.get("patch_size", 1))
+        if self.resolution % self.factor or (self.resolution // self.factor) % patch:
+            raise ValueError(f"resolution {self.resolution}: must be a multiple of the autoencoder factor "
+                             f"{self.factor} x the patch size {patch}")
         self.latent_hw = (self.resolution // self.factor, self.resolution // self.factor)
-        # resolution transfer at sampling time: Eq. 3 schedule rescaling and Eq. 4 guidance law
+        # another resolution than training's: guidance law (Eq. 4) and, if asked, schedule rescaling (Eq. 3);
+        # the checkpoint's schedule already carries the rescaling training used (same rules as `condiff sample`)
         scale = self.resolution / self.train_resolution
-        self.schedule = inference.schedule if scale == 1 else inference.schedule.at_resolution(self.resolution, self.train_resolution)
-        self.guidance = spec.guidance if scale == 1 else guidance_scale_for_resolution(spec.guidance, scale)
+        self.schedule = inference.schedule
+        if spec.rescale_schedule and scale != 1:
+            base = None if self.schedule.config.base_resolution else self.train_resolution
+            self.schedule = self.schedule.at_resolution(self.resolution, base_resolution=base)
+        self.guidance = guidance_scale_for_resolution(spec.guidance, scale) if (spec.guidance_law and scale != 1) \
+            else spec.guidance
+        if spec.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision {spec.precision!r}: expected fp32 or bf16")
         if self.conditioning == "text":
             if not prompts:
                 raise ValueError("a text-conditioned model needs prompts (--prompts FILE or --prompts shapes[:PRESET])")
@@ -105,7 +123,8 @@ class Generator:
         if self.size_mode == "train-dist" and self.size_distribution is None:
             self.size_mode = "output"  # no training sizes stored: Table 2b's first row (a = b = resolution)
         self.sampler = get_sampler(spec.sampler)
-        self.timesteps = spaced_timesteps(spec.steps, self.schedule.num_timesteps, spec.spacing)
+        self.spacing = spec.spacing or DEFAULT_SPACING[spec.sampler]
+        self.timesteps = spaced_timesteps(spec.steps, self.schedule.num_timesteps, self.spacing)
         self.null_cond = self._null_cond()
 
     # ------------------------------------------------------------------ conditions
@@ -167,8 +186,12 @@ class Generator:
         model_fn = ControlGuidance(self.model, self.null_cond, lam=self.guidance, beta=self.spec.control_guidance)
         gen = torch.Generator(device=self.device).manual_seed(self.spec.seed * 2**32 + first_index + 2**31)
         options = {"eta": self.spec.eta} if self.spec.sampler == "ddim" else {}
-        x0 = self.sampler(model_fn, noise.to(self.device), self.timesteps, cond, schedule=self.schedule,
-                          generator=gen, **options)
+        autocast = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+                    if self.spec.precision == "bf16" else nullcontext())
+        with autocast:
+            x0 = self.sampler(model_fn, noise.to(self.device), self.timesteps, cond, schedule=self.schedule,
+                              generator=gen, **options)
+        x0 = x0.float()
         if self.inf.autoencoder is not None:
             x0 = self.inf.autoencoder.decode(x0)
         return x0.float().clamp(-1, 1)

@@ -31,6 +31,10 @@ def library_versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "absent"
+    if out["condiff"] == "absent":  # running from a source tree (PYTHONPATH), not installed
+        import condiff
+
+        out["condiff"] = f"{condiff.__version__} (source)"
     out["cuda"] = torch.version.cuda or "none"
     return out
 
