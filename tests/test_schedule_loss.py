@@ -101,3 +101,19 @@ def test_shape_errors():
         diffusion_loss(bad, torch.zeros(2, 3, 2, 2), None, s)
     with pytest.raises(ValueError, match="t must have shape"):
         diffusion_loss(Recorder(), torch.zeros(2, 3, 2, 2), None, s, t=torch.tensor([1, 2, 3]))
+
+
+def test_real_mdt_model_gets_the_masked_pass():
+    from condiff.models import create
+
+    model = create("mdt-v2-tiny", input_size=8, in_channels=3, num_classes=4)
+    assert model.mask_ratio > 0
+    with torch.no_grad():  # past the zero-initialised gates, so gradients reach the mask token
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x0 = torch.randn(2, 3, 8, 8)
+    cond = Cond(labels=torch.tensor([0, 3]))
+    loss, stats = diffusion_loss(model, x0, cond, Schedule(), generator=torch.Generator().manual_seed(0))
+    assert "loss_masked" in stats and torch.isfinite(loss) and stats["loss_masked"] != stats["loss_full"]
+    loss.backward()
+    assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
