@@ -1,1 +1,11 @@
+"""Evaluation with a pinned, reproducible protocol (paper Sec. 3 "Evaluation").
 
+Modules (each importable on its own; heavy libraries load lazily):
+  fid         FID through clean-fid from memory; reference statistics of a shard set cached by content hash
+  clip_score  CLIP score = max(100 cos, 0) from a local Hugging Face CLIP directory
+  lpips_size  LPIPS size-diversity protocol (ten size conditionings, same seed / prompt / noise)
+  align       analytic shapes-alignment detector (colour, shape, left/right) - `align.score_images`
+  generate    in-memory sampling split across ranks, deterministic per global sample index
+  manifest    the record every result carries (JSON + Markdown + image grid)
+`condiff eval` / `torchrun -m condiff.eval` (`__main__.py`) ties them together.
+"""
