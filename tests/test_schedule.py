@@ -76,6 +76,10 @@ def test_at_resolution_does_not_compound():
     s2 = s.at_resolution(1024)
     torch.testing.assert_close(s2.sigmas, 4.0 * Schedule().sigmas, rtol=1e-12, atol=0)
     assert s2 == Schedule(base_resolution=256, resolution=1024)
+    assert s.at_resolution(1024, base_resolution=512) == s2  # the current resolution may be restated
+    with pytest.raises(ValueError, match="already rescaled for resolution 512"):
+        s.at_resolution(1024, base_resolution=256)
+    assert torch.equal(Schedule().at_resolution(512).alphas_cumprod, Schedule().alphas_cumprod)  # no base: identity
 
 
 def test_zero_terminal_snr_matches_diffusers_with_terminal_floor():

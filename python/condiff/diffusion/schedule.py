@@ -145,11 +145,21 @@ class Schedule:
         return cls(**d)
 
     def at_resolution(self, resolution: float, base_resolution: float | None = None) -> "Schedule":
-        """The same schedule rescaled (Eq. 3) for use at `resolution`. The base stays the one already
-        stored (or `base_resolution`, or the current resolution if none is stored), so rescaling twice
-        never compounds: Schedule(...).at_resolution(512).at_resolution(1024) == base -> 1024."""
+        """The same schedule rescaled (Eq. 3) for use at `resolution`.
+
+        base_resolution: the resolution the schedule is used at NOW (e.g. the source run's 256 px). A
+        schedule without a stored rescaling takes it as the Eq. 3 base s (None: `resolution`, identity).
+        A schedule already rescaled (base s0 -> s1) keeps its base s0, so rescaling never compounds
+        (256 -> 512 -> 1024 == 256 -> 1024); a given base_resolution must then equal s1 (checked).
+        """
         c = self.config
-        base = base_resolution if base_resolution is not None else (c.base_resolution or resolution)
+        if c.base_resolution is not None:
+            if base_resolution is not None and float(base_resolution) != float(c.resolution):
+                raise ValueError(f"Schedule.at_resolution: this schedule is already rescaled for resolution "
+                                 f"{c.resolution} (base {c.base_resolution}), not {base_resolution}")
+            base = c.base_resolution
+        else:
+            base = resolution if base_resolution is None else base_resolution
         return Schedule(**asdict(replace(c, base_resolution=float(base), resolution=float(resolution))))
 
     def __eq__(self, other: object) -> bool:
