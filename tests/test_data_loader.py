@@ -213,3 +213,9 @@ def test_no_readable_sample_is_a_clear_error(tmp_path):
         _keys(ShardLoader(_cfg(str(tmp_path / "junk.tar"))))
     with pytest.raises(ValueError, match="conditioning"):
         LoaderConfig(shards="x", conditioning="labels")
+
+
+def test_no_usable_sample_is_a_clear_error_not_an_endless_loop(tmp_path):
+    _write(str(tmp_path / "a.tar"), [{"__key__": f"{i}", "png": _jpeg(np.zeros((4, 4, 3), np.uint8), "PNG"), "cls": 0} for i in range(3)])
+    with pytest.raises(RuntimeError, match="no usable sample.*missing_caption"):
+        next(iter(ShardLoader(_cfg(str(tmp_path / "a.tar"), conditioning="text", epochs=None))))

@@ -33,7 +33,9 @@ run dry at different times; with a finite `epochs` iteration ends after that man
 Bad samples never stop the stream: undecodable / truncated images, samples without an image, a missing
 caption (text data) or label (class data), images with a short side below `min_size`, unreadable latent
 files, a non-integer `cls`, a json that does not parse, and unreadable or truncated tar files are skipped, counted in `ShardLoader.stats` and named
-(sample key and shard) in a warning on the `condiff.data` logger.
+(sample key and shard) in a warning on the `condiff.data` logger (the first 100 per reason and worker;
+the counts stay exact). A slot whose whole epoch yields no usable sample raises a RuntimeError with the
+counts (e.g. text conditioning on shards without captions) instead of spinning forever.
 """
 
 from __future__ import annotations
@@ -45,9 +47,8 @@ import json
 import logging
 import os
 import random
-import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import braceexpand
 import numpy as np
@@ -63,7 +64,6 @@ log = logging.getLogger("condiff.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LATENT_EXT = "safetensors"
-_MAX_RAW_EMPTY_EPOCHS = 1
 
 
 # ------------------------------------------------------------------------------------------ shard lists
@@ -299,6 +299,20 @@ def iter_raw_samples(shards: list[str], stats: Counter):
     return tariterators.group_by_keys(files, handler=handler)
 
 
+MAX_WARNINGS_PER_REASON = 100
+
+
+def _warn_skip(stats: Counter, reason: str, key: str, url: str, exn: Exception) -> None:
+    """Count a skipped sample; name it in a warning (the first MAX_WARNINGS_PER_REASON per reason and
+    slot, so that a shard set with many bad samples does not flood the log; the counts stay exact)."""
+    stats[f"skipped_{reason}"] += 1
+    n = stats[f"skipped_{reason}"]
+    if n <= MAX_WARNINGS_PER_REASON:
+        log.warning("skipping sample %r from %s: %s", key, url, exn)
+        if n == MAX_WARNINGS_PER_REASON:
+            log.warning("further %r skips in this worker are counted without a warning (see ShardLoader.stats)", reason)
+
+
 # ------------------------------------------------------------------------------------------- stream
 class ShardStream(IterableDataset):
     """The per-slot stream of batches (see module docstring). Used through `ShardLoader`."""
@@ -331,7 +345,7 @@ class ShardStream(IterableDataset):
             if cfg.shuffle_buffer > 1:
                 rng = random.Random(_seed_int(cfg.seed, epoch, "samples", slot))
                 raw = wds_filters._shuffle(raw, bufsize=cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng)
-            count = 0
+            count = usable = 0
             for count, sample in enumerate(raw, start=1):
                 if count <= start:
                     continue
@@ -341,16 +355,17 @@ class ShardStream(IterableDataset):
                 try:
                     pending.append(decode_sample(sample, cfg, self.transform, rng, stats))
                 except SkipSample as exn:
-                    stats[f"skipped_{exn.reason}"] += 1
-                    log.warning("skipping sample %r from %s: %s", key, sample.get("__url__", "?"), exn)
+                    _warn_skip(stats, exn.reason, key, sample.get("__url__", "?"), exn)
                     continue
+                usable += 1
                 if len(pending) == cfg.batch_size:
                     yield self._emit(pending, slot, epoch, count, stats)
                     pending = []
-            if count == 0 and start == 0:
+            if start == 0 and usable == 0:
+                what = "readable" if count == 0 else "usable"
                 raise RuntimeError(
-                    f"data slot {slot} (rank {self.rank}, worker {worker}) got no readable sample in epoch {epoch} "
-                    f"from {len(shards)} shard(s) with {slots} slot(s); stats: {dict(stats)}"
+                    f"data slot {slot} (rank {self.rank}, worker {worker}) got no {what} sample in epoch {epoch} "
+                    f"from {len(shards)} shard(s) with {slots} slot(s) (conditioning={cfg.conditioning!r}); stats: {dict(stats)}"
                 )
             epoch, start = epoch + 1, 0
         if pending and not cfg.drop_last:

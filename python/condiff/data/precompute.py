@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .autoencoder import build_autoencoder
-from .loader import LoaderConfig, SkipSample, _seed_int, expand_shards, iter_raw_samples, load_image, parse_fields
+from .loader import LoaderConfig, SkipSample, _seed_int, _warn_skip, expand_shards, iter_raw_samples, load_image, parse_fields
 from .transforms import CropTransform
 from .writer import ShardSetWriter
 
@@ -146,8 +146,7 @@ class Precomputer:
                 out, meta = parse_fields(raw, self.cfg)
                 image, orig = load_image(raw, meta, self.cfg, self.stats)
             except SkipSample as exn:
-                self.stats[f"skipped_{exn.reason}"] += 1
-                log.warning("precompute: skipping sample %r from %s: %s", key, src, exn)
+                _warn_skip(self.stats, exn.reason, key, src, exn)
                 bar.update(1)
                 continue
             views = []
