@@ -60,9 +60,9 @@ class DetectorConfig:
     min_pixels: int = 3  # ... and so is one below this many pixels
     rel_area: float = 0.12  # ... and one below this fraction of the largest component
     max_objects: int = 4  # keep the largest components
-    star_solidity: float = 0.8  # solidity below this -> star
+    star_solidity: float = 0.83  # solidity below this -> star
     square_extent: float = 0.89  # extent above this -> square
-    triangle_extent: float = 0.64  # extent below this -> triangle, else circle
+    triangle_extent: float = 0.685  # extent below this -> triangle, else circle
 
 
 def _palette() -> tuple[list[str], np.ndarray]:
