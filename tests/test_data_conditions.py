@@ -67,6 +67,10 @@ def test_text_dropout_equals_encoding_the_empty_prompt():
     for name in ("text", "text_lengths", "pooled", "labels", "control_h", "control_keep"):
         torch.testing.assert_close(getattr(precomputed, name), getattr(on_the_fly, name))
     assert on_the_fly.text_lengths[0] == 2 and on_the_fly.text_lengths[1] > 2
+    assert on_the_fly.labels is None  # a text model gets no labels, though the batch has them
+    assert torch.equal(build_cond(dropped, text_encoder=enc, conditioning="class").labels, dropped["label"])
+    with pytest.raises(ValueError, match="needs precomputed"):
+        build_cond(dropped, conditioning="text")
     with pytest.raises(ValueError, match="null_text"):
         apply_dropout(dict(batch, text=tb.states, text_lengths=tb.lengths, pooled=tb.pooled), sem, ctl, 4)
 

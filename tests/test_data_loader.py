@@ -105,6 +105,28 @@ def test_resume_reproduces_the_uninterrupted_stream(shapes_dir, num_workers):
         torch.testing.assert_close(got["control_h"], want["control_h"], rtol=0, atol=0)
 
 
+def test_two_rank_resume_from_a_merged_position(shapes_dir):
+    cfgs = [_cfg(shapes_dir, epochs=None, rank=r, world_size=2, drop_last=True, shuffle_buffer=4) for r in range(2)]
+    refs = []
+    for cfg in cfgs:
+        it = iter(ShardLoader(cfg))
+        refs.append([next(it)["key"] for _ in range(8)])
+    states = []
+    for cfg in cfgs:
+        loader = ShardLoader(cfg)
+        it = iter(loader)
+        for _ in range(3):
+            next(it)
+        states.append(loader.state_dict())
+    merged = dict(states[0], slots=merge_positions([s["slots"] for s in states]))
+    assert sorted(merged["slots"]) == ["0", "1"]
+    for cfg, ref in zip(cfgs, refs):
+        loader = ShardLoader(cfg)
+        loader.load_state_dict(merged)
+        it = iter(loader)
+        assert [next(it)["key"] for _ in range(5)] == ref[3:]
+
+
 def test_position_checks_and_merge(shapes_dir):
     loader = ShardLoader(_cfg(shapes_dir, num_workers=0))
     next(iter(loader))

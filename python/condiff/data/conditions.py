@@ -100,17 +100,30 @@ class CondDropout:
         return apply_dropout(batch, sem, ctl, self.num_classes, self.null_text)
 
 
-def build_cond(batch: dict, text_encoder=None, device=None) -> Cond:
-    """The `Cond` of a batch: labels, text (precomputed `text`/`text_lengths`/`pooled`, or the
-    batch's captions encoded by `text_encoder`), control_h / control_l / control_keep."""
-    text = lengths = pooled = None
-    if "text" in batch:
+def build_cond(batch: dict, text_encoder=None, device=None, conditioning: str | None = None) -> Cond:
+    """The `Cond` of a batch for a model with `conditioning` "class" (labels) or "text" (precomputed
+    `text`/`text_lengths`/`pooled`, or the batch's captions encoded by `text_encoder`), plus
+    control_h / control_l / control_keep. None picks text when text states are available (precomputed
+    or an encoder is given), else class. Only one semantic condition is set: shapes batches carry both
+    a label and a caption, and a text model must not receive labels."""
+    has_text = "text" in batch or ("caption" in batch and text_encoder is not None)
+    conditioning = conditioning or ("text" if has_text else "class")
+    if conditioning not in ("class", "text"):
+        raise ValueError(f"build_cond: conditioning must be 'class' or 'text', got {conditioning!r}")
+    labels = text = lengths = pooled = None
+    if conditioning == "class":
+        if "label" not in batch:
+            raise ValueError("build_cond: class conditioning but the batch has no 'label'")
+        labels = batch["label"]
+    elif "text" in batch:
         text, lengths, pooled = batch["text"], batch["text_lengths"], batch["pooled"]
     elif "caption" in batch and text_encoder is not None:
         tb = text_encoder.encode(batch["caption"])
         text, lengths, pooled = tb.states, tb.lengths, tb.pooled
+    else:
+        raise ValueError("build_cond: text conditioning needs precomputed 'text' in the batch, or captions and a text_encoder")
     cond = Cond(
-        labels=batch.get("label"),
+        labels=labels,
         text=text,
         text_lengths=lengths,
         pooled=pooled,
