@@ -102,23 +102,29 @@ def exact_prior(schedule, t0, n, generator):
 @pytest.mark.parametrize(
     "name, steps, spacing, options, var_tol",
     [
-        ("ddim", 250, "linspace", {}, 0.02),  # the paper's FID sampler (DDIM-250); measured -0.45%
-        # eta = 1 (DDPM posterior variance) under-disperses even at T steps when the x0 posterior is
-        # uncertain (Bao et al. 2022, Analytic-DPM); measured -2.2%
-        ("ddim", 1000, "linspace", {"eta": 1.0}, 0.035),
-        ("dpmpp-2m", 100, "trailing", {}, 0.02),  # measured -0.9%
-        ("heun", 50, "linspace", {}, 0.03),  # measured +2.1%
+        # deterministic samplers: errors against the exact map of THESE draws (no sampling noise), so the
+        # tolerances bound the discretisation error (measured values in benchmarks/RESULTS.md)
+        ("ddim", 250, "linspace", {}, 0.03),  # the paper's FID sampler (DDIM-250); measured -2.5%
+        ("ddim", 1000, "linspace", {}, 0.012),  # every timestep; measured -0.9%
+        ("dpmpp-2m", 100, "trailing", {}, 0.04),  # measured -2.9%
+        ("heun", 50, "linspace", {}, 0.005),  # measured +0.03%
+        # eta = 1: DDPM posterior variance under-disperses even at T steps when x0 is uncertain
+        # (Bao et al. 2022, Analytic-DPM); compared with the data law (sampling noise ~1%); measured -1.7%
+        ("ddim", 1000, "linspace", {"eta": 1.0}, 0.04),
     ],
 )
 def test_analytic_denoiser_reproduces_data_mean_and_variance(name, steps, spacing, options, var_tol):
     s = Schedule()
     g = torch.Generator().manual_seed(0)
     ts = spaced_timesteps(steps, 1000, spacing)
-    x_T, _ = exact_prior(s, int(ts[0]), 20_000, g)
+    x_T, z = exact_prior(s, int(ts[0]), 20_000, g)
     x0 = get_sampler(name)(gaussian_eps(s), x_T, ts, None, schedule=s, generator=g, **options)
-    # standard error of the mean: STD / sqrt(N) = 0.0035
-    assert abs(x0.mean().item() - MU) < 0.014
-    assert abs(x0.var().item() - STD**2) / STD**2 < var_tol
+    if options.get("eta"):
+        mean, var, mean_tol = MU, STD**2, 0.014  # 4 standard errors of the mean
+    else:
+        mean, var, mean_tol = MU + STD * z.mean().item(), STD**2 * z.var().item(), 2e-3
+    assert abs(x0.mean().item() - mean) < mean_tol
+    assert abs(x0.var().item() / var - 1) < var_tol
     # the data variance is met, not the prior's: a wrong schedule index would miss it by far more
     assert abs(x_T.var().item() - STD**2) > 0.5
 

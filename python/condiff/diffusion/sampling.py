@@ -39,8 +39,9 @@ def spaced_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: s
       "trailing": round(arange(T, 0, -T/n)) - 1                e.g. 999, 899, ..., 199, 99
     "linspace" visits both ends (999 and 0, like DiT's timestep respacing that the paper's DDIM-250 FIDs
     come from); "leading" never visits T-1; "trailing" ends at T/n - 1, so the final jump to sigma = 0
-    returns a posterior mean from a noisy level (variance shrinks: on N(0.7, 0.5^2) data, DDIM-250 misses
-    the data variance by -0.45% with "linspace", -1.0% with "trailing"). See DEFAULT_SPACING.
+    returns a posterior mean from a noisy level (variance shrinks: on N(0.7, 0.5^2) data with the exact
+    epsilon, DDIM-250 misses the data variance by -2.5% with "linspace", -3.0% with "trailing";
+    benchmarks/RESULTS.md). See DEFAULT_SPACING.
     """
     if not (isinstance(num_steps, int) and 1 <= num_steps <= num_train_timesteps):
         raise ValueError(f"num_steps must be an int in [1, {num_train_timesteps}], got {num_steps!r}")
@@ -203,8 +204,9 @@ DEFAULT_SPACING: dict[str, str] = {"ddim": "linspace", "heun": "linspace", "dpmp
 """Timestep spacing each sampler is most accurate with on uniform-in-t grids (measured on Gaussian data,
 tests/test_sampling.py). DPM-Solver++(2M) uses "trailing": with "linspace" its second-to-last step
 (e.g. t = 52 -> 0) is a huge jump in log-SNR (lambda ~ -0.5 log(t + 1) near t = 0) and the multistep
-extrapolation (ratio r ~ 0.2) overshoots (+30% data variance at 20 steps, vs -14% with "trailing";
-diffusers' DPMSolverMultistepScheduler also never puts t = 0 on its grid)."""
+extrapolation (ratio r ~ 0.2) overshoots (+29% data variance at 20 steps, vs -16% with "trailing", on
+N(0.7, 0.5^2) data with the exact epsilon; diffusers' DPMSolverMultistepScheduler also never puts t = 0
+on its grid)."""
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:
