@@ -349,7 +349,9 @@ class Trainer:
         return {"loss": float(stats[0] / world), "grad_norm": float(grad_norm), "lr": lr, "finite": finite}
 
     # -------------------------------------------------------------------------------- run
-    def run(self) -> dict[str, Any]:
+    def run(self, final_grid: bool = True) -> dict[str, Any]:
+        """Train up to cfg.steps (resumed runs continue), save, plot the loss curve and (final_grid, when
+        the recipe lists prompts or labels) write samples/final.png. Returns a summary dict."""
         cfg = self.cfg
         logger = MetricsLogger(self.run_dir, enabled=self.info.is_main, tensorboard=cfg.log.tensorboard)
         bar = None
@@ -410,7 +412,7 @@ class Trainer:
                    "run_dir": str(self.run_dir)}
         if self.info.is_main:
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
-        if cfg.log.sample_prompts or cfg.log.sample_labels:
+        if final_grid and (cfg.log.sample_prompts or cfg.log.sample_labels):
             summary["grid"] = str(self.sample_grid(self.run_dir / "samples" / "final.png"))
         return summary
 

@@ -1,0 +1,212 @@
+"""`condiff demo`: the ten-minute CPU demo. Writes the shapes shards, trains the paper's improved mmDiT
+(`mmdit-ours`, tiny, text-conditioned through the offline MiniLM encoder) and fills `runs/demo/` with
+
+  samples.png   a grid: one row per fixed prompt, `--per-prompt` EMA samples each (DDIM + CFG), captioned
+  loss.png      the training-loss curve
+  report.json   steps, wall time, s/step, img/s, and the shapes alignment score (condiff.eval.align)
+  metrics.jsonl, checkpoints (`step_*/`, `latest`), config.yaml: a normal training run (`condiff sample
+                runs/demo` and `condiff train --config runs/demo/config.yaml` work on it; re-running
+                the demo resumes it)
+
+Design (shared/notes/cpu-training-budget.md measured that a naive 32 px DiT does not learn the layout in
+ten minutes): 16 px pixels with patch 2 (64 image tokens of 12 values each), the `demo` shapes preset
+(red/blue x circle/square, two objects left/right: 8 captions), 12 text tokens (the captions' length),
+the MiniLM states of the 8 captions and of "" computed ONCE (the text encoder never runs per step),
+Min-SNR-5 loss weighting (Hang et al. 2023: the high-noise steps that decide colours and layout are not
+drowned by the near-clean ones, unlike the paper's 1/sigma^2, which is meant for long latent runs),
+batch 32 and lr 1e-3 (more updates per second beat bigger batches at this budget), EMA 0.998.
+`--steps` is the knob: the default fits about ten minutes on an unloaded 2-core laptop CPU;
+the demo reports its own s/step so you can scale it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_STEPS = 3000
+PRESET = "demo"
+
+
+def demo_overrides(out: Path, args) -> dict:
+    """The demo's training recipe (a normal TrainConfig; saved as runs/demo/config.yaml)."""
+    from condiff.data import shapes
+
+    prompts = shapes.class_names(shapes.get_config(PRESET))
+    return {
+        "run_dir": str(out),
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "save_every": max(1, min(500, args.steps)),
+        "keep_last": 1,
+        "max_nonfinite": 20,
+        "model": {
+            "name": "mmdit-ours-tiny",  # depth 4, width 128, 4 heads; Eq. 1 control, noisy-replicate padding
+            "conditioning": "text",
+            "kwargs": {"input_size": args.resolution, "in_channels": 3, "patch_size": 2,
+                       "text_dim": 384, "pooled_dim": 384, "text_len": args.text_len},
+        },
+        "data": {"shards": str(out / "data"), "resolution": args.resolution, "crop": "global", "flip": False,
+                 "label_drop": 0.1, "control_drop": 0.1, "workers": 0, "shuffle_buffer": 1000},
+        "text": {"encoder": {"kind": "minilm", "max_length": args.text_len}, "cache": 64},
+        "schedule": {"weighting": "min-snr-gamma"},
+        "optim": {"name": "adam", "lr": args.lr, "ref_batch": args.batch_size, "betas": [0.9, 0.95],
+                  "warmup_steps": 100, "grad_clip": 1.0},
+        "ema": {"decay": 0.998, "warmup": 10},
+        "log": {"every": 25, "progress": not args.quiet, "sample_every": args.sample_every,
+                "sample_prompts": prompts, "sample_per_prompt": args.per_prompt,
+                "sample_guidance": args.guidance, "sample_steps": args.sample_steps},
+    }
+
+
+def captioned_grid(images: torch.Tensor, captions: list[str], per_row: int, path: Path, cell: int = 96) -> None:
+    """Rows of `per_row` images (N, 3, h, w) in [-1, 1], nearest-upscaled to `cell` px, each row
+    labelled with its caption on the left."""
+    from PIL import Image, ImageDraw
+
+    n_rows = len(captions)
+    label_w = 320
+    grid = Image.new("RGB", (label_w + per_row * (cell + 4), n_rows * (cell + 4)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for r, caption in enumerate(captions):
+        y = r * (cell + 4)
+        draw.text((6, y + cell // 2 - 6), caption, fill=(0, 0, 0))
+        for c in range(per_row):
+            tile = Image.fromarray(u8[r * per_row + c]).resize((cell, cell), Image.NEAREST)
+            grid.paste(tile, (label_w + c * (cell + 4), y + 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="condiff demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--resolution", type=int, default=16, help="pixels (square); patch 2")
+    p.add_argument("--text-len", type=int, default=12, help="text tokens (MiniLM; the demo captions have 12)")
+    p.add_argument("--n", type=int, default=4096, help="shapes images written to the shards")
+    p.add_argument("--per-prompt", type=int, default=8, help="samples per prompt in the grid and the score")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (Eq. 2, beta = 1)")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--sample-every", type=int, default=0, help="also write EMA grids every K steps (0: only at the end)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="delete an existing run in --out instead of resuming it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.steps < 1 or args.batch_size < 1 or args.resolution % 2:
+        p.error("--steps and --batch-size must be >= 1 and --resolution even")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from condiff.data import shapes
+    from condiff.data.make_shards import write_shapes
+    from condiff.train.config import load_config
+    from condiff.train.loop import Trainer, plot_loss_curve, sample_images
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    data_dir = out / "data"
+    info_path = data_dir / "dataset.json"
+    if not (info_path.is_file() and json.loads(info_path.read_text()).get("n") == args.n):
+        print(f"[demo] writing {args.n} shapes images ({PRESET} preset) to {data_dir}", file=sys.stderr)
+        shutil.rmtree(data_dir, ignore_errors=True)
+        info = write_shapes(str(data_dir), args.n, seed=0, preset=PRESET, shard_size=1024)
+        info_path.write_text(json.dumps(info, indent=1))
+    t_data = time.perf_counter() - t0
+
+    cfg = load_config(data=demo_overrides(out, args))
+    trainer = Trainer(cfg)
+    prompts = list(cfg.log.sample_prompts)
+    trainer.text_encoder.precompute(prompts + [""])  # the whole caption vocabulary, encoded once
+    t_setup = time.perf_counter() - t0
+    summary = trainer.run(final_grid=False)
+    t_train = time.perf_counter() - t0 - t_setup
+
+    # final grid and alignment score from the EMA weights (what `condiff sample` would use)
+    t_s = time.perf_counter()
+    from condiff.models import create
+
+    model = create(**trainer.model_config)
+    model.load_state_dict(trainer.ema.state_dict(trainer.model))
+    model.eval()
+    images = sample_images(model, trainer.schedule, cfg, text_encoder=trainer.text_encoder,
+                           autoencoder=trainer.autoencoder, train_sizes=trainer.train_sizes, seed=args.seed + 1)
+    captions = [c for c in prompts for _ in range(args.per_prompt)]
+    captioned_grid(images, prompts, args.per_prompt, out / "samples.png")
+    plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
+    scores = None
+    try:
+        from condiff.eval.align import score_images
+
+        scores = score_images(images, captions)
+    except ImportError:  # the evaluation module is optional for the demo
+        pass
+    real = torch.stack([trainer_image for trainer_image in _real_images(shapes, prompts, args)])
+    real_scores = score_images(real, [c for c in prompts for _ in range(1)]) if scores is not None else None
+    t_sample = time.perf_counter() - t_s
+
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    steps_run = summary["steps_this_run"]
+    report = {
+        "steps": summary["steps"],
+        "steps_this_run": steps_run,
+        "batch_size": cfg.batch_size,
+        "wall_s": {"total": round(time.perf_counter() - t0, 1), "data": round(t_data, 1),
+                   "setup": round(t_setup - t_data, 1), "train": round(t_train, 1), "sample_and_score": round(t_sample, 1)},
+        "sec_per_step": round(t_train / steps_run, 4) if steps_run else None,
+        "img_per_s": round(steps_run * cfg.batch_size / t_train, 1) if steps_run else None,
+        "threads": torch.get_num_threads(),
+        "final_loss": records[-1]["loss"] if records else None,
+        "alignment": scores,
+        "alignment_of_real_images": real_scores,
+        "prompts": prompts,
+        "sampler": {"name": "ddim", "steps": cfg.log.sample_steps, "guidance": cfg.log.sample_guidance},
+        "files": {"grid": str(out / "samples.png"), "loss_curve": str(out / "loss.png"),
+                  "checkpoint": str(out / "latest")},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    line = f"[demo] {summary['steps']} steps in {report['wall_s']['total']:.0f} s"
+    if steps_run:
+        line += f" ({report['sec_per_step']:.3f} s/step, {report['img_per_s']} img/s on {report['threads']} threads)"
+    if scores is not None:
+        line += (f"; alignment: overall {scores['overall']:.2f}, colour {scores['colour']:.2f}, "
+                 f"shape {scores['shape']:.2f}, relation {scores['relation']:.2f}")
+    print(line, file=sys.stderr)
+    print(f"[demo] grid: {out / 'samples.png'}  loss curve: {out / 'loss.png'}  report: {out / 'report.json'}",
+          file=sys.stderr)
+    return 0
+
+
+def _real_images(shapes, prompts, args):
+    """One real training-style image per prompt (rendered, centre-cropped, resized): the detector's
+    reference score on data, reported beside the samples' score."""
+    from condiff.data.transforms import CropTransform
+    import numpy as np
+
+    cfg = shapes.get_config(PRESET)
+    transform = CropTransform(args.resolution, "center", flip_prob=0.0)
+    wanted = {c: None for c in prompts}
+    i = 0
+    while any(v is None for v in wanted.values()) and i < 10_000:
+        s = shapes.render(i, cfg, 0)
+        if s.caption in wanted and wanted[s.caption] is None:
+            wanted[s.caption] = transform(s.image, np.random.default_rng(0))[0]
+        i += 1
+    return [wanted[c] for c in prompts]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
