@@ -110,7 +110,8 @@ def test_null_control_rows_and_missing_control_give_zero():
 
 
 # ---- control inside the models -------------------------------------------------------------------------------
-SMALL = dict(input_size=8, num_classes=10, text_dim=32, pooled_dim=24, text_len=7)
+SMALL = dict(input_size=8, num_classes=10, text_dim=32, pooled_dim=24, text_len=7, hidden_size=64, depth=4,
+             control_freq_dim=32)
 
 
 @pytest.mark.parametrize("name", ["dit-tiny", "pixart-alpha-tiny", "mmdit-ours-tiny", "mdt-v2-tiny"])

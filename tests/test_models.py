@@ -12,11 +12,14 @@ from condiff.models.zoo import TRANSFORMERS
 CLASS_ONLY = {"dit", "mdt-v2"}
 FAMILIES = sorted(TRANSFORMERS)
 CASES = [(f, c) for f in FAMILIES for c in ("class", "text") if not (f in CLASS_ONLY and c == "text")]
-SMALL = dict(input_size=8, text_dim=32, pooled_dim=24, text_len=7, num_classes=10)
+SMALL = dict(input_size=8, text_dim=32, pooled_dim=24, text_len=7, num_classes=10, hidden_size=64, depth=2,
+             control_freq_dim=32)
 
 
 def tiny(family, conditioning, **kw):
-    return create(f"{family}-tiny", conditioning=conditioning, **{**SMALL, **kw})
+    """The family's tiny config, shrunk further for test speed (mDT keeps depth 4: 1 + 1 encoder, 2 decoder)."""
+    small = {**SMALL, "depth": 4} if family == "mdt-v2" else SMALL
+    return create(f"{family}-tiny", conditioning=conditioning, **{**small, **kw})
 
 
 def perturb(model):

@@ -88,7 +88,7 @@ def joint_attention(qkv_x: Tensor, qkv_c: Tensor | None, num_heads: int, norms: 
         if norms is not None:
             q, k, v = qk_norm_join(qkv_x, qkv_c, *norms, num_heads, 1e-6)  # each (B, H, N + M, hd)
         else:
-            qkv = torch.cat([qkv_x, qkv_c], dim=1)  # (B, L, 3D)
+            qkv = torch.cat([qkv_x, qkv_c], dim=1) if qkv_c.shape[1] else qkv_x  # (B, L, 3D)
             q, k, v = qkv.reshape(B, qkv.shape[1], 3, num_heads, -1).permute(2, 0, 3, 1, 4)  # each (B, H, L, hd)
         o = attention(q, k, v, impl, bias).transpose(1, 2).reshape(B, q.shape[2], D3 // 3)  # (B, L, D)
         out_x, out_c = o[:, :N], o[:, N:]
@@ -158,7 +158,7 @@ class PatchEmbed(nn.Module):
         if H % p or W % p or C != self.proj.in_channels:
             raise ValueError(f"PatchEmbed: input must be (B, {self.proj.in_channels}, H, W) with H, W multiples of "
                              f"the patch size {p}, got {tuple(x.shape)}")
-        return self.proj(x).flatten(2).transpose(1, 2), (H // p, W // p)  # (B, N, D), grid
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous(), (H // p, W // p)  # (B, N, D), grid
 
 
 class Mlp(nn.Module):
