@@ -105,6 +105,8 @@ def test_generate_depends_on_condition_and_guidance(checkpoint):
         (["--class-ids", "1", "--size-cond", "fixed"], "--size-cond fixed needs --orig-size"),
         (["--class-ids", "1", "--resolution", "21"], "multiple of the patch size"),
         (["--class-ids", "1", "--sampler", "heun", "--eta", "1"], "--eta applies to ddim only"),
+        (["--prompts-file", "/nonexistent/prompts.txt"], "--prompts-file /nonexistent/prompts.txt: no such file"),
+        (["--class-ids", "1", "--orig-size", "1", "2", "3"], "--orig-size takes H or H W"),
     ],
 )
 def test_bad_arguments_give_clear_errors(tmp_path, checkpoint, capsys, args, message):

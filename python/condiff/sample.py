@@ -76,7 +76,6 @@ def load_zoo(name: str, conditioning: str, device: str, seed: int = 0) -> Loaded
     """A zoo model with random weights in pixel space (in_channels 3), the paper's default schedule."""
     from condiff.models import create
 
-    torch.manual_seed(seed)
     overrides: dict[str, Any] = {"in_channels": 3}
     text_encoder = None
     if conditioning == "text":
@@ -86,9 +85,12 @@ def load_zoo(name: str, conditioning: str, device: str, seed: int = 0) -> Loaded
         dims = ({"context_dim": text_encoder.dim} if name.startswith("unet")
                 else {"text_dim": text_encoder.dim, "pooled_dim": text_encoder.pooled_dim})
         overrides.update(dims)
-    model = create(name, conditioning=conditioning, **overrides)
-    if model.config.get("out_channels", 3) != 3:  # UNet configs carry out_channels separately
-        model = create(name, conditioning=conditioning, **overrides, out_channels=3)
+    with torch.random.fork_rng(devices=[]):  # seeded random weights, global RNG untouched
+        torch.manual_seed(seed)
+        model = create(name, conditioning=conditioning, **overrides)
+        if model.config.get("out_channels", 3) != 3:  # UNet configs carry out_channels separately
+            torch.manual_seed(seed)
+            model = create(name, conditioning=conditioning, **overrides, out_channels=3)
     model.to(device).eval().requires_grad_(False)
     meta = {"model": model.config, "schedule": Schedule().to_dict(), "text_encoder": ZOO_TEXT_ENCODER
             if text_encoder is not None else None, "autoencoder": None, "random_weights": True}
@@ -198,7 +200,9 @@ def generate(loaded: Loaded, cond: Cond, null: Cond, s: Settings, device: str = 
     control_h, control_l = inference_control(n, (r["resolution"], r["resolution"]), size=size,
                                              size_distribution=r["size_distribution"], generator=gen)
     batch_seeds = torch.randint(0, 2**62, (math.ceil(n / s.batch_size),), generator=gen).tolist()
-    cond = Cond(**{**cond._tensors(), "control_h": control_h, "control_l": control_l})
+    uses_control = loaded.model.config.get("control", "additive") != "none"
+    if uses_control:  # (a model with control "none" ignores it; leaving it out also skips the eps(0,s) row)
+        cond = Cond(**{**cond._tensors(), "control_h": control_h, "control_l": control_l})
     sampler = get_sampler(s.sampler)
     ts = spaced_timesteps(s.steps, r["schedule"].num_timesteps, r["spacing"])
     options = {"eta": s.eta} if s.sampler == "ddim" else {}
@@ -220,7 +224,7 @@ def generate(loaded: Loaded, cond: Cond, null: Cond, s: Settings, device: str = 
             x0 = loaded.autoencoder.decode(x0).float()
         out.append(x0.clamp(-1, 1).cpu())
     bar.close()
-    r["control_l"] = control_l.tolist()
+    r["control_l"] = control_l.tolist() if uses_control else None
     return torch.cat(out), r
 
 
@@ -267,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rescale-schedule", action="store_true", help="apply Eq. 3 for the sampling resolution")
     p.add_argument("--size-cond", choices=SIZE_MODES, default=None,
                    help="phi_l: train-dist (default if stored), output, or fixed (--orig-size)")
-    p.add_argument("--orig-size", type=float, nargs="+", metavar="H [W]", help="fixed original size for phi_l")
+    p.add_argument("--orig-size", type=float, nargs="+", metavar="PX", help="fixed original size H [W] for phi_l")
     p.add_argument("--resolution", type=int, default=None, help="output pixels (default: training resolution)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")

@@ -174,7 +174,8 @@ def heun(model_fn: ModelFn, x_T: Tensor, timesteps: Tensor | list[int], cond: An
     y = x_t * sqrt(1 + sigma^2) = x_0 + sigma * eps (undoing Eq. 6's scaling); dy/dsigma = eps(y / sqrt(1 +
     sigma^2), t). Euler predictor, trapezoidal corrector evaluated at the next timestep; the last step to
     sigma = 0 is Euler (its Euler step is the DDIM step). n timesteps cost 2n - 1 model evaluations with
-    set_alpha_to_one (2n otherwise, the last correction evaluated at t = 0). Deterministic.
+    set_alpha_to_one (2n otherwise, the last correction evaluated at t = 0, unless the grid already ends at
+    t = 0). Deterministic.
     """
     ts = _timesteps_list(timesteps, schedule)
     sig_final = 0.0 if set_alpha_to_one else schedule.sigma(0)
@@ -187,7 +188,7 @@ def heun(model_fn: ModelFn, x_T: Tensor, timesteps: Tensor | list[int], cond: An
         eps = model_fn(y / math.sqrt(1.0 + sig**2), _t_batch(t, y), cond).to(y.dtype)
         x0 = y - sig * eps
         y_euler = y + (sig_next - sig) * eps
-        if sig_next == 0.0:
+        if sig_next == 0.0 or sig_next == sig:  # last step to sigma 0 (Euler), or a zero-length step
             y = y_euler
         else:
             eps_next = model_fn(y_euler / math.sqrt(1.0 + sig_next**2), _t_batch(t_next, y), cond).to(y.dtype)
