@@ -60,10 +60,11 @@ def test_frozen_and_no_grad(tiny):
 
 def _open_clip_vocab_as_hf_tokenizer(path):
     """Write a Hugging Face CLIPTokenizer made from open_clip's BPE vocabulary into `path`."""
-    from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPTokenizer
 
-    t = SimpleTokenizer()
+    from condiff.conditioning.text import _open_clip_tokenizer_module
+
+    t = _open_clip_tokenizer_module().SimpleTokenizer()
     rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     vocab = {rename.get(k, k): v for k, v in t.encoder.items()}
     merges = sorted(t.bpe_ranks, key=t.bpe_ranks.get)

@@ -55,13 +55,34 @@ class TextBatch:
 
 
 # ----------------------------------------------------------------------------------------- tokenizers
+def _open_clip_tokenizer_module():
+    """open_clip's `tokenizer.py` (SimpleTokenizer + the shipped BPE vocabulary file beside it).
+
+    Loaded on its own when open_clip is not imported yet: importing the `open_clip` package pulls in
+    every model definition (measured 10-15 s on the shared 2-core machine), and the tokenizer module
+    needs none of it (no relative imports)."""
+    import importlib.util
+    import sys
+
+    if "open_clip.tokenizer" in sys.modules:
+        return sys.modules["open_clip.tokenizer"]
+    name = "condiff._open_clip_tokenizer"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec("open_clip")  # locates the package without executing it
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("the CLIP tokenizer needs the package open_clip_torch (pip install open_clip_torch)")
+        path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer.py")
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
+        module.__spec__.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
 class OpenClipTokenizer:
     """The CLIP BPE tokenizer shipped with open_clip: prompts -> (ids (B, T), lengths (B,))."""
 
     def __init__(self, max_length: int = 77):
-        from open_clip.tokenizer import SimpleTokenizer
-
-        self.tok = SimpleTokenizer(context_length=max_length)
+        self.tok = _open_clip_tokenizer_module().SimpleTokenizer(context_length=max_length)
         self.max_length, self.eos_id = max_length, self.tok.eot_token_id
 
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
