@@ -86,7 +86,7 @@ class Generator:
         self.model = inference.model
         cfg = dict(getattr(self.model, "config", {}) or inference.meta.get("model", {}))
         self.conditioning = cfg.get("conditioning", "class")
-        self.has_control = cfg.get("control", "none") != "none"
+        self.has_control = cfg.get("control", "additive") != "none"  # as `condiff sample`
         self.channels = int(cfg.get("in_channels", 3))
         self.latent_size = int(cfg.get("input_size", 32))
         self.num_classes = int(cfg.get("num_classes", 0))
