@@ -63,6 +63,25 @@ def test_ddim_trajectory_matches_diffusers(spacing, n, eta, alpha_one, offset, p
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, msg=f"step {i}")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 `copy=` notice inside diffusers
+@pytest.mark.parametrize("n", [10, 20])
+def test_dpmpp_2m_trajectory_matches_diffusers(n):
+    """diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint, final sigma 0) on its own grid."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    ref = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                      algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+                                      lower_order_final=False, final_sigmas_type="zero")
+    ref.set_timesteps(n)
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ours = []
+    dpmpp_2m(toy_eps, x_T, ref.timesteps, None, schedule=Schedule(), callback=lambda d: ours.append(d["x"]))
+    x = x_T
+    for i, t in enumerate(ref.timesteps):
+        x = ref.step(toy_eps(x, torch.full((2,), float(t)), None), t, x).prev_sample
+        torch.testing.assert_close(ours[i], x, rtol=1e-5, atol=2e-5, msg=f"step {i}")
+
+
 def test_ddim_next_and_diffusers_rules_differ_only_where_expected():
     s, x_T = Schedule(), torch.randn(2, 1, 2, 2)
     ts = spaced_timesteps(20, 1000, "linspace")
