@@ -76,6 +76,15 @@ def test_shapes_and_photos_sources(tmp_path, capsys):
         s = shapes.render(int(key), "demo", 5)
         assert (caption, label) == (s.caption, s.label)
     assert len(data["key"]) == 12
+    small = str(tmp_path / "small")
+    argv = ["make-shards", "shapes", "--out", small, "--n", "4", "--preset", "demo", "--set", "size_range=16,16", "--set", "colours=green,yellow,cyan"]
+    assert cli(argv) == 0
+    info = json.load(open(os.path.join(small, "dataset.json")))
+    assert info["config"]["size_range"] == [16, 16] and info["num_classes"] == 6 * 4
+    data, _ = _read_all(small, crop="center", resolution=8)
+    assert data["control_l"] == [[16, 16]] * 4
+    assert cli(["make-shards", "shapes", "--out", small, "--set", "colors=red"]) == 2
+    assert "FIELD=VALUE" in capsys.readouterr().err
     out = str(tmp_path / "photos")
     assert cli(["make-shards", "photos", "--out", out]) == 0
     data, loader = _read_all(out, conditioning="text", resolution=32)

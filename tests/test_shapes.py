@@ -93,6 +93,10 @@ def test_configurable_and_validated():
         shapes.get_config("hard")
     with pytest.raises(ValueError, match="n_objects"):
         shapes.get_config("default", n_objects=(3,))
+    o = shapes.parse_overrides(["n_objects=1", "aspect_range=1,2", "paraphrase=false", "colours=red, blue"])
+    assert o == {"n_objects": (1,), "aspect_range": (1.0, 2.0), "paraphrase": False, "colours": ("red", "blue")}
+    with pytest.raises(ValueError, match="size_range"):
+        shapes.parse_overrides(["size_range=big"])
 
 
 def test_class_balance():

@@ -1,7 +1,9 @@
 """`condiff make-shards`: write webdataset shards that `condiff.data.loader` reads.
 
 Sources (first positional argument):
-  shapes              the procedural dataset (`condiff.data.shapes`), `--n`, `--seed`, `--preset`
+  shapes              the procedural dataset (`condiff.data.shapes`), `--n`, `--seed`, `--preset`,
+                      and `--set FIELD=VALUE` overrides of its config (e.g. `--set colours=red,green,blue
+                      --set n_objects=1,2 --set size_range=16,24 --set backgrounds=solid,noise`)
   photos              the photos shipped with scikit-image (`shapes.skimage_photos`)
   DIR                 an image folder; each sub-folder is a class (ids in sorted name order, written to
                       `classes.json`); images directly in DIR have no label. A sidecar `<stem>.txt`
@@ -77,8 +79,9 @@ def _write_info(out: str, info: dict) -> dict:
     return info
 
 
-def write_shapes(out: str, n: int, seed: int = 0, preset: str = "default", shard_size: int = 1000) -> dict:
-    cfg = shapes_mod.get_config(preset)
+def write_shapes(out: str, n: int, seed: int = 0, preset: str = "default", shard_size: int = 1000, **overrides) -> dict:
+    """`n` shapes samples (`shapes.render(i, config, seed)`) with `preset` + field `overrides`."""
+    cfg = shapes_mod.get_config(preset, **overrides)
     with ShardSetWriter(out, shard_size) as w:
         for i in range(n):
             s = shapes_mod.render(i, cfg, seed)
@@ -180,11 +183,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--n", type=int, default=10000, help="shapes: number of samples")
     p.add_argument("--seed", type=int, default=0, help="shapes: dataset seed")
     p.add_argument("--preset", default="default", choices=sorted(shapes_mod.PRESETS), help="shapes: preset")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="shapes: config override (repeatable)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if args.source == "shapes":
-        info = write_shapes(args.out, args.n, args.seed, args.preset, args.shard_size)
+        try:
+            overrides = shapes_mod.parse_overrides(args.set)
+            shapes_mod.get_config(args.preset, **overrides)
+        except ValueError as exn:
+            print(f"make-shards: {exn}", file=sys.stderr)
+            return 2
+        info = write_shapes(args.out, args.n, args.seed, args.preset, args.shard_size, **overrides)
     elif args.source == "photos":
         info = write_photos(args.out, args.shard_size)
     elif os.path.isdir(args.source):

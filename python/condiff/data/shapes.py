@@ -133,6 +133,32 @@ def get_config(preset: str | ShapesConfig | dict = "default", **overrides) -> Sh
     return replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """`["colours=red,blue", "size_range=16,24", "paraphrase=false"]` -> ShapesConfig field overrides
+    (tuple fields split on commas and cast to the field's element type). ValueError names a bad item."""
+    defaults = ShapesConfig()
+    out: dict = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not hasattr(defaults, name):
+            raise ValueError(f"shapes override {item!r}: expected FIELD=VALUE with FIELD in {list(defaults.to_dict())}")
+        default = getattr(defaults, name)
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[name] = value.lower() in ("true", "1")
+            elif isinstance(default, tuple):
+                cast = type(default[0])
+                out[name] = tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+            else:
+                out[name] = type(default)(value)
+        except ValueError:
+            raise ValueError(f"shapes override {item!r}: cannot read {value!r} as the type of {name} (default {default!r})") from None
+    return out
+
+
 # ----------------------------------------------------------------------------------------- vocabulary
 def class_table(config: ShapesConfig) -> list[tuple]:
     """All classes in id order: ("single", (colour, shape)) or (layout, (c1, s1), (c2, s2)),
