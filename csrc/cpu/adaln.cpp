@@ -5,7 +5,9 @@
 //
 // One pass per row: the row is converted once to the accumulation type in a thread-local buffer (it
 // stays in L1), statistics and outputs are vectorisable `omp simd` loops over D.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -6,7 +6,9 @@
 // weights:  (4, hd) float in the order [q_x, k_x, q_c, k_c].
 // Backward: gq, gk, gv (B, H, L, hd) -> g_qkv_x, g_qkv_c, g_weights (4, hd) (accumulation dtype).
 //           With xh = x * r:  gx = r * (g*w - xh * mean(g*w*xh)),  gw = sum over tokens/heads of g*xh.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

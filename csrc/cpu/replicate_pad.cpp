@@ -7,7 +7,9 @@
 //                 + amp_b * (sum_{t >= len} g * noise)[c] * (emb[b, s, c] - mean[c]) / (len_b * sigma[c])
 //   for s < len_b (the second term is 0 where sigma = 0), and 0 for s >= len_b.
 // Work is split over (row, block of kChanBlock channels); loops over channels are contiguous.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

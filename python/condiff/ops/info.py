@@ -1,0 +1,27 @@
+"""`condiff ops-info` / `python -m condiff.ops`: which fused-op backends are live here, and why not."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="condiff ops-info", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print the backends() dict as JSON")
+    args = parser.parse_args(argv)
+    from condiff import ops
+
+    state = ops.backends()
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return 0
+    print(f"torch {torch.__version__}  (CUDA build {torch.version.cuda}, device available: {torch.cuda.is_available()})")
+    for name, s in state.items():
+        extra = "  [CUDA kernels compiled in]" if s.get("compiled") else ""
+        print(f"  {name:<9} {'live' if s['live'] else 'off ':<4}  {s['reason']}{extra}")
+    example = torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")
+    print(f"automatic choice for {example.device.type} tensors: {ops._select(None, example)}")
+    return 0
