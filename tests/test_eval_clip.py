@@ -57,10 +57,11 @@ def test_open_clip_fallback_tokenizer_matches_hf_clip_tokenizer(tiny_clip_dir, t
     vocabulary, so the scores agree."""
     import shutil
 
-    from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPTokenizer
 
-    bpe = SimpleTokenizer()
+    from condiff.conditioning.text import _open_clip_tokenizer_module
+
+    bpe = _open_clip_tokenizer_module().SimpleTokenizer()
     with_tok = tmp_path / "with_tok"
     shutil.copytree(tiny_clip_dir, with_tok)
     # open_clip names the specials <start_of_text>/<end_of_text>; OpenAI's HF vocab.json <|startoftext|>/...

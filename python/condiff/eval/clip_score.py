@@ -53,7 +53,7 @@ class ClipScorer:
         else:
             self.processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         self.context = self.model.config.text_config.max_position_embeddings
-        self.tokenizer = None
+        self.tokenizer = self._fallback = None
         if any((self.path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
             from transformers import AutoTokenizer
 
@@ -66,11 +66,12 @@ class ClipScorer:
             enc = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.context,
                                  return_tensors="pt")
             return enc["input_ids"], enc["attention_mask"]
-        from open_clip.tokenizer import SimpleTokenizer
+        from condiff.conditioning.text import OpenClipTokenizer
 
-        ids = SimpleTokenizer(context_length=self.context)(prompts)  # (B, L), <sot> ... <eot> then 0s
-        eot = ids.argmax(dim=-1)  # <eot> has the largest id of the vocabulary
-        mask = (torch.arange(ids.shape[1])[None] <= eot[:, None]).long()
+        if self._fallback is None:
+            self._fallback = OpenClipTokenizer(self.context)
+        ids, lengths = self._fallback(prompts)  # (B, L) <sot> ... <eot> then 0s; lengths include <eot>
+        mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
         return ids, mask
 
     @staticmethod
