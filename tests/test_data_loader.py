@@ -66,6 +66,23 @@ def test_every_sample_exactly_once_per_epoch(shapes_dir, num_workers, world_size
     assert len(keys) == 40 and len(set(keys)) == 40
 
 
+def test_views_do_not_depend_on_workers_or_ranks(shapes_dir):
+    def views(**kw):
+        out = {}
+        for b in ShardLoader(_cfg(shapes_dir, crop="mix", **kw)):
+            out.update({k: (h.tolist(), x) for k, h, x in zip(b["key"], b["control_h"], b["image"])})
+        return out
+
+    a = views(num_workers=0)
+    b = {**views(num_workers=2, rank=0, world_size=2), **views(num_workers=2, rank=1, world_size=2)}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k][0] == b[k][0]
+        torch.testing.assert_close(a[k][1], b[k][1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rank 2"):
+        ShardLoader(_cfg(shapes_dir, rank=2, world_size=2))
+
+
 def test_fewer_shards_than_slots_splits_samples(shapes_dir):
     one = os.path.join(shapes_dir, "shard-000000.tar")
     keys = []

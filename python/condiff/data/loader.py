@@ -17,7 +17,8 @@ S = world_size * num_workers slots in all. Each epoch e, every slot permutes the
 seeded permutation (seed, e); with >= S shards slot i reads shards i, i+S, ...; with fewer shards every
 slot reads all of them and keeps raw samples i, i+S, ... Either way no sample is read by two slots.
 Each slot then shuffles its raw (undecoded) sample stream with a buffer of `shuffle_buffer` samples and
-an RNG seeded by (seed, e, slot). Crop/flip use an RNG seeded by (seed, e, sample key).
+an RNG seeded by (seed, e, slot). Crop/flip use an RNG seeded by (seed, e, shard file name, sample key),
+so a sample's view depends neither on the worker count nor on the rank count.
 The POSITION of a run is, per slot, (epoch, number of raw samples of that epoch's shuffled stream
 already consumed) -- skipped bad samples included -- for the batches the training loop has actually
 received (prefetched batches do not count). `ShardLoader.state_dict()` returns it (JSON-able);
@@ -350,12 +351,12 @@ class ShardStream(IterableDataset):
                 if count <= start:
                     continue
                 stats["read"] += 1
-                key = sample.get("__key__", "?")
-                rng = np.random.default_rng(_seed_int(cfg.seed, epoch, key))
+                key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+                rng = np.random.default_rng(_seed_int(cfg.seed, epoch, os.path.basename(url), key))
                 try:
                     pending.append(decode_sample(sample, cfg, self.transform, rng, stats))
                 except SkipSample as exn:
-                    _warn_skip(stats, exn.reason, key, sample.get("__url__", "?"), exn)
+                    _warn_skip(stats, exn.reason, key, url, exn)
                     continue
                 usable += 1
                 if len(pending) == cfg.batch_size:
@@ -405,6 +406,8 @@ class ShardLoader:
         rank, world = _dist_rank_world()
         self.rank = rank if self.config.rank is None else self.config.rank
         self.world_size = world if self.config.world_size is None else self.config.world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"ShardLoader: rank {self.rank} is not in [0, world_size={self.world_size})")
         self._slots: dict[int, tuple[int, int]] = {}
         self._slot_stats: dict[int, dict] = {}
 
