@@ -145,6 +145,15 @@ def test_latent_checkpoint_decodes_through_its_autoencoder(tmp_path):
     assert r["factor"] == 2 and r["latent_size"] == 8 and r["resolution"] == 16
     assert seen[0].shape == (2, 4, 8, 8) and images.shape == (2, 3, 16, 16)
     torch.testing.assert_close(images, decode(seen[0]).clamp(-1, 1))
+    # a latent checkpoint without an autoencoder (e.g. converted from DiT) takes one on the command line
+    meta["autoencoder"] = None
+    save_checkpoint(tmp_path / "bare", 1, model_state=model.state_dict(), ema_state=None, meta=meta)
+    rc = main(["--checkpoint", str(tmp_path / "bare"), "--class-ids", "1", "--steps", "1", "--quiet",
+               "--out", str(tmp_path / "bare.png")])
+    assert rc == 2
+    rc = main(["--checkpoint", str(tmp_path / "bare"), "--class-ids", "1", "--steps", "1", "--quiet",
+               "--autoencoder", str(tmp_path / "vae"), "--out", str(tmp_path / "bare.png")])
+    assert rc == 0 and pixels(tmp_path / "bare.png").shape == (16, 16, 3)
 
 
 def test_text_zoo_model_uses_the_empty_prompt_as_null(tmp_path):

@@ -159,7 +159,8 @@ def resolve(loaded: Loaded, s: Settings) -> dict[str, Any]:
     channels = int(cfg.get("in_channels", 3))
     if loaded.autoencoder is None and channels != 3:
         raise ValueError(f"the model has {channels} input channels but no autoencoder to decode them "
-                         "(meta.json 'autoencoder' is null)")
+                         "(meta.json 'autoencoder' is null, e.g. a converted checkpoint): give --autoencoder DIR "
+                         "(a local diffusers AutoencoderKL folder)")
     train_res = int(cfg.get("input_size", 32)) * factor
     res = int(s.resolution or train_res)
     if res <= 0 or res % factor:
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--raw-weights", action="store_true", help="use the online weights instead of the EMA")
+    p.add_argument("--autoencoder", default=None, metavar="DIR",
+                   help="local diffusers AutoencoderKL folder, replacing the checkpoint's (or supplying a missing one)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: n-per-cond, or sqrt)")
     p.add_argument("--out", default="samples.png", help="output PNG (settings go to <out>.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -304,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--orig-size takes H or H W")
         loaded = (load_checkpoint(args.checkpoint, args.device, use_ema=not args.raw_weights) if args.checkpoint
                   else load_zoo(args.model, args.conditioning, args.device, seed=args.seed))
+        if args.autoencoder:
+            from condiff.data.autoencoder import build_autoencoder
+
+            loaded.autoencoder = build_autoencoder({"kind": "diffusers", "path": args.autoencoder}).to(args.device)
+            loaded.meta["autoencoder"] = loaded.autoencoder.config
         cond, null, captions = semantic_conditions(loaded, args.class_ids, _prompts(args), args.n_per_cond)
         orig = (args.orig_size[0], args.orig_size[-1]) if args.orig_size else None
         settings = Settings(seed=args.seed, steps=args.steps, sampler=args.sampler, spacing=args.spacing, eta=args.eta,
@@ -320,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     save_grid(images, out, nrow)
     record = {
         "source": args.checkpoint or f"zoo:{args.model} (random weights)",
+        "autoencoder": loaded.meta.get("autoencoder"),
         "settings": vars(settings),
         "captions": captions,
         **{k: v for k, v in resolved.items() if k not in ("schedule", "size_distribution")},
