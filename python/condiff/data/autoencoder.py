@@ -88,7 +88,10 @@ def build_autoencoder(config: dict | None = None) -> nn.Module:
     if kind == "pixels":
         return PixelAutoencoder()
     if kind == "diffusers":
-        from diffusers import AutoencoderKL
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError:
+            raise ImportError("autoencoder 'diffusers' needs the package diffusers (pip install 'condiff[test]' or diffusers)") from None
 
         path = _vae_dir(config.get("path"))
         dtype = config.get("dtype", "float32")
