@@ -158,8 +158,8 @@ def test_full_centred_crop_control():
 
 
 def test_size_conditioning_fixed_drawn_and_default():
-    h, l = inference_control(3, (64, 64), size=(512, 768))
-    assert l.tolist() == [[512.0, 768.0]] * 3 and h[:, 2:4].tolist() == [[512.0, 512.0]] * 3
+    ctrl_h, ctrl_l = inference_control(3, (64, 64), size=(512, 768))
+    assert ctrl_l.tolist() == [[512.0, 768.0]] * 3 and ctrl_h[:, 2:4].tolist() == [[512.0, 512.0]] * 3
     dist = [[300, 400], [1024, 768], [512, 512]]
     _, drawn = inference_control(2000, (64, 64), size_distribution=dist, generator=torch.Generator().manual_seed(0))
     rows = {tuple(r) for r in drawn.tolist()}

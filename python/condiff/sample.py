@@ -167,7 +167,8 @@ def resolve(loaded: Loaded, s: Settings) -> dict[str, Any]:
         raise ValueError(f"--resolution {res}: must be a positive multiple of the autoencoder factor {factor}")
     patch = int(cfg.get("patch_size", 1))
     if (res // factor) % patch:
-        raise ValueError(f"--resolution {res}: the latent size {res // factor} must be a multiple of the patch size {patch}")
+        raise ValueError(f"--resolution {res}: the latent size {res // factor} must be a multiple of the "
+                         f"patch size {patch}")
     scale = res / train_res
     lam = guidance_scale_for_resolution(s.guidance, scale) if (s.guidance_law and scale != 1) else s.guidance
     schedule = loaded.schedule

@@ -111,7 +111,7 @@ class ControlGuidance(nn.Module):
         out = self.model(x_in, t_in, Cond.cat([c for _, c in rows]))  # (k*B, C, H, W)
         chunks = out.chunk(k, dim=0)
         eps = rows[0][0] * chunks[0]
-        for (coef, _), chunk in zip(rows[1:], chunks[1:]):
+        for (coef, _), chunk in zip(rows[1:], chunks[1:], strict=True):
             eps = eps + coef * chunk
         return eps
 

@@ -19,7 +19,6 @@ Order of the optional transforms (each documented at its option):
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -61,6 +60,9 @@ def rescale_for_resolution(alphas_cumprod: Tensor, s: float, s_new: float) -> Te
 @dataclass(frozen=True)
 class ScheduleConfig:
     """The JSON-able numbers that define a `Schedule` (what `to_dict()` stores in a checkpoint).
+
+    beta_schedule: "scaled_linear" (the paper's quadratic betas) or "linear" (DDPM / DiT / PixArt, for
+    converted checkpoints: 1e-4 .. 0.02).
 
     base_resolution / resolution: Eq. 3 rescaling from the resolution the betas were designed for
     (s, e.g. 256 for the paper's pre-training) to the resolution the model is trained and sampled at
@@ -251,8 +253,3 @@ class Schedule:
     @property
     def sigma_max(self) -> float:
         return float(self.sigmas[-1])
-
-    @staticmethod
-    def log_snr(sigma: float) -> float:
-        """lambda = log(sqrt(abar) / sqrt(1 - abar)) = -log(sigma) (DPM-Solver's half log-SNR); +inf at sigma 0."""
-        return math.inf if sigma == 0 else -math.log(sigma)
