@@ -168,3 +168,14 @@ def test_text_model_eval_align(tmp_path):
     m = M.load(tmp_path / "out")
     assert m.metrics["align/n"] == 4 and m.size_cond == "fixed:48" and m.control_guidance == 1.375
     assert m.settings["n_prompts"] == 8
+
+
+def test_prompts_checked_before_sampling(setup, tmp_path):
+    from condiff.eval.__main__ import main
+
+    (tmp_path / "p.txt").write_text("\n".join(["a photo of a dog"] * 8) + "\n")
+    with pytest.raises(ValueError, match="shapes grammar"):
+        main(["--ckpt", str(setup / "run"), "--metrics", "align", "--n", "2", "--prompts", str(tmp_path / "p.txt")])
+    (tmp_path / "q.txt").write_text("a red circle\n")
+    with pytest.raises(ValueError, match="1 class names for a model with 8 classes"):
+        main(["--ckpt", str(setup / "run"), "--metrics", "align", "--n", "2", "--prompts", str(tmp_path / "q.txt")])

@@ -229,8 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             if gen.conditioning != "text" and prompts is None:
                 raise ValueError("--metrics clip on a class model needs class names as --prompts")
             clip_scorer = ClipScorer(args.clip, device=dist.device, batch_size=args.batch_size)
-        if "align" in args.metrics and prompts is None:
-            raise ValueError("--metrics align needs shapes captions: --prompts shapes[:PRESET] (or a file of them)")
+        if "align" in args.metrics:
+            if prompts is None:
+                raise ValueError("--metrics align needs shapes captions: --prompts shapes[:PRESET] (or a file of them)")
+            from condiff.data.shapes import parse_caption
+
+            for prompt in prompts:  # fail before sampling, naming the first caption outside the grammar
+                parse_caption(prompt)
 
         # ---- generation + per-batch metric inputs (this rank's share) ----
         feats, clip_scores, align_flags, grid = [], [], [], []

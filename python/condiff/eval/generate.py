@@ -117,6 +117,9 @@ class Generator:
                 raise ValueError("a text-conditioned model needs prompts (--prompts FILE or --prompts shapes[:PRESET])")
             if inference.text_encoder is None:
                 raise ValueError("the checkpoint is text-conditioned but has no text encoder (meta.json 'text_encoder')")
+        elif prompts and len(prompts) != self.num_classes:
+            raise ValueError(f"--prompts: {len(prompts)} class names for a model with {self.num_classes} classes "
+                             "(class models take one name per class id, used as the caption of its samples)")
         self.prompts = list(prompts) if prompts else None
         self.size_mode, self.fixed_size = parse_size_cond(spec.size_cond)
         self.size_distribution = size_distribution_from_meta(inference.meta) if self.size_mode == "train-dist" else None
