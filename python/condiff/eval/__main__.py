@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file (one prompt per line), JSONL ('caption' or 'text' field), or shapes[:PRESET] "
                         "(the shapes class captions); for class models: class names used as captions")
     g.add_argument("--raw-weights", action="store_true", help="use the online weights instead of the EMA")
+    g.add_argument("--autoencoder", default=None, metavar="DIR",
+                   help="local diffusers AutoencoderKL folder, replacing the checkpoint's (or supplying a missing one)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     f = p.add_argument_group("fid")
     f.add_argument("--ref-train", default=None, help="training shard set (brace/glob): FID_train")
@@ -201,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = resolve_checkpoint(args.ckpt)
         inf = load_for_inference(ckpt, device=dist.device, use_ema=not args.raw_weights)
+        if args.autoencoder:  # as `condiff sample --autoencoder` (converted checkpoints store no VAE)
+            from condiff.data.autoencoder import build_autoencoder
+
+            inf.autoencoder = build_autoencoder({"kind": "diffusers", "path": args.autoencoder}).to(dist.device)
+            inf.meta["autoencoder"] = inf.autoencoder.config
         spec = SamplingSpec(n=args.n, seed=args.seed, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
                             eta=args.eta, guidance=args.guidance, control_guidance=args.control_guidance,
                             size_cond=args.size_cond, resolution=args.resolution, guidance_law=not args.no_guidance_law,
@@ -288,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.update(metrics=args.metrics, guidance_at_resolution=gen.guidance, spacing=gen.spacing,
                             weights=inf.meta.get("weights"),
                             prompts=args.prompts, n_prompts=len(prompts) if prompts else None,
+                            autoencoder=inf.meta.get("autoencoder"),
                             features=extractor.name if extractor else None, clip=args.clip if clip_scorer else None,
                             ref_shards={k: v for k, v in (("train", args.ref_train), ("val", args.ref_val)) if v},
                             ref_n={k: r.n for k, r in (refs or {}).items()}, wall_s=round(time.time() - t_start, 2),
