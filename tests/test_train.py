@@ -218,14 +218,14 @@ def test_too_many_nonfinite_steps_stop_and_keep_last_good_checkpoint(tmp_path, s
 
 # ------------------------------------------------------------------------------------------ outputs
 def test_run_outputs_and_load_for_inference(tmp_path, shards):
-    from condiff.train.loop import Trainer
+    """`condiff train` (single process) end to end: resolved config, JSONL, loss curve, grid, checkpoint,
+    and `load_for_inference` returning the EMA model."""
+    from condiff.train.__main__ import main
 
     run = tmp_path / "run"
-    cfg = load_config(overrides=TINY + [f"data.shards={shards}", f"run_dir={run}", "steps=3", "save_every=100",
-                                        "log.sample_labels=[0,3]", "log.sample_steps=3", "log.sample_per_prompt=2"])
-    trainer = Trainer(cfg)
-    summary = trainer.run()
-    assert summary["steps"] == 3
+    argv = TINY + [f"data.shards={shards}", f"run_dir={run}", "steps=3", "save_every=100", "log.sample_labels=[0,3]",
+                   "log.sample_steps=3", "log.sample_per_prompt=2"]
+    assert main(argv) == 0
     assert (run / "config.yaml").is_file() and load_config(run / "config.yaml").steps == 3  # resolved config reloads
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -239,12 +239,17 @@ def test_run_outputs_and_load_for_inference(tmp_path, shards):
     latest = ck.latest_checkpoint(run)
     meta = ck.read_meta(latest)
     assert meta["step"] == 3 and meta["base_size"] == 4 and meta["autoencoder"] == {"kind": "pixels"}
-    assert meta["train_sizes"] and all(32 <= h <= 64 for h, w in meta["train_sizes"])
+    assert len(meta["train_sizes"]) == 24 and all(32 <= h <= 64 and h == w for h, w in meta["train_sizes"])
     inf = ck.load_for_inference(run)
     assert inf.meta["weights"] == "ema" and not inf.model.training
-    ema = trainer.ema.state_dict(trainer.model)
+    ema = ck.load_weights(latest, "ema")
     for k, v in inf.model.state_dict().items():
         torch.testing.assert_close(v, ema[k], rtol=0, atol=0)
     raw = ck.load_for_inference(run, use_ema=False)
     assert any(not torch.equal(v, ema[k]) for k, v in raw.model.state_dict().items())
-    assert inf.schedule == trainer.schedule
+    from condiff.diffusion import Schedule
+
+    assert inf.schedule == Schedule() and inf.text_encoder is None
+    # a second invocation with the same run_dir resumes (nothing to do at steps=3) and keeps the weights
+    assert main(argv) == 0
+    assert ck.latest_checkpoint(run) == latest

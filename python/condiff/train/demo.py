@@ -109,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from condiff.data import shapes
     from condiff.data.make_shards import write_shapes
     from condiff.train.config import load_config
     from condiff.train.loop import Trainer, plot_loss_curve, sample_images
@@ -147,15 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     captions = [c for c in prompts for _ in range(args.per_prompt)]
     captioned_grid(images, prompts, args.per_prompt, out / "samples.png")
     plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
-    scores = None
-    try:
-        from condiff.eval.align import score_images
+    from condiff.eval.align import score_images
 
-        scores = score_images(images, captions)
-    except ImportError:  # the evaluation module is optional for the demo
-        pass
-    real = torch.stack([trainer_image for trainer_image in _real_images(shapes, prompts, args)])
-    real_scores = score_images(real, [c for c in prompts for _ in range(1)]) if scores is not None else None
+    scores = score_images(images, captions)
+    real_scores = score_images(torch.stack(_real_images(prompts, args.resolution)), prompts)
     t_sample = time.perf_counter() - t_s
 
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
@@ -181,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     line = f"[demo] {summary['steps']} steps in {report['wall_s']['total']:.0f} s"
     if steps_run:
         line += f" ({report['sec_per_step']:.3f} s/step, {report['img_per_s']} img/s on {report['threads']} threads)"
-    if scores is not None:
+    if scores:
         line += (f"; alignment: overall {scores['overall']:.2f}, colour {scores['colour']:.2f}, "
                  f"shape {scores['shape']:.2f}, relation {scores['relation']:.2f}")
     print(line, file=sys.stderr)
@@ -190,22 +184,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _real_images(shapes, prompts, args):
-    """One real training-style image per prompt (rendered, centre-cropped, resized): the detector's
-    reference score on data, reported beside the samples' score."""
-    from condiff.data.transforms import CropTransform
+def _real_images(prompts: list[str], resolution: int) -> list[torch.Tensor]:
+    """One training-style view (centre crop, resized) of a real shapes image per prompt: the detector's
+    score on data at the demo resolution, reported beside the samples' score as the ceiling."""
     import numpy as np
 
+    from condiff.data import shapes
+    from condiff.data.transforms import CropTransform
+
     cfg = shapes.get_config(PRESET)
-    transform = CropTransform(args.resolution, "center", flip_prob=0.0)
-    wanted = {c: None for c in prompts}
-    i = 0
-    while any(v is None for v in wanted.values()) and i < 10_000:
+    transform = CropTransform(resolution, "center", flip_prob=0.0)
+    found: dict[str, torch.Tensor] = {}
+    for i in range(10_000):
         s = shapes.render(i, cfg, 0)
-        if s.caption in wanted and wanted[s.caption] is None:
-            wanted[s.caption] = transform(s.image, np.random.default_rng(0))[0]
-        i += 1
-    return [wanted[c] for c in prompts]
+        if s.caption in prompts and s.caption not in found:
+            found[s.caption] = transform(s.image, np.random.default_rng(0))[0]
+        if len(found) == len(prompts):
+            break
+    return [found[c] for c in prompts]
 
 
 if __name__ == "__main__":
