@@ -179,3 +179,32 @@ def test_prompts_checked_before_sampling(setup, tmp_path):
     (tmp_path / "q.txt").write_text("a red circle\n")
     with pytest.raises(ValueError, match="1 class names for a model with 8 classes"):
         main(["--ckpt", str(setup / "run"), "--metrics", "align", "--n", "2", "--prompts", str(tmp_path / "q.txt")])
+
+
+def test_latent_model_decodes_through_autoencoder(tmp_path):
+    """A latent (4-channel) checkpoint without a stored VAE takes one with --autoencoder; the grid and
+    the align scores are computed on decoded 16 px images."""
+    from diffusers import AutoencoderKL
+
+    from condiff.diffusion import Schedule
+    from condiff.eval.__main__ import main
+    from condiff.models import create
+    from condiff.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                  layers_per_block=1, scaling_factor=0.5).save_pretrained(str(tmp_path / "vae"))
+    model = create("dit-tiny", input_size=8, num_classes=8, depth=1, hidden_size=32, num_heads=2)
+    meta = {"model": model.config, "schedule": Schedule().to_dict(), "text_encoder": None, "autoencoder": None}
+    save_checkpoint(tmp_path / "run", 1, model_state=model.state_dict(), ema_state=None, meta=meta)
+    args = ["--ckpt", str(tmp_path / "run"), "--metrics", "align", "--n", "3", "--steps", "1",
+            "--prompts", "shapes:demo", "--out", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="no autoencoder"):
+        main(args)
+    assert main([*args, "--autoencoder", str(tmp_path / "vae")]) == 0
+    m = M.load(tmp_path / "out")
+    assert m.resolution == 16 and m.size_cond == "output" and m.settings["autoencoder"]["kind"] == "diffusers"
+    from PIL import Image
+
+    assert Image.open(tmp_path / "out" / "grid.png").size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
