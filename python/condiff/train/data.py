@@ -60,6 +60,10 @@ class TrainStream:
     def state_dict(self) -> dict:
         return self.loader.state_dict()
 
+    def skipped(self) -> int:
+        """Bad samples skipped so far by this rank's loader (undecodable, missing fields, too small...)."""
+        return int(sum(v for k, v in self.loader.stats.items() if k.startswith("skipped_") or k == "shard_errors"))
+
     def __iter__(self):
         return self
 

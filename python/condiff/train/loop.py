@@ -391,7 +391,8 @@ class Trainer:
                     logger.log({"step": self.step, "loss": window_loss / max(window_n, 1), "grad_norm": out["grad_norm"],
                                 "lr": out["lr"], "img_per_s": window_steps * cfg.batch_size / max(elapsed, 1e-9),
                                 "sec_per_step": elapsed / max(window_steps, 1), "nonfinite_total": self.nonfinite_total,
-                                "images_seen": self.images_seen, "time": time.time()})
+                                "images_seen": self.images_seen, "data_skipped": self.data.skipped(),
+                                "time": time.time()})
                     t_window, window_steps, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
                 if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and self.step < cfg.steps:
                     self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png")
