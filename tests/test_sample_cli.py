@@ -1,6 +1,7 @@
 """`condiff sample`: zoo smoke run, checkpoint run (stored schedule + sizes), determinism, errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,22 @@ def test_text_zoo_model_uses_the_empty_prompt_as_null(tmp_path):
     images, r = generate(loaded, cond, null, Settings(steps=1, guidance=3.0, resolution=16), progress=False)
     assert images.shape == (2, 3, 16, 16)
     assert r["guidance_effective"] == 2.0  # Eq. 4 downwards: s = 16 / 32 = 0.5
+
+
+@pytest.mark.slow
+def test_end_to_end_train_then_sample(tmp_path):
+    """make-shards -> 3 training steps of the tiny mmDiT-ours recipe -> condiff sample on the run directory."""
+    from condiff.data.make_shards import main as make_shards
+    from condiff.train.__main__ import main as train
+
+    assert make_shards(["shapes", "--preset", "demo", "--n", "64", "--out", str(tmp_path / "shapes")]) == 0
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "mmdit_ours.yaml"
+    assert train(["--config", str(recipe), f"run_dir={tmp_path / 'run'}",
+                  f"data.shards={tmp_path / 'shapes'}", "steps=3", "save_every=3", "batch_size=8",
+                  "log.sample_every=0", "data.workers=0", "log.progress=false"]) == 0
+    rc, out = run(tmp_path, "s.png", "--checkpoint", str(tmp_path / "run"), "--class-ids", "0", "1", "2")
+    assert rc == 0 and pixels(out).shape == (2 + 2 * 18, 2 + 2 * 18, 3)
+    rec = json.loads(out.with_name("s.png.json").read_text())
+    meta = json.loads((tmp_path / "run" / "step_00000003" / "meta.json").read_text())
+    assert rec["size_mode"] == "train-dist" and rec["schedule"] == meta["schedule"]
+    assert {tuple(s) for s in rec["control_l"]} <= {tuple(map(float, s)) for s in meta["train_sizes"]}
