@@ -11,15 +11,20 @@ from condiff.models.zoo import TRANSFORMERS
 
 CLASS_ONLY = {"dit", "mdt-v2"}
 FAMILIES = sorted(TRANSFORMERS)
+# mmDiT's non-default context streams (class -> shared and text -> light are the defaults).
+STREAMS = {"mmdit-full": ("mmdit", {"context_stream": "full"}), "mmdit-light": ("mmdit", {"context_stream": "light"}),
+           "mmdit-shared": ("mmdit", {"context_stream": "shared"})}
 CASES = [(f, c) for f in FAMILIES for c in ("class", "text") if not (f in CLASS_ONLY and c == "text")]
+CASES += [("mmdit-full", "class"), ("mmdit-full", "text"), ("mmdit-light", "class"), ("mmdit-shared", "text")]
 SMALL = dict(input_size=8, text_dim=32, pooled_dim=24, text_len=7, num_classes=10, hidden_size=64, depth=2,
              control_freq_dim=32)
 
 
 def tiny(family, conditioning, **kw):
     """The family's tiny config, shrunk further for test speed (mDT keeps depth 4: 1 + 1 encoder, 2 decoder)."""
+    family, extra = STREAMS.get(family, (family, {}))
     small = {**SMALL, "depth": 4} if family == "mdt-v2" else SMALL
-    return create(f"{family}-tiny", conditioning=conditioning, **{**small, **kw})
+    return create(f"{family}-tiny", conditioning=conditioning, **{**small, **extra, **kw})
 
 
 def perturb(model):
@@ -100,7 +105,7 @@ def test_gradients_reach_every_parameter(family, conditioning):
     model = perturb(tiny(family, conditioning)).train()
     x, t, cond = model.example_inputs(2)
     loss = model(x, t, cond).square().mean()
-    if family == "mdt-v2":  # the masked pass (mask token, side-interpolater) of MDT's two-pass loss
+    if family.startswith("mdt"):  # the masked pass (mask token, side-interpolater) of MDT's two-pass loss
         loss = loss + model(x, t, cond, mask_ratio=model.mask_ratio).square().mean()
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -182,3 +187,73 @@ def test_mdt_random_masking_bookkeeping():
     assert kept.shape == (2, 7, 1) and mask.sum(1).tolist() == [3.0, 3.0]
     for b in range(2):  # kept tokens are exactly the unmasked positions
         assert sorted(kept[b, :, 0].long().tolist()) == [b * 10 + i for i in range(10) if mask[b, i] == 0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,conditioning", CASES)
+def test_torch_compile_matches_eager(family, conditioning):
+    """torch.compile (inductor) of the tiny configs: same forward output and parameter gradients as eager."""
+    model = perturb(tiny(family, conditioning)).eval()
+    x, t, cond = model.example_inputs(2)
+    compiled = torch.compile(model)
+    out_eager = model(x, t, cond)
+    out = compiled(x, t, cond)
+    torch.testing.assert_close(out, out_eager, rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()), allow_unused=True)
+    ref = torch.autograd.grad(out_eager.square().sum(), list(model.parameters()), allow_unused=True)
+    for g, r in zip(grads, ref):
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+
+
+def test_learn_sigma_returns_eps_channels_only():
+    model = perturb(tiny("dit", "class", learn_sigma=True))
+    assert model.final_layer.linear.out_features == 2 * 2 * 8
+    x, t, cond = model.example_inputs(2)
+    assert model(x, t, cond).shape == (2, 4, 8, 8)
+
+
+def test_text_states_validation_and_default_lengths():
+    model = perturb(tiny("mmdit", "text")).eval()
+    x, t, cond = model.example_inputs(2)
+    with pytest.raises(ValueError, match=r"cond.text must be \(2, T, 32\)"):
+        model(x, t, Cond(text=torch.randn(2, 7, 16), pooled=cond.pooled))
+    with pytest.raises(ValueError, match=r"cond.pooled must be \(2, 24\)"):
+        model(x, t, Cond(text=cond.text, text_lengths=cond.text_lengths))
+    with pytest.raises(ValueError, match="Cond.labels is required"):
+        perturb(tiny("dit", "class"))(x, t, Cond())
+    full = Cond(text=cond.text, pooled=cond.pooled)  # no lengths = every token valid (zero padding is a no-op)
+    explicit = Cond(text=cond.text, pooled=cond.pooled, text_lengths=torch.tensor([7, 7]))
+    torch.testing.assert_close(model(x, t, full), model(x, t, explicit))
+    minilm = tiny("mmdit-ours", "text", text_dim=384, pooled_dim=384)  # other encoders: configurable dims
+    xm, tm, cm = minilm.example_inputs(1)
+    assert cm.text.shape == (1, 7, 384) and minilm(xm, tm, cm).shape == (1, 4, 8, 8)
+
+
+def test_positional_grid_kinds():
+    """arange = facebookresearch/DiT (MAE) table; rectified = App. C linspace(0, base, grid); the model uses the
+    table of the actual grid, anchored at its base size."""
+    import numpy as np
+
+    from condiff.models.posemb import sincos_pos_embed_2d
+
+    def mae_table(dim, pos_h, pos_w):  # the MAE/DiT formula written out: [w features | h features], [sin | cos]
+        omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+        gw, gh = np.meshgrid(pos_w, pos_h)
+        feats = [np.concatenate([np.sin(np.outer(g.reshape(-1), omega)), np.cos(np.outer(g.reshape(-1), omega))], 1)
+                 for g in (gw, gh)]
+        return torch.from_numpy(np.concatenate(feats, 1)).float()
+
+    torch.testing.assert_close(sincos_pos_embed_2d(16, 4, rectified=False), mae_table(16, np.arange(4), np.arange(4)))
+    lin = np.linspace(0, 4, 8)
+    torch.testing.assert_close(sincos_pos_embed_2d(16, 8, base_size=4), mae_table(16, lin, lin))
+    scaled = np.arange(8) * 4 / 8 / 2.0
+    torch.testing.assert_close(sincos_pos_embed_2d(16, 8, base_size=4, kind="scaled", interp_scale=2.0),
+                               mae_table(16, scaled, scaled))
+    crop = (np.arange(4) + 2) * 4 / 8
+    torch.testing.assert_close(sincos_pos_embed_2d(16, 4, base_size=4, kind="sd3", max_size=8), mae_table(16, crop, crop))
+    model = tiny("dit", "class")
+    assert model.base_size == 4
+    torch.testing.assert_close(model.pos_embed(8, 8, "cpu", torch.float32)[0], sincos_pos_embed_2d(64, 8, base_size=4))
+    dit = tiny("dit", "class", pos_grid="arange")
+    torch.testing.assert_close(dit.pos_embed(4, 4, "cpu", torch.float32)[0], mae_table(64, np.arange(4), np.arange(4)))

@@ -40,7 +40,7 @@ def pad_text(states: Tensor, lengths: Tensor, mode: str = "zero", beta: float = 
         raise ValueError(f"pad_text: mode must be one of {PADDING_MODES}, got {mode!r}")
     T = states.shape[1]
     lengths = lengths.to(states.device)
-    if not states.is_meta and bool((lengths > T).any()):
+    if not states.is_meta and not torch.compiler.is_compiling() and bool((lengths > T).any()):  # no graph break
         raise ValueError(f"pad_text: lengths must be <= T = {T}, got max {int(lengths.max())}")
     if mode == "zero":
         valid = torch.arange(T, device=states.device)[None, :] < lengths[:, None]  # (B, T)
