@@ -32,7 +32,7 @@ def test_size_blind_sampler_scores_zero_and_gets_same_noise(net):
         seen.append((noise, prompts, sizes))
         return noise.tanh()  # ignores the size conditioning
 
-    sizes = L.protocol_sizes(L.default_sizes(32), 32)
+    sizes = L.protocol_sizes(L.default_sizes(32, k=4), 32)
     mean, per_prompt = L.size_diversity(sample_fn, ["a", "b", "c"], _noise, sizes, net, prompts_per_batch=2)
     assert mean == 0.0 and len(per_prompt) == 3
     noise, prompts, size_t = seen[0]
@@ -49,22 +49,26 @@ def test_size_dependent_sampler_scores_higher(net):
             return (noise.tanh() * 0.5 + strength * (sizes[:, :1, None, None] / 128.0) * ramp).clamp(-1, 1)
         return sample_fn
 
-    sizes = [32, 64, 96, 128]
+    sizes = [32, 64, 128]
     weak, _ = L.size_diversity(make(0.1), ["a", "b"], _noise, sizes, net)
     strong, _ = L.size_diversity(make(0.8), ["a", "b"], _noise, sizes, net)
     assert 0.0 < weak < strong
 
 
-def test_backbone_from_local_file(tmp_path):
-    import torchvision
-
-    torch.manual_seed(0)
-    tv = torchvision.models.alexnet(weights=None)
-    path = tmp_path / L.BACKBONE_FILES["alex"]
-    torch.save(tv.state_dict(), path)
+def test_backbone_from_local_file(tmp_path, net):
+    """torchvision's state-dict layout (features.N.*, classifier.*) lands in lpips' slices."""
+    g = torch.Generator().manual_seed(0)
+    state = {f"features.{name.split('.')[1]}.{k}": torch.randn(v.shape, generator=g)
+             for name, m in net.net.named_modules() if name.count(".") == 1 for k, v in m.state_dict().items()}
+    state["classifier.1.weight"] = torch.zeros(3, 3)  # ignored, as the real file's classifier
+    torch.save(state, tmp_path / L.BACKBONE_FILES["alex"])
     model = L.lpips_model("alex", backbone_path=tmp_path)
-    torch.testing.assert_close(model.net.slice1[0].weight, tv.features[0].weight)
-    torch.testing.assert_close(model.net.slice5._modules["10"].bias, tv.features[10].bias)
+    torch.testing.assert_close(model.net.slice1[0].weight, state["features.0.weight"])
+    torch.testing.assert_close(model.net.slice5._modules["10"].bias, state["features.10.bias"])
+    del state["features.3.weight"]
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match="features.3"):
+        L.lpips_model("alex", backbone_path=tmp_path / "broken.pth")
 
 
 def test_missing_backbone_says_what_to_provide(tmp_path, monkeypatch):
@@ -76,9 +80,7 @@ def test_missing_backbone_says_what_to_provide(tmp_path, monkeypatch):
     assert "vgg16-397923af.pth" in msg and L.BACKBONE_ENV in msg and "--lpips-random" in msg
 
 
-def test_random_backbone_is_seeded():
-    torch.manual_seed(123)
-    a = L.lpips_model("alex", random_backbone=True)
-    torch.rand(5)
-    b = L.lpips_model("alex", random_backbone=True)
-    torch.testing.assert_close(a.net.slice1[0].weight, b.net.slice1[0].weight)
+def test_random_backbone_is_seeded(net):
+    torch.manual_seed(123)  # the global RNG state must not matter
+    other = L.lpips_model("alex", random_backbone=True)
+    torch.testing.assert_close(other.net.slice1[0].weight, net.net.slice1[0].weight)

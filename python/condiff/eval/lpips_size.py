@@ -82,14 +82,16 @@ def lpips_model(net: str = "alex", backbone_path: str | os.PathLike | None = Non
         torch.manual_seed(0)
         model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
     if file is not None:
-        import torchvision
-
-        tv = getattr(torchvision.models, "alexnet" if net == "alex" else "vgg16")(weights=None)
-        tv.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
-        # lpips' slices hold the torchvision `features` modules under their original indices
+        # lpips' slices hold torchvision's `features` modules under their original indices: slice1.0 = features.0
+        state = torch.load(file, map_location="cpu", weights_only=True)
         for name, module in model.net.named_modules():
-            if name.count(".") == 1 and name.startswith("slice"):
-                module.load_state_dict(tv.features[int(name.split(".")[1])].state_dict())
+            if name.count(".") == 1 and name.startswith("slice") and any(True for _ in module.parameters()):
+                prefix = f"features.{name.split('.')[1]}."
+                sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                try:
+                    module.load_state_dict(sub)
+                except RuntimeError as exn:
+                    raise ValueError(f"{file}: not torchvision {net} weights ({prefix}*: {exn})") from exn
     return model.to(device).eval()
 
 
