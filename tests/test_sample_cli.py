@@ -12,6 +12,16 @@ from condiff.diffusion.schedule import Schedule
 from condiff.sample import Loaded, Settings, generate, load_checkpoint, main, resolve, semantic_conditions
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy shared machine two spinning OpenMP threads
+    make each forward ~50x slower (benchmarks/RESULTS.md). Restored after this module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run(tmp_path, name, *args):
     out = tmp_path / name
     rc = main([*args, "--steps", "2", "--quiet", "--out", str(out)])
