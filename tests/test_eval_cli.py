@@ -208,3 +208,15 @@ def test_latent_model_decodes_through_autoencoder(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "out" / "grid.png").size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
+
+
+def test_lpips_only_run_grids_its_size_sweeps(setup, tmp_path):
+    from PIL import Image
+
+    from condiff.eval.__main__ import main
+
+    assert main(["--ckpt", str(setup / "run"), "--metrics", "lpips", "--steps", "1", "--lpips-random",
+                 "--lpips-prompts", "2", "--lpips-sizes", "8,16,24,32", "--out", str(tmp_path / "out")]) == 0
+    m = M.load(tmp_path / "out")
+    assert m.n == 0 and m.settings["lpips_sizes"] == [16, 24, 32] and m.metrics["lpips_size"] > 0
+    assert Image.open(tmp_path / "out" / "grid.png").size == (3 * 16 + 4 * 2, 2 * 16 + 3 * 2)  # prompts x sizes

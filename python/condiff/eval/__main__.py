@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     from condiff.eval import align, fid, manifest
-    from condiff.eval.generate import Generator, SamplingSpec, rank_indices
+    from condiff.eval.generate import Generator, SamplingSpec
     from condiff.train.checkpoint import load_for_inference, resolve_checkpoint
 
     dist = Dist(args.device)
@@ -282,11 +282,13 @@ def main(argv: list[str] | None = None) -> int:
             if dist.rank == 0:
                 flags = [f for _, f in sorted((p for part in parts for p in part), key=lambda p: p[0])]
                 metrics.update({f"align/{k}": v for k, v in align.aggregate(flags).items()})
-        lpips_settings = {}
+        lpips_settings, nrow = {}, None
         if "lpips" in args.metrics:
-            lpips_value, lpips_settings = _lpips(args, gen, dist)
+            lpips_value, lpips_settings, sweeps = _lpips(args, gen, dist)
             if dist.rank == 0:
                 metrics["lpips_size"] = lpips_value
+            if not grid:  # an LPIPS-only run shows its first size sweeps: one row per prompt, one column per size
+                grid, nrow = sweeps, len(lpips_settings["lpips_sizes"])
         grid_parts = dist.gather(grid)
 
         if dist.rank == 0:
@@ -303,13 +305,14 @@ def main(argv: list[str] | None = None) -> int:
             m = manifest.Manifest(
                 checkpoint=str(ckpt), checkpoint_hash=manifest.checkpoint_hash(ckpt), sampler=spec.sampler,
                 steps=spec.steps, guidance=spec.guidance, control_guidance=spec.control_guidance,
-                size_cond=gen.size_mode if gen.size_mode != "fixed" else spec.size_cond, n=spec.n, seed=spec.seed,
+                size_cond=gen.size_mode if gen.size_mode != "fixed" else spec.size_cond,
+                n=spec.n if needs_samples else 0, seed=spec.seed,
                 resolution=gen.resolution, metrics=metrics, reference={k: r.key for k, r in (refs or {}).items()},
                 settings=settings, world_size=dist.world, command=" ".join(["condiff eval", *argv]))
             manifest.save(m, out_dir)
             shown = sorted((p for part in grid_parts for p in part), key=lambda p: p[0])
             if shown:
-                manifest.save_grid(torch.stack([img for _, img in shown]), out_dir / "grid.png")
+                manifest.save_grid(torch.stack([img for _, img in shown]), out_dir / "grid.png", nrow=nrow)
             _log(dist, "results: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
             _log(dist, f"wrote {out_dir / 'manifest.json'}, report.md{', grid.png' if shown else ''}")
     finally:
@@ -327,8 +330,9 @@ def _save_pngs(save_dir: Path, idx: list[int], images: torch.Tensor) -> None:
         Image.fromarray(u8).save(save_dir / f"{i:06d}.png")
 
 
-def _lpips(args, gen, dist: Dist) -> tuple[float | None, dict]:
-    """LPIPS size-diversity over args.lpips_prompts prompts, split across ranks (prompt i on rank i % W)."""
+def _lpips(args, gen, dist: Dist) -> tuple[float | None, dict, list]:
+    """LPIPS size-diversity over args.lpips_prompts prompts, split across ranks (prompt i on rank i % W).
+    Returns (mean on rank 0 else None, settings, [(order key, image)] of the first 4 prompts' size sweeps)."""
     from condiff.eval import lpips_size
     from condiff.eval.generate import rank_indices
 
@@ -340,8 +344,13 @@ def _lpips(args, gen, dist: Dist) -> tuple[float | None, dict]:
     net = lpips_size.lpips_model(args.lpips_net, args.lpips_backbone, args.lpips_random, device=dist.device)
     mine = rank_indices(args.lpips_prompts, dist.rank, dist.world)
 
+    sweeps = []
+
     def sample_fn(noise, indices, size_t):  # "prompts" are global prompt indices: cond by index, sizes per row
-        return gen.sample(noise, gen.cond(indices, size_t), indices[0])
+        images = gen.sample(noise, gen.cond(indices, size_t), indices[0])
+        k = len(sizes)
+        sweeps.extend(((i, r % k), img.cpu()) for r, (i, img) in enumerate(zip(indices, images)) if i < 4)
+        return images
 
     _, per = lpips_size.size_diversity(sample_fn, mine, lambda p: gen.noise(mine[p]), sizes, net,
                                        prompts_per_batch=max(1, args.batch_size // len(sizes)))
@@ -350,8 +359,8 @@ def _lpips(args, gen, dist: Dist) -> tuple[float | None, dict]:
     settings = {"lpips_sizes": sizes, "lpips_prompts": args.lpips_prompts, "lpips_net": args.lpips_net,
                 "lpips_backbone": "random" if args.lpips_random else str(args.lpips_backbone or "default")}
     if dist.rank != 0:
-        return None, settings
-    return float(np.mean([s for part in parts for _, s in part])), settings
+        return None, settings, sweeps
+    return float(np.mean([s for part in parts for _, s in part])), settings, sweeps
 
 
 if __name__ == "__main__":
