@@ -57,3 +57,48 @@ def test_train_step_throughput(benchmark, name, size, channels, batch, rounds):
     benchmark.extra_info.update(img_per_s=batch / sec, batch=batch, params_M=sum(p.numel() for p in model.parameters()) / 1e6,
                                 threads=torch.get_num_threads(), input=f"{channels}x{size}x{size}")
     assert torch.isfinite(step())
+
+
+def test_demo_step_vs_notes_reference(benchmark):
+    """The `condiff demo` train step (mmdit-ours-tiny, text, 16 px patch 2, batch 32, 12 text tokens of
+    width 384 as the cached MiniLM states) timed against the notes' reference step (a DiT with depth 4,
+    width 128, 4 heads, patch 4 at 32 px, batch 64: 0.23-0.24 s quiet on 2 threads,
+    shared/notes/cpu-training-budget.md), interleaved in one run: the ratio transfers to a quiet machine."""
+    import time
+
+    from condiff.conditioning.cond import Cond
+
+    schedule = Schedule()
+    demo = create("mmdit-ours-tiny", conditioning="text", in_channels=3, input_size=16, patch_size=2,
+                  text_dim=384, pooled_dim=384, text_len=12).train()
+    ref = create("dit-tiny", conditioning="class", num_classes=12, in_channels=3, input_size=32, patch_size=4).train()
+    opt_d = torch.optim.Adam(demo.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    opt_r = torch.optim.Adam(ref.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    cond_d = Cond(text=torch.randn(32, 12, 384), text_lengths=torch.full((32,), 12), pooled=torch.randn(32, 384),
+                  control_h=torch.tensor([[0.0, 0.0, 48.0, 48.0, 1.0, 0.0]]).repeat(32, 1),
+                  control_l=torch.full((32, 2), 48.0), control_keep=torch.ones(32, dtype=torch.bool))
+    cond_r = Cond(labels=torch.randint(0, 12, (64,)))
+    x_d, x_r = torch.randn(32, 3, 16, 16), torch.randn(64, 3, 32, 32)
+
+    def one(model, opt, x, cond):
+        t0 = time.perf_counter()
+        loss, _ = diffusion_loss(model, x, cond, schedule, weighting="min-snr-gamma")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    times = {"demo": [], "ref": []}
+
+    def pair():
+        times["demo"].append(one(demo, opt_d, x_d, cond_d))
+        times["ref"].append(one(ref, opt_r, x_r, cond_r))
+
+    pair()  # warm-up
+    times = {"demo": [], "ref": []}
+    benchmark.pedantic(pair, rounds=8, iterations=1)
+    ratio = sorted(times["demo"])[len(times["demo"]) // 2] / sorted(times["ref"])[len(times["ref"]) // 2]
+    benchmark.extra_info.update(demo_s_median=sorted(times["demo"])[4], ref_s_median=sorted(times["ref"])[4],
+                                ratio=ratio, quiet_demo_s_estimate=0.235 * ratio,
+                                steps_in_10_min_estimate=int(600 / (0.235 * ratio)))
+    assert ratio > 0
