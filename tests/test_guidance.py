@@ -177,3 +177,34 @@ def test_size_conditioning_fixed_drawn_and_default():
         size_distribution_from_meta({"train_sizes": [[1, 2], [3]]})
     with pytest.raises(ValueError, match="expected \\(height, width\\)"):
         inference_control(1, (8, 8), size=(0, 4))
+
+
+def test_eq2_with_a_real_text_model_and_control():
+    """mmDiT-ours (text, disentangled control, noisy-replicate padding) in eval mode: the batched Eq. 2 equals
+    the combination of three separate forwards, and dropping the control changes the prediction."""
+    from condiff.models import create
+
+    torch.manual_seed(0)
+    model = create("mmdit-ours-tiny", conditioning="text", input_size=8, in_channels=3, text_dim=16, pooled_dim=16,
+                   text_len=6).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # past the zero-initialised gates / embedders
+            p.add_(0.05 * torch.randn_like(p))
+    b = 3
+    x, t = torch.randn(b, 3, 8, 8), torch.tensor([900.0, 500.0, 100.0])
+    ctrl_h, ctrl_l = inference_control(b, (64, 64), size_distribution=[[300, 400], [800, 600]])
+    cond = Cond(text=torch.randn(b, 6, 16), text_lengths=torch.tensor([2, 4, 6]), pooled=torch.randn(b, 16),
+                control_h=ctrl_h, control_l=ctrl_l)
+    null = Cond(text=torch.zeros(1, 6, 16), text_lengths=torch.tensor([2]), pooled=torch.zeros(1, 16))
+    lam, beta = 3.0, 1.375
+    with torch.no_grad():
+        out = ControlGuidance(model, null, lam=lam, beta=beta)(x, t, cond)
+        keep, drop = torch.ones(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)
+        eps_cs = model(x, t, Cond(**{**cond._tensors(), "control_keep": keep}))
+        eps_0s = model(x, t, Cond(**{**cond._tensors(), "control_keep": drop}))
+        null_b = Cond(text=null.text.expand(b, 6, 16), text_lengths=null.text_lengths.expand(b),
+                      pooled=null.pooled.expand(b, 16), control_h=ctrl_h, control_l=ctrl_l, control_keep=drop)
+        eps_00 = model(x, t, null_b)
+    assert not torch.allclose(eps_cs, eps_0s, atol=1e-4)  # the control condition matters
+    expected = lam * (beta * eps_cs + (1 - beta) * eps_0s) + (1 - lam) * eps_00
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
