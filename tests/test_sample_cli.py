@@ -74,12 +74,13 @@ def test_checkpoint_run_is_deterministic_and_uses_what_training_stored(tmp_path,
     assert rec["schedule"] == Schedule(base_resolution=8, resolution=16).to_dict()  # the stored (Eq. 3) schedule
     assert rec["size_mode"] == "train-dist"
     assert {tuple(s) for s in rec["control_l"]} <= {(40.0, 60.0), (100.0, 80.0), (64.0, 64.0)}
-    assert rec["guidance_effective"] == 3.0
+    # the stored schedule says "fine-tuned 8 -> 16 px": --guidance is lambda at the 8 px base, Eq. 4 with s = 2
+    assert rec["guidance_resolution"] == 8.0 and rec["guidance_effective"] == 5.0
 
 
 def test_guidance_law_and_fixed_size_at_another_resolution(tmp_path, checkpoint):
     rc, out = run(tmp_path, "hr.png", "--checkpoint", str(checkpoint), "--class-ids", "2", "--guidance", "1.5",
-                  "--resolution", "32", "--orig-size", "512", "--sampler", "heun")
+                  "--resolution", "32", "--orig-size", "512", "--sampler", "heun", "--guidance-resolution", "16")
     assert rc == 0
     rec = json.loads(out.with_name("hr.png.json").read_text())
     assert rec["guidance_effective"] == 2.0  # Eq. 4: s = 32 / 16 = 2, lambda 1.5 -> 2.0
@@ -87,6 +88,14 @@ def test_guidance_law_and_fixed_size_at_another_resolution(tmp_path, checkpoint)
     assert pixels(out).shape == (32, 32, 3)  # a single image: make_grid adds no padding
     loaded = load_checkpoint(str(checkpoint), "cpu")
     assert resolve(loaded, Settings(guidance=1.5, resolution=32, guidance_law=False))["guidance_effective"] == 1.5
+    assert resolve(loaded, Settings(guidance=1.5, resolution=32))["guidance_effective"] == 3.0  # s = 32 / 8
+    assert resolve(loaded, Settings(guidance=1.5, resolution=8))["guidance_effective"] == 1.5  # at the base
+    # no stored Eq. 3 base: the positional-grid anchor (App. C) gives it: base_size 4 x patch 2 = 8 px
+    from condiff.models import create
+
+    kept = Loaded(create("dit-tiny", in_channels=3, input_size=16, base_size=4), Schedule(), None, None, {})
+    r = resolve(kept, Settings(guidance=1.5))
+    assert r["guidance_resolution"] == 8.0 and r["resolution"] == 16 and r["guidance_effective"] == 2.0
     # opt-in Eq. 3 for the sampling resolution composes with the stored rescaling (base 8 -> 32)
     r = resolve(loaded, Settings(resolution=32, rescale_schedule=True))
     assert r["schedule"] == Schedule(base_resolution=8, resolution=32)

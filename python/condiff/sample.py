@@ -13,9 +13,14 @@ What it does, in order (every choice is written next to the PNG in `<out>.json`)
   3. size conditioning (Table 2b): phi_l drawn from the training sizes stored in the checkpoint
      ("train-dist", the default when available), the output size ("output"), or fixed ("--orig-size H W");
      phi_h is a full centred un-flipped crop (condiff.diffusion.size_cond).
-  4. guidance: Eq. 2 with lambda = --guidance and beta = --control-guidance in one batched forward. At an
-     output resolution other than the model's training resolution, lambda follows the guidance law
-     lambda'(s) = 1 + s (lambda - 1) (Eq. 4, s = new / training resolution) unless --no-guidance-law.
+  4. guidance: Eq. 2 with lambda = --guidance and beta = --control-guidance in one batched forward.
+     --guidance is the lambda at the model's BASE resolution (where the paper tunes it: 1.5 at 256 px);
+     at any other output resolution it follows the guidance law lambda'(s) = 1 + s (lambda - 1)
+     (Eq. 4, s = output / base resolution) unless --no-guidance-law. Base resolution (`base_resolution`):
+     --guidance-resolution if given, else the schedule's Eq. 3 base (a 256 -> 512 fine-tune: 256),
+     else the positional-grid anchor base_size x patch x autoencoder factor (App. C; a fine-tune that
+     kept its base size: 256), else the training resolution. So a 512 px fine-tune of a 256 px model
+     sampled at 512 px with --guidance 1.5 uses 2.0, the paper's 512 px setting.
      The schedule is the checkpoint's (what training used, Eq. 3 rescaling included); --rescale-schedule
      additionally applies Eq. 3 for the sampling resolution (zero-shot resolution change).
   5. sampler (--sampler ddim | dpmpp-2m | heun) over `--steps` timesteps, with a tqdm progress bar;
@@ -143,13 +148,24 @@ class Settings:
     eta: float = 0.0
     guidance: float = 4.0  # lambda (Eq. 2); 1 = no guidance
     control_guidance: float = 1.0  # beta (Eq. 2); 1 = plain CFG
-    guidance_law: bool = True  # Eq. 4 at a non-training resolution
+    guidance_law: bool = True  # Eq. 4 at a resolution other than the base resolution
+    guidance_resolution: float | None = None  # resolution `guidance` is tuned at; None: base_resolution()
     rescale_schedule: bool = False  # Eq. 3 for the sampling resolution
     size_cond: str | None = None  # None: "train-dist" if the checkpoint has sizes, else "output"
     orig_size: tuple[float, float] | None = None  # for size_cond "fixed"
     resolution: int | None = None  # output pixels (square); None: the training resolution
     batch_size: int = 16
     precision: str = "fp32"  # fp32 | bf16 (autocast of the model forward)
+
+
+def base_resolution(loaded: Loaded, factor: int, train_res: int) -> float:
+    """The model's base resolution in pixels (module docstring, step 4)."""
+    if loaded.schedule.config.base_resolution is not None:
+        return float(loaded.schedule.config.base_resolution)
+    cfg = loaded.model.config
+    if cfg.get("base_size") and cfg.get("patch_size"):
+        return float(cfg["base_size"]) * int(cfg["patch_size"]) * factor
+    return float(train_res)
 
 
 def resolve(loaded: Loaded, s: Settings) -> dict[str, Any]:
@@ -169,8 +185,12 @@ def resolve(loaded: Loaded, s: Settings) -> dict[str, Any]:
     if (res // factor) % patch:
         raise ValueError(f"--resolution {res}: the latent size {res // factor} must be a multiple of the "
                          f"patch size {patch}")
+    guidance_res = float(s.guidance_resolution or base_resolution(loaded, factor, train_res))
+    if not guidance_res > 0:
+        raise ValueError(f"--guidance-resolution must be > 0, got {s.guidance_resolution}")
+    g_scale = res / guidance_res
+    lam = guidance_scale_for_resolution(s.guidance, g_scale) if (s.guidance_law and g_scale != 1) else s.guidance
     scale = res / train_res
-    lam = guidance_scale_for_resolution(s.guidance, scale) if (s.guidance_law and scale != 1) else s.guidance
     schedule = loaded.schedule
     if s.rescale_schedule and scale != 1:
         schedule = schedule.at_resolution(res, base_resolution=None if schedule.config.base_resolution else train_res)
@@ -186,7 +206,8 @@ def resolve(loaded: Loaded, s: Settings) -> dict[str, Any]:
     if mode == "fixed" and not s.orig_size:
         raise ValueError("--size-cond fixed needs --orig-size H [W]")
     return dict(channels=channels, factor=factor, train_resolution=train_res, resolution=res,
-                latent_size=res // factor, resolution_scale=scale, guidance_effective=lam, schedule=schedule,
+                latent_size=res // factor, resolution_scale=scale, guidance_resolution=guidance_res,
+                guidance_scale_s=g_scale, guidance_effective=lam, schedule=schedule,
                 spacing=spacing, size_mode=mode, size_distribution=sizes if mode == "train-dist" else None)
 
 
@@ -267,9 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     p.add_argument("--spacing", choices=SPACINGS, default=None, help="timestep spacing (default per sampler)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic, 1 DDPM-like)")
-    p.add_argument("--guidance", type=float, default=4.0, help="lambda of Eq. 2 at the training resolution")
+    p.add_argument("--guidance", type=float, default=4.0, help="lambda of Eq. 2 at the base resolution")
+    p.add_argument("--guidance-resolution", type=float, default=None, metavar="PX",
+                   help="resolution --guidance is tuned at (default: the model's base resolution)")
     p.add_argument("--control-guidance", type=float, default=1.0, help="beta of Eq. 2 (1 = plain CFG)")
-    p.add_argument("--no-guidance-law", action="store_true", help="do not apply Eq. 4 at another resolution")
+    p.add_argument("--no-guidance-law", action="store_true", help="use --guidance as is at every resolution")
     p.add_argument("--rescale-schedule", action="store_true", help="apply Eq. 3 for the sampling resolution")
     p.add_argument("--size-cond", choices=SIZE_MODES, default=None,
                    help="phi_l: train-dist (default if stored), output, or fixed (--orig-size)")
@@ -317,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         orig = (args.orig_size[0], args.orig_size[-1]) if args.orig_size else None
         settings = Settings(seed=args.seed, steps=args.steps, sampler=args.sampler, spacing=args.spacing, eta=args.eta,
                             guidance=args.guidance, control_guidance=args.control_guidance,
-                            guidance_law=not args.no_guidance_law, rescale_schedule=args.rescale_schedule,
+                            guidance_law=not args.no_guidance_law, guidance_resolution=args.guidance_resolution,
+                            rescale_schedule=args.rescale_schedule,
                             size_cond=args.size_cond, orig_size=orig, resolution=args.resolution,
                             batch_size=args.batch_size, precision=args.precision)
         images, resolved = generate(loaded, cond, null, settings, device=args.device, progress=not args.quiet)
