@@ -8,6 +8,16 @@ import torch
 from condiff.eval import lpips_size as L
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads mostly spin against other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def net():
     return L.lpips_model("alex", random_backbone=True)
