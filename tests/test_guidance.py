@@ -208,3 +208,17 @@ def test_eq2_with_a_real_text_model_and_control():
     assert not torch.allclose(eps_cs, eps_0s, atol=1e-4)  # the control condition matters
     expected = lam * (beta * eps_cs + (1 - beta) * eps_0s) + (1 - lam) * eps_00
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_guidance_base_resolution():
+    from condiff.diffusion.guidance import guidance_base_resolution
+    from condiff.diffusion.schedule import Schedule
+
+    dit = {"input_size": 64, "patch_size": 2, "base_size": 16}  # 512 px latents, grid kept at 256 px's 16
+    assert guidance_base_resolution(Schedule().config, dit, 8) == 256.0
+    assert guidance_base_resolution(Schedule(base_resolution=256, resolution=512).config, {"input_size": 64}, 8) == 256
+    assert guidance_base_resolution(Schedule().config, {"input_size": 32}, 8) == 256.0  # e.g. a UNet
+    lam = guidance_scale_for_resolution(1.5, 512 / guidance_base_resolution(Schedule().config, dit, 8))
+    assert lam == 2.0
+    with pytest.raises(ValueError, match="give the resolution lambda is tuned at"):
+        guidance_base_resolution(Schedule().config, {}, 8)

@@ -16,7 +16,7 @@ What it does, in order (every choice is written next to the PNG in `<out>.json`)
   4. guidance: Eq. 2 with lambda = --guidance and beta = --control-guidance in one batched forward.
      --guidance is the lambda at the model's BASE resolution (where the paper tunes it: 1.5 at 256 px);
      at any other output resolution it follows the guidance law lambda'(s) = 1 + s (lambda - 1)
-     (Eq. 4, s = output / base resolution) unless --no-guidance-law. Base resolution (`base_resolution`):
+     (Eq. 4, s = output / base resolution) unless --no-guidance-law. Base resolution (`guidance_base_resolution`):
      --guidance-resolution if given, else the schedule's Eq. 3 base (a 256 -> 512 fine-tune: 256),
      else the positional-grid anchor base_size x patch x autoencoder factor (App. C; a fine-tune that
      kept its base size: 256), else the training resolution. So a 512 px fine-tune of a 256 px model
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from condiff.conditioning.cond import Cond
-from condiff.diffusion.guidance import ControlGuidance, guidance_scale_for_resolution
+from condiff.diffusion.guidance import ControlGuidance, guidance_base_resolution, guidance_scale_for_resolution
 from condiff.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, SPACINGS, get_sampler, spaced_timesteps
 from condiff.diffusion.schedule import Schedule
 from condiff.diffusion.size_cond import inference_control, size_distribution_from_meta
@@ -149,23 +149,13 @@ class Settings:
     guidance: float = 4.0  # lambda (Eq. 2); 1 = no guidance
     control_guidance: float = 1.0  # beta (Eq. 2); 1 = plain CFG
     guidance_law: bool = True  # Eq. 4 at a resolution other than the base resolution
-    guidance_resolution: float | None = None  # resolution `guidance` is tuned at; None: base_resolution()
+    guidance_resolution: float | None = None  # resolution `guidance` is tuned at; None: guidance_base_resolution()
     rescale_schedule: bool = False  # Eq. 3 for the sampling resolution
     size_cond: str | None = None  # None: "train-dist" if the checkpoint has sizes, else "output"
     orig_size: tuple[float, float] | None = None  # for size_cond "fixed"
     resolution: int | None = None  # output pixels (square); None: the training resolution
     batch_size: int = 16
     precision: str = "fp32"  # fp32 | bf16 (autocast of the model forward)
-
-
-def base_resolution(loaded: Loaded, factor: int, train_res: int) -> float:
-    """The model's base resolution in pixels (module docstring, step 4)."""
-    if loaded.schedule.config.base_resolution is not None:
-        return float(loaded.schedule.config.base_resolution)
-    cfg = loaded.model.config
-    if cfg.get("base_size") and cfg.get("patch_size"):
-        return float(cfg["base_size"]) * int(cfg["patch_size"]) * factor
-    return float(train_res)
 
 
 def resolve(loaded: Loaded, s: Settings) -> dict[str, Any]:
@@ -185,7 +175,7 @@ def resolve(loaded: Loaded, s: Settings) -> dict[str, Any]:
     if (res // factor) % patch:
         raise ValueError(f"--resolution {res}: the latent size {res // factor} must be a multiple of the "
                          f"patch size {patch}")
-    guidance_res = float(s.guidance_resolution or base_resolution(loaded, factor, train_res))
+    guidance_res = float(s.guidance_resolution or guidance_base_resolution(loaded.schedule.config, cfg, factor))
     if not guidance_res > 0:
         raise ValueError(f"--guidance-resolution must be > 0, got {s.guidance_resolution}")
     g_scale = res / guidance_res

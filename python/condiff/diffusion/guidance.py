@@ -31,6 +31,25 @@ def guidance_scale_for_resolution(lam: float, scale: float) -> float:
     return 1.0 + scale * (lam - 1.0)
 
 
+def guidance_base_resolution(schedule_config, model_config: dict, ae_factor: int = 1) -> float:
+    """Pixels at which a user's lambda is read before Eq. 4 (s = output / base resolution).
+
+    The model's base resolution: the schedule's Eq. 3 base if the schedule was rescaled (a 256 -> 512 px
+    fine-tune: 256), else the positional-grid anchor base_size x patch_size x ae_factor (App. C; a
+    fine-tune that kept its base size: 256), else the training resolution input_size x ae_factor.
+    So lambda 1.5 given for a 512 px fine-tune of a 256 px model becomes 2.0 at 512 px (the paper's pair).
+    schedule_config: `Schedule.config`; model_config: `model.config`.
+    """
+    if getattr(schedule_config, "base_resolution", None) is not None:
+        return float(schedule_config.base_resolution)
+    if model_config.get("base_size") and model_config.get("patch_size"):
+        return float(model_config["base_size"]) * int(model_config["patch_size"]) * ae_factor
+    if model_config.get("input_size"):
+        return float(model_config["input_size"]) * ae_factor
+    raise ValueError("guidance_base_resolution: the model config has neither base_size/patch_size nor input_size; "
+                     "give the resolution lambda is tuned at explicitly")
+
+
 def control_guidance_weights(lam: float, beta: float) -> dict[str, float]:
     """Coefficients of Eq. 2 on its three predictions:
     eps = lam * [beta * eps(c,s) + (1 - beta) * eps(0,s)] + (1 - lam) * eps(0,0)."""
