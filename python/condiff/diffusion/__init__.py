@@ -6,6 +6,7 @@
 from condiff.diffusion.guidance import (
     ControlGuidance,
     classifier_free_guidance,
+    guidance_base_resolution,
     guidance_scale_for_resolution,
 )
 from condiff.diffusion.loss import diffusion_loss
@@ -15,6 +16,6 @@ from condiff.diffusion.size_cond import inference_control
 
 __all__ = [
     "ControlGuidance", "SAMPLERS", "Schedule", "classifier_free_guidance", "ddim", "diffusion_loss", "dpmpp_2m",
-    "get_sampler", "guidance_scale_for_resolution", "heun", "inference_control", "rescale_for_resolution",
+    "get_sampler", "guidance_base_resolution", "guidance_scale_for_resolution", "heun", "inference_control", "rescale_for_resolution",
     "spaced_timesteps",
 ]
