@@ -230,3 +230,19 @@ def test_lpips_only_run_grids_its_size_sweeps(setup, tmp_path):
     m = M.load(tmp_path / "out")
     assert m.n == 0 and m.settings["lpips_sizes"] == [16, 24, 32] and m.metrics["lpips_size"] > 0
     assert Image.open(tmp_path / "out" / "grid.png").size == (3 * 16 + 4 * 2, 2 * 16 + 3 * 2)  # prompts x sizes
+
+
+def test_sampling_rules_are_condiff_samples(setup):
+    """Resolution, guidance law (Eq. 4) and size mode are resolved exactly as `condiff sample` does."""
+    from condiff.eval.generate import Generator, SamplingSpec
+    from condiff.train.checkpoint import load_for_inference
+
+    inf = load_for_inference(setup / "run")
+    gen = Generator(inf, SamplingSpec(resolution=32, guidance=1.5, steps=4))
+    assert gen.resolution == 32 and gen.latent_hw == (32, 32) and gen.guidance == pytest.approx(2.0)
+    assert gen.size_mode == "train-dist" and len(gen.timesteps) == 4
+    assert Generator(inf, SamplingSpec(resolution=32, guidance=1.5, guidance_law=False)).guidance == 1.5
+    fixed = Generator(inf, SamplingSpec(size_cond="fixed:40x48"))
+    assert fixed.size_mode == "fixed" and fixed.sizes([0, 1]).tolist() == [[40.0, 48.0]] * 2
+    with pytest.raises(ValueError, match="size conditioning"):
+        Generator(inf, SamplingSpec(size_cond="fixed:big"))

@@ -65,9 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spacing", default=None, help="timestep spacing: trailing | leading | linspace "
                                                   "(default: the sampler's, as condiff sample)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    g.add_argument("--guidance", type=float, default=1.5, help="lambda of Eq. 2 (semantic guidance)")
+    g.add_argument("--guidance", type=float, default=1.5,
+                   help="lambda of Eq. 2 (semantic guidance) at the model's base resolution (Eq. 4 elsewhere)")
+    g.add_argument("--guidance-resolution", type=float, default=None, metavar="PX",
+                   help="resolution --guidance is tuned at (default: the model's base resolution)")
     g.add_argument("--control-guidance", type=float, default=1.0, help="beta of Eq. 2 (control guidance)")
-    g.add_argument("--size-cond", default="train-dist", help="train-dist | output | fixed:H[xW]")
+    g.add_argument("--size-cond", default="auto",
+                   help="auto (train-dist if the checkpoint stores sizes, else output) | train-dist | output | fixed:H[xW]")
     g.add_argument("--resolution", type=int, default=None, help="output pixels (default: training resolution)")
     g.add_argument("--no-guidance-law", action="store_true", help="keep lambda at another resolution (no Eq. 4)")
     g.add_argument("--rescale-schedule", action="store_true", help="Eq. 3 rescaling for the sampling resolution")
@@ -211,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = SamplingSpec(n=args.n, seed=args.seed, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
                             eta=args.eta, guidance=args.guidance, control_guidance=args.control_guidance,
                             size_cond=args.size_cond, resolution=args.resolution, guidance_law=not args.no_guidance_law,
+                            guidance_resolution=args.guidance_resolution,
                             rescale_schedule=args.rescale_schedule, precision=args.precision,
                             batch_size=args.batch_size)
         prompts = load_prompts(args.prompts)
@@ -294,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         if dist.rank == 0:
             settings = {k: v for k, v in spec.to_dict().items()
                         if k not in ("sampler", "steps", "guidance", "control_guidance", "size_cond", "n", "seed")}
-            settings.update(metrics=args.metrics, guidance_at_resolution=gen.guidance, spacing=gen.spacing,
+            settings.update(metrics=args.metrics, guidance_effective=gen.guidance, spacing=gen.spacing,
+                            guidance_resolution=gen.resolved["guidance_resolution"],
+                            train_resolution=gen.train_resolution,
                             weights=inf.meta.get("weights"),
                             prompts=args.prompts, n_prompts=len(prompts) if prompts else None,
                             autoencoder=inf.meta.get("autoencoder"),

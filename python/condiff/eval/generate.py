@@ -1,5 +1,9 @@
 """In-memory sample generation for evaluation, split across ranks, deterministic per global sample index.
 
+Sampling rules are `condiff sample`'s (one source of truth, `condiff.sample.resolve`): output and training
+resolution, the guidance law (Eq. 4) from the model's base resolution, optional Eq. 3 schedule rescaling,
+the sampler's default timestep spacing, and the size-conditioning mode (Table 2b).
+
 Sample i (0 <= i < n) is a pure function of (checkpoint, settings, seed, i), whatever the world size or
 batch size (up to float reduction order):
   * initial noise: N(0, I) of shape (C, h, w) from a CPU `torch.Generator` seeded with `seed * 2^32 + i`;
@@ -7,8 +11,8 @@ batch size (up to float reduction order):
     models: balanced classes, ADM's protocol);
   * size conditioning phi_l: fixed, the output size, or drawn from the training sizes stored in the
     checkpoint with the same per-index generator (after the noise);
-  * DDIM with eta = 0 (the default) is deterministic; with eta > 0 (or a stochastic sampler) the
-    per-step noise comes from one generator per batch seeded with the batch's first index.
+  * DDIM with eta = 0 (the default) is deterministic; with eta > 0 the per-step noise comes from one
+    generator per batch seeded with the batch's first index.
 Rank r of W takes the indices r, r + W, r + 2W, ... (balanced); results carry their indices so the
 gathered lists are put back in global order.
 """
@@ -16,6 +20,7 @@ gathered lists are put back in global order.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -23,13 +28,10 @@ import torch
 from torch import Tensor
 
 from condiff.conditioning.cond import Cond
-from contextlib import nullcontext
+from condiff.diffusion import ControlGuidance, get_sampler, spaced_timesteps
+from condiff.diffusion.size_cond import full_crop_control_h, inference_control
 
-from condiff.diffusion import ControlGuidance, get_sampler, guidance_scale_for_resolution, spaced_timesteps
-from condiff.diffusion.sampling import DEFAULT_SPACING
-from condiff.diffusion.size_cond import full_crop_control_h, inference_control, size_distribution_from_meta
-
-SIZE_MODES = ("train-dist", "output", "fixed:H[xW]")
+SIZE_MODES = ("auto", "train-dist", "output", "fixed:H[xW]")
 
 
 @dataclass
@@ -42,11 +44,12 @@ class SamplingSpec:
     steps: int = 250
     spacing: str | None = None  # None: the sampler's DEFAULT_SPACING (as `condiff sample`)
     eta: float = 0.0
-    guidance: float = 1.5  # lambda of Eq. 2 (semantic); 1 = no guidance
+    guidance: float = 1.5  # lambda of Eq. 2 (semantic) at the model's base resolution; 1 = no guidance
     control_guidance: float = 1.0  # beta of Eq. 2 (control); 1 = plain CFG
-    size_cond: str = "train-dist"  # "train-dist" | "output" | "fixed:H" | "fixed:HxW"
+    size_cond: str = "auto"  # "auto" (train-dist if stored, else output) | "train-dist" | "output" | "fixed:H[xW]"
     resolution: int | None = None  # output pixels; None = the model's training resolution
-    guidance_law: bool = True  # Eq. 4 at a resolution other than the training one
+    guidance_law: bool = True  # Eq. 4 at a resolution other than the base resolution
+    guidance_resolution: float | None = None  # resolution `guidance` is tuned at; None: the base resolution
     rescale_schedule: bool = False  # Eq. 3 for the sampling resolution (zero-shot resolution change)
     precision: str = "fp32"  # fp32 | bf16 (autocast of the model forward)
     batch_size: int = 32
@@ -55,8 +58,11 @@ class SamplingSpec:
         return dict(vars(self))
 
 
-def parse_size_cond(mode: str) -> tuple[str, tuple[float, float] | None]:
-    """"fixed:512" -> ("fixed", (512., 512.)); "fixed:384x512" -> (h, w); "train-dist" / "output" -> (mode, None)."""
+def parse_size_cond(mode: str) -> tuple[str | None, tuple[float, float] | None]:
+    """"fixed:512" -> ("fixed", (512., 512.)); "fixed:384x512" -> (h, w); "auto" -> (None, None) (resolved
+    by `condiff.sample.resolve`); "train-dist" / "output" -> (mode, None)."""
+    if mode == "auto":
+        return None, None
     if mode in ("train-dist", "output"):
         return mode, None
     if mode.startswith("fixed:"):
@@ -79,39 +85,34 @@ class Generator:
     """Turns global indices into images (B, 3, H, W) in [-1, 1] with one loaded model.
 
     `inference`: `condiff.train.checkpoint.Inference`. `prompts`: required for text models; for class
-    models optional class names (only used as captions for text metrics such as `align`)."""
+    models optional class names, one per class id (the captions of text metrics such as `align`)."""
 
     def __init__(self, inference, spec: SamplingSpec, prompts: list[str] | None = None, device="cpu"):
+        from condiff.sample import Loaded, Settings, resolve
+
         self.inf, self.spec, self.device = inference, spec, torch.device(device)
         self.model = inference.model
-        cfg = dict(getattr(self.model, "config", {}) or inference.meta.get("model", {}))
+        cfg = dict(self.model.config)
         self.conditioning = cfg.get("conditioning", "class")
         self.has_control = cfg.get("control", "additive") != "none"  # as `condiff sample`
-        self.channels = int(cfg.get("in_channels", 3))
-        self.latent_size = int(cfg.get("input_size", 32))
         self.num_classes = int(cfg.get("num_classes", 0))
-        ae = inference.autoencoder
-        self.factor = 1 if ae is None else int(getattr(ae, "downsample", None) or getattr(ae, "downsample_factor"))
-        if ae is None and self.channels != 3:
-            raise ValueError(f"the model has {self.channels} input channels but no autoencoder to decode them")
-        self.train_resolution = self.latent_size * self.factor
-        self.resolution = int(spec.resolution or self.train_resolution)
-        patch = int(cfg.get("patch_size", 1))
-        if self.resolution % self.factor or (self.resolution // self.factor) % patch:
-            raise ValueError(f"resolution {self.resolution}: must be a multiple of the autoencoder factor "
-                             f"{self.factor} x the patch size {patch}")
-        self.latent_hw = (self.resolution // self.factor, self.resolution // self.factor)
-        # another resolution than training's: guidance law (Eq. 4) and, if asked, schedule rescaling (Eq. 3);
-        # the checkpoint's schedule already carries the rescaling training used (same rules as `condiff sample`)
-        scale = self.resolution / self.train_resolution
-        self.schedule = inference.schedule
-        if spec.rescale_schedule and scale != 1:
-            base = None if self.schedule.config.base_resolution else self.train_resolution
-            self.schedule = self.schedule.at_resolution(self.resolution, base_resolution=base)
-        self.guidance = guidance_scale_for_resolution(spec.guidance, scale) if (spec.guidance_law and scale != 1) \
-            else spec.guidance
+        mode, fixed = parse_size_cond(spec.size_cond)
+        settings = Settings(seed=spec.seed, steps=spec.steps, sampler=spec.sampler, spacing=spec.spacing,
+                            eta=spec.eta, guidance=spec.guidance, control_guidance=spec.control_guidance,
+                            guidance_law=spec.guidance_law, guidance_resolution=spec.guidance_resolution,
+                            rescale_schedule=spec.rescale_schedule, size_cond=mode, orig_size=fixed,
+                            resolution=spec.resolution, batch_size=spec.batch_size, precision=spec.precision)
         if spec.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision {spec.precision!r}: expected fp32 or bf16")
+        if spec.eta and spec.sampler != "ddim":
+            raise ValueError(f"--eta applies to ddim only (sampler {spec.sampler!r} is deterministic)")
+        r = resolve(Loaded(self.model, inference.schedule, inference.text_encoder, inference.autoencoder,
+                           dict(inference.meta)), settings)
+        self.resolved = r
+        self.channels, self.resolution, self.train_resolution = r["channels"], r["resolution"], r["train_resolution"]
+        self.latent_hw = (r["latent_size"], r["latent_size"])
+        self.schedule, self.guidance, self.spacing = r["schedule"], r["guidance_effective"], r["spacing"]
+        self.size_mode, self.fixed_size, self.size_distribution = r["size_mode"], fixed, r["size_distribution"]
         if self.conditioning == "text":
             if not prompts:
                 raise ValueError("a text-conditioned model needs prompts (--prompts FILE or --prompts shapes[:PRESET])")
@@ -121,12 +122,7 @@ class Generator:
             raise ValueError(f"--prompts: {len(prompts)} class names for a model with {self.num_classes} classes "
                              "(class models take one name per class id, used as the caption of its samples)")
         self.prompts = list(prompts) if prompts else None
-        self.size_mode, self.fixed_size = parse_size_cond(spec.size_cond)
-        self.size_distribution = size_distribution_from_meta(inference.meta) if self.size_mode == "train-dist" else None
-        if self.size_mode == "train-dist" and self.size_distribution is None:
-            self.size_mode = "output"  # no training sizes stored: Table 2b's first row (a = b = resolution)
         self.sampler = get_sampler(spec.sampler)
-        self.spacing = spec.spacing or DEFAULT_SPACING[spec.sampler]
         self.timesteps = spaced_timesteps(spec.steps, self.schedule.num_timesteps, self.spacing)
         self.null_cond = self._null_cond()
 
