@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                 manifest.save_grid(torch.stack([img for _, img in shown]), out_dir / "grid.png", nrow=nrow)
             _log(dist, "results: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
             _log(dist, f"wrote {out_dir / 'manifest.json'}, report.md{', grid.png' if shown else ''}")
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line naming what is wrong, exit status 2
+        print(f"condiff eval: error: {e}", file=sys.stderr)
+        return 2
     finally:
         dist.shutdown()
     return 0
