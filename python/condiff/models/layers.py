@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from condiff.ops.reference import qk_norm_join
 
 ATTN_IMPLS = ("sdpa", "math")
 _attn_impl_default = "sdpa"
+_POS_CACHE: dict[tuple, Tensor] = {}  # (dim, grid, base, kind, ..., device, dtype) -> (1, N, D) sin-cos table
 
 
 @contextlib.contextmanager
@@ -271,7 +272,8 @@ class BackboneConfig:
     SD-VAE latents) and anchors the positional grid (base_size = input_size / patch_size unless given).
     conditioning: "class" (labels, num_classes + null) or "text" (states (B, T, text_dim), lengths, pooled).
     control: "none" | "additive" (SDXL joint embedding) | "disentangled" (Eq. 1 with gamma_c `gamma`).
-    text_padding: zero | replicate | noisy-replicate (noise `text_noise_beta`, training mode only).
+    text_padding: zero | replicate | noisy-replicate (noise `text_noise_beta`, training mode only; beta_txt = 0.1
+    is our choice: the paper only says "a small variance").
     use_pooled: add a projection of the pooled text vector to the timestep embedding (SD3 / SDXL).
     pos_grid: positional grid kind (models/posemb.py): rectified (App. C) | arange | scaled | sd3,
     with pos_interp_scale / pos_max_size for the last two.
@@ -449,7 +451,8 @@ class Backbone(nn.Module):
         if lengths is None:
             lengths = torch.full((batch_size,), text.shape[1], dtype=torch.long, device=text.device)
         beta = self.cfg.text_noise_beta if self.training else 0.0
-        return pad_text(text, lengths, self.cfg.text_padding, beta, generator, backend=self.cfg.ops_backend)
+        states = pad_text(text, lengths, self.cfg.text_padding, beta, generator, backend=self.cfg.ops_backend)
+        return states.to(self.x_embedder.proj.weight.dtype)  # (B, T, text_dim) in the model's dtype
 
     # --- outputs -------------------------------------------------------------------------------------------
     def unpatchify(self, x: Tensor, grid_h: int, grid_w: int) -> Tensor:
@@ -480,8 +483,3 @@ class Backbone(nn.Module):
         return x, t, cond
 
 
-_POS_CACHE: dict[tuple, Tensor] = {}
-
-
-def config_field_names(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
