@@ -100,10 +100,10 @@ def example_inputs(conditioning: str, resolution: int, device="meta") -> tuple[t
     return x, t, cond
 
 
-def _create(name: str, conditioning: str) -> nn.Module:
+def _create(name: str, conditioning: str, **overrides) -> nn.Module:
     from condiff.models import create
 
-    return create(name, conditioning=conditioning)
+    return create(name, conditioning=conditioning, **overrides)
 
 
 def build_meta(name: str, conditioning: str, build: Callable[[str, str], nn.Module] = _create) -> nn.Module:
@@ -248,11 +248,21 @@ def footnotes(records: list[Record], configs: dict, build=_create) -> list[str]:
             f"Observation: the paper's PixArt text FLOPs ({pt[1]} / {pt[2]:.0f}) equal our mmDiT text "
             f"({mm_t256.gflops:.1f} / {mm_t512.gflops:.1f}, {_rel(mm_t256.gflops, pt[1]):+.1%} / "
             f"{_rel(mm_t512.gflops, pt[2]):+.1%}): the text-column FLOPs may be mis-assigned between rows.")
-    if _cell(records, "unet-sdxl", "text", 256):
+    un = [_cell(records, "unet-sdxl", "text", r) for r in RESOLUTIONS]
+    if all(un):
+        # the nearest standard alternative (SD-2-like width 320, depth-2 transformers), counted here too
+        alt_kw = dict(model_channels=320, transformer_depth=[0, 2, 2], transformer_depth_middle=2)
+        a_params, a_flops = measure("unet-sdxl", "text", build=lambda n, c: build(n, c, **alt_kw))
+        pu = P["unet-sdxl"]["text"]
+        rel = lambda o, q: f"{_rel(o, q):+.1%}"  # noqa: E731
         notes.append(
-            "UNet text (not inconsistent, but no standard width fits all three cells): ch 320 with depth-2 "
-            "transformers gives 840.9M (-2.7%); our default, ch 288 with depth-3 transformers, CLIP-L context and "
-            "pooled adm 768, is the closest design on all three cells.")
+            "UNet text (consistent, but no standard width fits all three cells): ch 320 with depth-2 transformers "
+            f"gives {a_params / 1e6:.1f}M ({rel(a_params / 1e6, pu[0])}), {a_flops[256] / 1e9:.1f} "
+            f"({rel(a_flops[256] / 1e9, pu[1])}) / {a_flops[512] / 1e9:.1f} ({rel(a_flops[512] / 1e9, pu[2])}) "
+            f"GFLOPs; our default, ch 288 with depth-3 transformers at levels 2-3 and in the middle, CLIP-L context "
+            f"and pooled adm 768, gives {un[0].params_m:.1f}M ({rel(un[0].params_m, pu[0])}), {un[0].gflops:.1f} "
+            f"({rel(un[0].gflops, pu[1])}) / {un[1].gflops:.1f} ({rel(un[1].gflops, pu[2])}): the closest design "
+            "on all three cells.")
     return notes
 
 
@@ -283,8 +293,10 @@ def format_table(records: list[Record], notes: list[str], markdown: bool = False
         widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head] + rows]
     lines.append("")
-    lines.append("* the paper's cell is internally inconsistent (see the notes); not held to the 5% goal.")
-    lines += [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
+    star = "\\*" if markdown else "*"
+    lines.append(f"{star} the paper's cell is internally inconsistent (see the notes); not held to the 5% goal.")
+    for i, n in enumerate(notes):
+        lines += [""] * markdown + [f"[{i + 1}] {n}"]  # Markdown: one paragraph per note
     return "\n".join(lines)
 
 
