@@ -9,8 +9,9 @@ Detector (per image, (H, W, 3) uint8):
   1. foreground = pixels with max channel >= `value_min` and HSV saturation >= `sat_min` (shapes
      backgrounds are dark and desaturated: every channel <= `shapes.BACKGROUND_MAX_VALUE`);
   2. each foreground pixel takes the vocabulary colour nearest in chromaticity (RGB / max channel);
-  3. connected components (8-connectivity) per colour; components smaller than `min_area_frac` of
-     the image or than `rel_area` x the largest are noise;
+  3. connected components (8-connectivity) per colour, holes filled (the shapes have none; noisy
+     generated pixels make some); components smaller than `min_area_frac` of the image or than
+     `rel_area` x the largest are noise;
   4. shape from two scale-free region properties: solidity (area / convex-hull area) separates the star
      (ideal 0.56) from the convex shapes; extent (area / bounding-box area) then separates the square
      (1.0), the circle (pi/4 = 0.785) and the triangle (0.5).
@@ -82,6 +83,7 @@ def classify_shape(region, cfg: DetectorConfig) -> str:
 
 def detect(image: np.ndarray, cfg: DetectorConfig = DetectorConfig()) -> list[Detection]:
     """Objects in one (H, W, 3) uint8 image, largest first."""
+    from scipy.ndimage import binary_fill_holes  # scipy comes with scikit-image
     from skimage.measure import label, regionprops
 
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -96,8 +98,8 @@ def detect(image: np.ndarray, cfg: DetectorConfig = DetectorConfig()) -> list[De
     regions = []
     for k, name in enumerate(names):
         mask = fg & (nearest == k)
-        if mask.any():
-            regions += [(name, r) for r in regionprops(label(mask, connectivity=2))]
+        if mask.any():  # the shapes have no holes: filling them undoes pixel noise inside an object
+            regions += [(name, r) for r in regionprops(label(binary_fill_holes(mask), connectivity=2))]
     min_px = max(cfg.min_pixels, cfg.min_area_frac * h * w)
     regions = [(n, r) for n, r in regions if r.area >= min_px]
     if not regions:
