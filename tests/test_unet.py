@@ -115,6 +115,14 @@ def test_paper_sizes_on_meta_device():
     assert [s.attn is not None for s in cls.down if s.res is not None] == [False, False, True, True, True, True]
 
 
+@pytest.mark.parametrize("conditioning", ["class", "text"])
+def test_example_inputs_run(conditioning):
+    model = build_unet("unet-sdxl-tiny", conditioning, input_size=16)
+    x, t, cond = model.example_inputs(3)
+    assert x.shape == (3, 4, 16, 16) and cond.batch_size == 3
+    assert model(x, t, cond).shape == x.shape
+
+
 def test_config_is_json_and_rebuilds():
     model = build_unet("unet-sdxl-tiny", "text")
     config = json.loads(json.dumps(model.config))

@@ -217,7 +217,9 @@ class UNet(nn.Module):
       control: "none", "additive" (SDXL) or "disentangled" (Eq. 1): the control embedding added to the timestep
       embedding; control_kwargs: the other `ControlEmbedder` options (gamma, alpha, k, freq_dim).
       norm_groups: GroupNorm groups. dropout: ResBlock dropout. attn_impl: None (module default) | "sdpa" |
-      "math" (explicit matmuls), see `condiff.models.layers.attention_impl`.
+      "math" (explicit matmuls), see `condiff.models.layers.attention_impl`. input_size: training resolution in
+      latent cells (32 = 256 px SD-VAE latents); the UNet has no positional grid, so this only tells samplers
+      the default size and the guidance law (Eq. 4) its base resolution, as for the transformers.
     """
 
     def __init__(
@@ -241,6 +243,7 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         dropout: float = 0.0,
         attn_impl: str | None = None,
+        input_size: int = 32,
         name: str = "unet-sdxl",
     ):
         super().__init__()
@@ -261,7 +264,7 @@ class UNet(nn.Module):
             transformer_depth_middle=transformer_depth_middle, head_channels=head_channels,
             context_dim=context_dim, adm_dim=adm_dim, text_padding=text_padding, text_noise_beta=text_noise_beta,
             control=control, control_kwargs=dict(control_kwargs or {}), norm_groups=norm_groups, dropout=dropout,
-            attn_impl=attn_impl,
+            attn_impl=attn_impl, input_size=input_size,
         )
         self.conditioning, self.num_classes = conditioning, num_classes
         self.in_channels, self.out_channels, self.model_channels = in_channels, out_channels, model_channels
@@ -306,6 +309,8 @@ class UNet(nn.Module):
             nn.GroupNorm(norm_groups, ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
+        if input_size % self.downsample_factor:
+            raise ValueError(f"UNet: input_size {input_size} must be divisible by {self.downsample_factor}")
 
     def _context(self, cond: Cond, batch: int) -> tuple[Tensor, Tensor]:
         """-> cross-attention context (B, M, context_dim), adm vector (B, adm_dim)."""
@@ -325,6 +330,25 @@ class UNet(nn.Module):
             beta = self.text_noise_beta if self.training else 0.0  # the noise is a training-time regulariser
             text = pad_text(text, cond.text_lengths, self.text_padding, beta)
         return text, cond.pooled
+
+    def example_inputs(self, batch_size: int = 1, input_size: int | None = None, device=None,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Cond]:
+        """Random (x_t, t, cond) of the right shapes (tests, FLOP counting, smoke runs), with control metadata."""
+        cfg, b = self.config, batch_size
+        device = device or next(self.parameters()).device
+        side = input_size or cfg["input_size"]
+        x = torch.randn(b, self.in_channels, side, side, generator=generator).to(device)
+        t = (torch.rand(b, generator=generator) * 999).to(device)
+        size = float(side * 8)
+        control = dict(control_h=torch.tensor([[0.0, 0.0, size, size, 1.0, 0.0]]).repeat(b, 1).to(device),
+                       control_l=torch.tensor([[size, size]]).repeat(b, 1).to(device))
+        if self.conditioning == "class":
+            labels = torch.randint(0, self.num_classes, (b,), generator=generator).to(device)
+            return x, t, Cond(labels=labels, **control)
+        text = torch.randn(b, 77, cfg["context_dim"], generator=generator).to(device)
+        pooled = torch.randn(b, cfg["adm_dim"], generator=generator).to(device)
+        lengths = torch.randint(1, 78, (b,), generator=generator).to(device)
+        return x, t, Cond(text=text, text_lengths=lengths, pooled=pooled, **control)
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """x (B, C, H, W) noisy latents, H and W divisible by 2^(levels-1); t (B,) float DDPM timesteps in
