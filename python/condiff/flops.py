@@ -206,7 +206,8 @@ def footnotes(records: list[Record], configs: dict, build=_create) -> list[str]:
         notes.append(
             f"mmDiT text FLOPs: params {mm_t256.params_m:.2f}M = class {mm_c256.params_m:.2f}M + "
             f"{mm_t256.params_m - mm_c256.params_m:.2f}M; a context stream with its own q,k,v per block costs "
-            f"L(3d^2+3d) = {L * (3 * d * d + 3 * d) / 1e6:.2f}M (paper: +{P['mmdit']['text'][0] - P['mmdit']['class'][0]:.2f}M), "
+            f"L(3d^2+3d) = {L * (3 * d * d + 3 * d) / 1e6:.2f}M "
+            f"(paper: +{P['mmdit']['text'][0] - P['mmdit']['class'][0]:.2f}M), "
             f"so params agree. FLOPs: ours F(N) = {a:.1f} + {b:.4f} N + {c:.3e} N^2 GFLOPs (N image tokens). With our "
             f"N^2 term, the paper's {p256} / {p512} need a resolution-independent part of {ap:.1f} GFLOPs, more "
             f"than {m} tokens through all {P['mmdit']['text'][0]}M parameters can cost (2 x {m} x params + their "
@@ -216,7 +217,8 @@ def footnotes(records: list[Record], configs: dict, build=_create) -> list[str]:
     if all(px_t) and all(px_c):
         pt, pc = P["pixart-alpha"]["text"], P["pixart-alpha"]["class"]
         notes.append(
-            f"PixArt-alpha text FLOPs: the paper's text-minus-class difference is {pt[1] - pc[1]:+.1f} GFLOPs at 256 but "
+            f"PixArt-alpha text FLOPs: the paper's text-minus-class difference is {pt[1] - pc[1]:+.1f} GFLOPs at "
+            f"256 but "
             f"{pt[2] - pc[2]:+.1f} at 512; adding {TEXT_TOKENS} cross-attention tokens can only add FLOPs (ours: "
             f"{px_t[0].gflops - px_c[0].gflops:+.1f} / {px_t[1].gflops - px_c[1].gflops:+.1f}), and the paper's "
             f"{pt[2]:.0f} at 512 is below its own class-cond PixArt ({pc[2]:.0f}; ours {px_c[1].gflops:.1f}). Params "

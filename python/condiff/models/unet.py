@@ -381,6 +381,7 @@ def build_unet(name: str = "unet-sdxl", conditioning: str = "class", **overrides
     if name not in UNET_CONFIGS:
         raise ValueError(f"unknown UNet config {name!r}; known: {sorted(UNET_CONFIGS)}")
     if conditioning not in UNET_CONFIGS[name]:
-        raise ValueError(f"UNet {name!r}: conditioning must be one of {sorted(UNET_CONFIGS[name])}, got {conditioning!r}")
+        raise ValueError(f"UNet {name!r}: conditioning must be one of {sorted(UNET_CONFIGS[name])}, "
+                         f"got {conditioning!r}")
     kwargs = {**UNET_CONFIGS[name][conditioning], **overrides}
     return UNet(conditioning=conditioning, name=name, **kwargs)
