@@ -116,3 +116,15 @@ def test_footnotes_carry_the_arithmetic(table_json):
     table = flops.format_table(records, notes)
     assert sum(line.rstrip().endswith("*") for line in table.splitlines()) == 8 and "[4]" in table
 
+
+
+def test_any_zoo_model_can_be_counted(capsys):
+    assert flops.main(["--json", "--models", "unet-sdxl-tiny"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    assert {(r["dataset"], r["resolution"]) for r in recs} == {(d, s) for d in ("imagenet", "cc12m") for s in (256, 512)}
+    assert all(r["paper_gflops"] is None and r["rel_diff_gflops"] is None for r in recs)
+    # 4x the latent cells -> more than 4x the FLOPs (attention grows quadratically)
+    by = {(r["dataset"], r["resolution"]): r["gflops"] for r in recs}
+    assert by[("imagenet", 512)] > 4 * by[("imagenet", 256)]
+    with pytest.raises(SystemExit):
+        flops.main(["--models", "resnet-50"])

@@ -85,16 +85,18 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def example_inputs(conditioning: str, resolution: int, device="meta") -> tuple[torch.Tensor, torch.Tensor, Cond]:
-    """Batch-1 inputs of Table A1: latent (1, 4, r/8, r/8), t (1,), and a class id or CLIP-L-shaped text."""
+def example_inputs(conditioning: str, resolution: int, device="meta", text_dim: int = TEXT_DIM,
+                   pooled_dim: int = POOLED_DIM) -> tuple[torch.Tensor, torch.Tensor, Cond]:
+    """Batch-1 inputs of Table A1: latent (1, 4, r/8, r/8), t (1,), and a class id or CLIP-L-shaped text
+    (77 tokens; widths 768 unless a model expects others)."""
     side = resolution // VAE_FACTOR
     x = torch.zeros(1, LATENT_CHANNELS, side, side, device=device)
     t = torch.full((1,), 500.0, device=device)
     if conditioning == "class":
         cond = Cond(labels=torch.zeros(1, dtype=torch.long, device=device))
     elif conditioning == "text":
-        cond = Cond(text=torch.zeros(1, TEXT_TOKENS, TEXT_DIM, device=device),
-                    pooled=torch.zeros(1, POOLED_DIM, device=device))
+        cond = Cond(text=torch.zeros(1, TEXT_TOKENS, text_dim, device=device),
+                    pooled=torch.zeros(1, pooled_dim, device=device))
     else:
         raise ValueError(f"conditioning must be 'class' or 'text', got {conditioning!r}")
     return x, t, cond
@@ -116,7 +118,10 @@ def measure(name: str, conditioning: str, resolutions=RESOLUTIONS, build: Callab
             model: nn.Module | None = None) -> tuple[int, dict[int, int]]:
     """Count `name` (built on the meta device unless `model` is given) -> (trainable params, {resolution: FLOPs})."""
     model = build_meta(name, conditioning, build) if model is None else model
-    flops = {r: count_flops(model, *example_inputs(conditioning, r)) for r in resolutions}
+    cfg = model.config  # text widths: transformers' text_dim / pooled_dim, the UNet's context_dim / adm_dim
+    dims = dict(text_dim=cfg.get("text_dim", cfg.get("context_dim", TEXT_DIM)),
+                pooled_dim=cfg.get("pooled_dim", cfg.get("adm_dim", POOLED_DIM)))
+    flops = {r: count_flops(model, *example_inputs(conditioning, r, **dims)) for r in resolutions}
     return count_params(model), flops
 
 
@@ -307,15 +312,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON list of records instead of the table")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--models", nargs="+", metavar="NAME",
-                        help=f"zoo names to measure (default: {' '.join(n for n, _ in ROWS)})")
+                        help=f"zoo names to measure (default, the Table A1 rows: {' '.join(n for n, _ in ROWS)}); "
+                             "other zoo names (e.g. dit-b/2) are counted without paper values")
     args = parser.parse_args(argv)
     rows = ROWS
     if args.models:
+        from condiff.models.zoo import FAMILIES, _family_of
+
+        for m in args.models:
+            try:
+                _family_of(m, FAMILIES)
+            except ValueError as e:
+                parser.error(f"--models: {e}")
         known = dict(ROWS)
-        unknown = [m for m in args.models if m not in known]
-        if unknown:
-            parser.error(f"--models: unknown {unknown}; Table A1 rows are {list(known)}")
-        rows = tuple((m, known[m]) for m in args.models)
+        rows = tuple((m, known.get(m, "")) for m in args.models)
     start = time.perf_counter()
     records, configs = collect(rows)
     if args.json:
