@@ -26,14 +26,20 @@ def test_ground_truth_default_preset(default64):
     r = default64["ground_truth"]
     assert r["n"] == 160 and r["n_relation"] > 100  # both one- and two-object captions are covered
     assert r["colour"] >= 0.99 and r["count"] >= 0.99
-    assert r["shape"] >= 0.97 and r["relation"] >= 0.97
-    assert r["overall"] >= 0.95
+    assert r["shape"] >= 0.99 and r["relation"] >= 0.99
+    assert r["overall"] >= 0.98
 
 
 def test_ground_truth_demo_preset_at_32px(demo32):
     r = demo32["ground_truth"]
     assert r["colour"] == 1.0 and r["relation"] == 1.0
-    assert r["overall"] >= 0.97
+    assert r["overall"] >= 0.98
+
+
+def test_ground_truth_demo_preset_at_16px():
+    """`condiff demo` trains at 16 px: objects are 5-6 px wide there."""
+    r = A.validate("demo", 16, n=96, seed=13)["ground_truth"]
+    assert r["colour"] == 1.0 and r["relation"] == 1.0 and r["overall"] >= 0.97
 
 
 @pytest.mark.parametrize("which", ["default64", "demo32"])
@@ -52,7 +58,7 @@ def test_mirrored_images_swap_left_and_right(which, request):
     """A horizontal flip keeps colours and shapes and makes left/right relations wrong (identical-object
     pairs, possible in the default preset, are right in either order)."""
     r = request.getfixturevalue(which)["mirrored"]
-    assert r["n"] > 50 and r["colour"] >= 0.99 and r["shape"] >= 0.97
+    assert r["n"] > 50 and r["colour"] >= 0.99 and r["shape"] >= 0.99
     assert r["relation_given_found"] <= (0.0 if which == "demo32" else 0.08)
 
 
@@ -83,17 +89,21 @@ def test_empty_image_and_bad_input():
         A.score_images(torch.zeros(1, 3, 8, 8), ["a photo of a dog"])
 
 
-def test_robust_to_blur_and_pixel_noise():
-    """Generated images are soft and noisy: a Gaussian blur and N(0, 20/255) pixel noise keep colour and
-    relation exact and most shapes."""
+def test_robust_to_blur_noise_dimming():
+    """Generated images are soft, noisy and off-colour: a Gaussian blur, N(0, 40/255) pixel noise, 30 %
+    dimming and 40 % desaturation keep every attribute readable at 32 px."""
     from PIL import Image, ImageFilter
 
-    samples = [shapes.render(i, "demo", seed=21) for i in range(64)]
+    samples = [shapes.render(i, "demo", seed=21) for i in range(48)]
     base = np.stack([center_crop_arr(s.image, 32) for s in samples])
     caps = [s.caption for s in samples]
     rng = np.random.default_rng(0)
-    blurred = np.stack([np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(1.0))) for a in base])
-    noisy = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-    for imgs in (blurred, noisy):
+    degraded = {
+        "blur": np.stack([np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(1.0))) for a in base]),
+        "noise": np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8),
+        "dim": (base * 0.7).astype(np.uint8),
+        "desaturate": (0.6 * base + 0.4 * base.mean(3, keepdims=True)).astype(np.uint8),
+    }
+    for name, imgs in degraded.items():
         r = A.score_images(torch.from_numpy(imgs).permute(0, 3, 1, 2), caps)
-        assert r["colour"] == 1.0 and r["relation"] == 1.0 and r["overall"] >= 0.8, r
+        assert r["colour"] == 1.0 and r["relation"] == 1.0 and r["overall"] >= 0.95, (name, r)
