@@ -29,6 +29,10 @@ Conditioning (our reading, documented because the paper gives only the parameter
   `ControlEmbedder` of `condiff.conditioning.control` is added to the timestep embedding; `Cond.control_keep`
   drops it per row. Its 3.1M parameters are counted in the sizes below.
 
+Faithfulness: with `control="none"` (text) the model computes exactly diffusers' `UNet2DConditionModel` built
+with SDXL's block types, linear projections and a "projection" class embedding of the pooled vector
+(`condiff.models.convert`, tests/test_convert.py checks outputs and a round trip of the weights).
+
 Zero-init (ADM/SDXL): the last conv of every ResBlock, the output projection of every SpatialTransformer and
 conv_out are zero, so an untrained model predicts exactly 0 and every block starts as the identity.
 """
