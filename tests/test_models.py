@@ -203,7 +203,7 @@ def test_torch_compile_matches_eager(family, conditioning):
     ref = torch.autograd.grad(out_eager.square().sum(), list(model.parameters()), allow_unused=True)
     for g, r in zip(grads, ref):
         if r is not None:
-            torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+            torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4)  # fused-kernel reassociation
 
 
 def test_learn_sigma_returns_eps_channels_only():
