@@ -18,6 +18,8 @@
 namespace condiff {
 
 constexpr int64_t kRowsPerChunk = 64;
+// Elements per parallel task (ATen's GRAIN_SIZE): smaller work runs on one thread, without a fork/join.
+constexpr int64_t kGrain = 32768;
 
 inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), an, " and ", bn, " must have the same dtype, got ",

@@ -28,9 +28,9 @@ print(json.dumps(test_ops.parity_errors("triton", torch.float32)))
 
 
 def test_triton_kernels_match_reference_in_interpreter():
-    root = Path(__file__).resolve().parents[1]
+    package_root = Path(test_ops.ops.__file__).parents[2]  # the condiff under test (source tree or installed)
     env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(root / "python"), str(root / "tests"), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(package_root), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])

@@ -20,12 +20,14 @@
 namespace condiff {
 namespace {
 
-inline int64_t grain_for(int64_t D) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)); }
+// Rows per parallel task so that a task holds about kGrain elements (as ATen does): small
+// tensors run on one thread instead of paying a fork/join.
+inline int64_t grain_for(int64_t D) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(D, 1)); }
 
 // Sum chunk partials (B, nchunk, D) -> (B, D), parallel over B * D.
 template <typename acc_t>
 void reduce_chunks(const acc_t* part, acc_t* out, int64_t B, int64_t nchunk, int64_t D) {
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(nchunk * D), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       acc_t* o = out + b * D;
       for (int64_t d = 0; d < D; ++d) o[d] = 0;
@@ -106,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_bwd_cpu(const at::Tensor& g
     scalar_t* GX = gx.mutable_data_ptr<scalar_t>();
     acc_t* P = part.mutable_data_ptr<acc_t>();
     const acc_t inv_d = acc_t(1) / acc_t(D);
-    at::parallel_for(0, B * nchunk, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, B * nchunk, grain_for(kRowsPerChunk * D), [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> buf(2 * D);
       acc_t* xh = buf.data();
       acc_t* gh = buf.data() + D;
@@ -207,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> gated_bwd_cpu(const at::Tensor& g, const at::
     const scalar_t* GA = gate.const_data_ptr<scalar_t>();
     scalar_t* GY = gy.mutable_data_ptr<scalar_t>();
     acc_t* P = part.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, B * nchunk, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, B * nchunk, grain_for(kRowsPerChunk * D), [&](int64_t t0, int64_t t1) {
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t b = task / nchunk, c = task % nchunk;
         acc_t* p = P + task * D;

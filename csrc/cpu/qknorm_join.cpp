@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qknorm_join_fwd_cpu(const at::Ten
     const acc_t* W = weights.const_data_ptr<acc_t>();
     scalar_t* outs[3] = {q.mutable_data_ptr<scalar_t>(), k.mutable_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>()};
     const acc_t inv_hd = acc_t(1) / acc_t(hd);
-    at::parallel_for(0, B * L, std::max<int64_t>(1, 8192 / (3 * D)), [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, B * L, std::max<int64_t>(1, kGrain / (3 * D)), [&](int64_t t0, int64_t t1) {
       for (int64_t tok = t0; tok < t1; ++tok) {
         const int64_t b = tok / L, l = tok % L;
         const bool is_x = l < N;
@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qknorm_join_bwd_cpu(const at::Ten
     scalar_t* GC = g_c.mutable_data_ptr<scalar_t>();
     acc_t* P = part.mutable_data_ptr<acc_t>();
     const acc_t inv_hd = acc_t(1) / acc_t(hd);
-    at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, nchunk, std::max<int64_t>(1, kGrain / (kRowsPerChunk * 3 * D)), [&](int64_t c0, int64_t c1) {
       std::vector<acc_t> buf(2 * hd);
       acc_t* xh = buf.data();
       acc_t* gw = buf.data() + hd;

@@ -71,7 +71,7 @@ at::Tensor replicate_pad_fwd_cpu(const at::Tensor& emb, const at::Tensor& length
     const scalar_t* E = emb.const_data_ptr<scalar_t>();
     const scalar_t* Z = noise.const_data_ptr<scalar_t>();
     scalar_t* O = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * ncb, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, B * ncb, std::max<int64_t>(1, kGrain / (T * kChanBlock)), [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> buf(2 * kChanBlock);
       acc_t* mean = buf.data();
       acc_t* sigma = buf.data() + kChanBlock;
@@ -114,7 +114,7 @@ at::Tensor replicate_pad_bwd_cpu(const at::Tensor& g, const at::Tensor& emb, con
     const scalar_t* Z = noise.const_data_ptr<scalar_t>();
     const scalar_t* G = g.const_data_ptr<scalar_t>();
     scalar_t* GE = gemb.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * ncb, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, B * ncb, std::max<int64_t>(1, kGrain / (T * kChanBlock)), [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> stats(3 * kChanBlock);
       std::vector<acc_t> acc;
       acc_t* mean = stats.data();
