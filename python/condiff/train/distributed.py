@@ -159,12 +159,19 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str, *, mixed_bf16: b
     raise ValueError(f"parallel: expected none/ddp/fsdp/auto, got {parallel!r}")
 
 
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full (unsharded) CPU state dict of `model`; collective under FSDP2 (call on every rank)."""
+    """Full (unsharded) CPU state dict of `model`, materialised on rank 0 only (other ranks get {}).
+    Collective under FSDP2: every rank must call it (each tensor is all-gathered in turn)."""
+    keep = is_main_process()
     out = {}
     for name, value in model.state_dict().items():
         value = value.full_tensor() if hasattr(value, "full_tensor") else value
-        out[name] = value.detach().to("cpu")
+        if keep:
+            out[name] = value.detach().to("cpu")
     return out
 
 

@@ -52,12 +52,17 @@ class EMA:
     def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
         """Full state dict (parameters replaced by their averages, buffers from `model`), CPU tensors.
 
-        Collective under FSDP2: every rank must call it (gathering the shards)."""
+        Collective under FSDP2: every rank must call it (gathering the shards); materialised on rank 0
+        only (other ranks of a process group get {}), so host memory holds one copy per node at most."""
+        import torch.distributed as dist
+
+        keep = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         shadow = dict(zip(self.names, self.shadow))
         out = {}
         for name, value in model.state_dict().items():
-            src = shadow.get(name, value)
-            out[name] = _full(src.detach()).to("cpu", dtype=value.dtype)
+            full = _full(shadow.get(name, value).detach())
+            if keep:
+                out[name] = full.to("cpu", dtype=value.dtype)
         return out
 
     @torch.no_grad()
