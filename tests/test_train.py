@@ -136,7 +136,9 @@ from condiff.train import distributed as D
 root, shards = sys.argv[1], sys.argv[2]
 tiny = sys.argv[3:]
 info = D.init("cpu")
-common = tiny + [f"data.shards={shards}", "save_every=2"]
+# EMA sample grids mid-run must not perturb the training RNG stream
+common = tiny + [f"data.shards={shards}", "save_every=2", "log.sample_every=2", "log.sample_labels=[0]",
+                 "log.sample_steps=2", "log.sample_per_prompt=1"]
 Trainer(load_config(overrides=common + [f"run_dir={root}/full", "steps=4", "parallel=ddp"]), info).run()
 Trainer(load_config(overrides=common + [f"run_dir={root}/split", "steps=2", "parallel=ddp"]), info).run()
 Trainer(load_config(overrides=common + [f"run_dir={root}/split", "steps=4", "parallel=ddp"]), info).run()
@@ -173,6 +175,7 @@ def test_resume_is_exact_with_two_processes(tmp_path, shards):
     mid = ck.load_weights(tmp_path / "split" / "step_00000002", "model")
     assert any(not torch.equal(mid[k], ck.load_weights(split, "model")[k]) for k in mid)
     assert len(ck.load_pt(split, "rng.pt")) == 2
+    assert (tmp_path / "full" / "samples" / "step_00000002.png").is_file()
     fsdp = tmp_path / "fsdp" / "step_00000004"
     for which in ("model", "ema"):
         a, b = ck.load_weights(full, which), ck.load_weights(fsdp, which)

@@ -425,7 +425,9 @@ class Trainer:
             return None
         from condiff.models import create
 
-        model = create(**self.model_config)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # building a model draws init weights: keep the training stream
+            model = create(**self.model_config)
         model.load_state_dict(ema_state)
         model.to(self.device).eval()
         text_encoder = self.text_encoder
