@@ -272,3 +272,32 @@ def test_run_outputs_and_load_for_inference(tmp_path, shards):
     # a second invocation with the same run_dir resumes (nothing to do at steps=3) and keeps the weights
     assert main(argv) == 0
     assert ck.latest_checkpoint(run) == latest
+
+
+def test_cached_text_encoder_matches_and_encodes_each_caption_once():
+    from types import SimpleNamespace
+
+    from condiff.train.loop import CachedTextEncoder
+
+    calls = []
+
+    class Fake:
+        dim, pooled_dim, config = 4, 4, {"kind": "fake"}
+
+        def encode(self, prompts):
+            calls.extend(prompts)
+            states = torch.stack([torch.full((3, 4), float(len(p))) for p in prompts])
+            return SimpleNamespace(states=states, lengths=torch.tensor([len(p) % 3 + 1 for p in prompts]),
+                                   pooled=states[:, 0])
+
+    ref = Fake().encode(["abcd", "ab", "abcd"])
+    calls.clear()
+    enc = CachedTextEncoder(Fake(), capacity=3)
+    enc.precompute(["ab", "abcd", ""])
+    out = enc.encode(["abcd", "ab", "abcd"])
+    torch.testing.assert_close(out.states, ref.states)
+    torch.testing.assert_close(out.lengths, ref.lengths)
+    torch.testing.assert_close(out.pooled, ref.pooled)
+    assert sorted(calls) == ["", "ab", "abcd"] and enc.config == {"kind": "fake"}
+    enc.encode(["xyz", "ab"])  # over capacity: falls back to the encoder for the whole batch
+    assert calls[-2:] == ["xyz", "ab"]
