@@ -257,3 +257,26 @@ def test_positional_grid_kinds():
     torch.testing.assert_close(model.pos_embed(8, 8, "cpu", torch.float32)[0], sincos_pos_embed_2d(64, 8, base_size=4))
     dit = tiny("dit", "class", pos_grid="arange")
     torch.testing.assert_close(dit.pos_embed(4, 4, "cpu", torch.float32)[0], mae_table(64, np.arange(4), np.arange(4)))
+
+
+@pytest.mark.parametrize("family,conditioning", [("mdt-v2", "class"), ("pixart-alpha", "text"), ("mmdit-full", "text"),
+                                                 ("mmdit-ours", "class")])
+def test_meta_init_then_to_empty_and_initialize_weights(family, conditioning):
+    """FSDP-style init: build on meta, materialise with to_empty, initialize_weights() restores every
+    parameter and computed buffer (RMSNorm ones, control scales, step-gamma sigmas, MDT / PixArt tables)."""
+    kw = dict(gamma="step") if family == "mmdit-ours" else {}
+    with torch.device("meta"):
+        model = tiny(family, conditioning, **kw)
+    model.to_empty(device="cpu")
+    model.initialize_weights()
+    fresh = tiny(family, conditioning, **kw)
+    for (n, b), (_, ref) in zip(model.named_buffers(), fresh.named_buffers()):
+        torch.testing.assert_close(b, ref, msg=n)
+    for (n, p), (_, ref) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.isfinite(p).all(), n
+        if ref.std() == 0 or "norm" in n:  # constants (zeros, ones) are reproduced exactly
+            assert torch.equal(p, ref), n
+        else:  # random inits: same scale
+            assert 0.5 < (p.std() / ref.std()).item() < 2.0, n
+    x, t, cond = model.example_inputs(2)
+    assert torch.equal(model(x, t, cond), torch.zeros(2, 4, 8, 8))

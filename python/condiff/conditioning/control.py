@@ -103,13 +103,17 @@ class ControlMLP(nn.Module):
         if freq_dim % 2:
             raise ValueError(f"ControlMLP: freq_dim must be even, got {freq_dim}")
         self.num_fields, self.freq_dim = num_fields, freq_dim
-        self.register_buffer("scale", torch.tensor(scale or (1.0,) * num_fields, dtype=torch.float32), persistent=False)
+        self.scale_values = tuple(scale or (1.0,) * num_fields)
+        self.register_buffer("scale", torch.empty(num_fields), persistent=False)
         self.linear_1 = nn.Linear(num_fields * freq_dim, dim)
         self.act = nn.SiLU()
         self.linear_2 = nn.Linear(dim, dim)
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Init (N(0, 0.02) first layer, zero output layer) and the computed `scale` buffer."""
+        self.scale.copy_(torch.tensor(self.scale_values))
         nn.init.normal_(self.linear_1.weight, std=0.02)
         nn.init.zeros_(self.linear_1.bias)
         nn.init.zeros_(self.linear_2.weight)  # zero-initialised output (Table 2a "zero." init)
@@ -148,12 +152,17 @@ class ControlEmbedder(nn.Module):
             self.embed_h = ControlMLP(nh, dim, freq_dim, _H_SCALE)  # E_h
             self.embed_l = ControlMLP(nl, dim, freq_dim, _L_SCALE)  # E_l
         if gamma == "step":
-            self.register_buffer("sigmas", pinned_sigmas(self.num_timesteps).float(), persistent=False)
+            self.register_buffer("sigmas", torch.empty(self.num_timesteps), persistent=False)
+        self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Re-initialise the embedders (zero output) and the computed buffers (also after `to_empty`)."""
         for m in self.modules():
             if isinstance(m, ControlMLP):
                 m.reset_parameters()
+        if self.gamma == "step":
+            self.sigmas.copy_(pinned_sigmas(self.num_timesteps))
 
     def weight(self, t: Tensor) -> Tensor:
         """gamma_c(t) (B,) for DDPM timesteps t (B,)."""

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from condiff.conditioning.cond import Cond
 from condiff.conditioning.labels import LabelEmbedder
 from condiff.models.layers import (Attention, Backbone, BackboneConfig, CrossAttention, FinalLayer, Mlp, gated,
-                                   modulate, xavier_init_linears)
+                                   modulate)
 
 
 class DiTBlock(nn.Module):
@@ -102,7 +102,7 @@ class DiT(Backbone):
         self.y_embedder = LabelEmbedder(cfg.num_classes, D)
         self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
-        initialize_dit_weights(self)
+        self.initialize_weights()
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         t = self.check_inputs(x, t, cond)
@@ -138,7 +138,7 @@ class AttDiT(Backbone):
             for i in range(cfg.depth)
         ])
         self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
-        initialize_dit_weights(self)
+        self.initialize_weights()
 
     def context_tokens(self, cond: Cond, batch_size: int) -> Tensor:
         """(B, M, D): the class token (M = 1) or the projected, padded text states (M = T)."""
@@ -158,19 +158,3 @@ class AttDiT(Backbone):
         x = self.final_layer(x, c, backend)
         return self.unpatchify(x, gh, gw)
 
-
-def initialize_dit_weights(model: Backbone) -> None:
-    """DiT's `initialize_weights`: xavier linears, then N(0, 0.02) embeddings, zero adaLN and final layer.
-
-    Embedders that own a specific init (`Backbone.init_embedders`) are re-initialised after the xavier pass.
-    """
-    xavier_init_linears(model)
-    model.init_embedders()
-    if getattr(model, "y_embedder", None) is not None:
-        nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
-    for block in model.modules():
-        if hasattr(block, "zero_init"):
-            block.zero_init()
-    for lin in (model.final_layer.linear, model.final_layer.adaLN_modulation[1]):
-        nn.init.zeros_(lin.weight)
-        nn.init.zeros_(lin.bias)

@@ -362,9 +362,14 @@ class Backbone(nn.Module):
         if cfg.conditioning == "text" and cfg.use_pooled:
             self.pooled_embedder = VectorEmbedder(cfg.pooled_dim, D)
 
-    def init_embedders(self) -> None:
-        """Input / timestep / control / pooled embedders init (DiT): xavier patch projection, N(0, 0.02) MLPs,
-        zero-output control embedders. Called by the subclasses' weight init after their xavier pass."""
+    def init_common(self) -> None:
+        """The init every backbone shares (DiT): xavier-uniform linears with zero biases, unit RMSNorm weights,
+        then the embedders' own inits: xavier patch projection, N(0, 0.02) timestep / pooled MLPs, zero-output
+        control embedders (and their computed buffers)."""
+        xavier_init_linears(self)
+        for m in self.modules():
+            if isinstance(m, nn.RMSNorm):
+                m.reset_parameters()
         nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(self.cfg.hidden_size, -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -374,6 +379,22 @@ class Backbone(nn.Module):
         if self.pooled_embedder is not None:
             nn.init.normal_(self.pooled_embedder.linear_1.weight, std=0.02)
             nn.init.normal_(self.pooled_embedder.linear_2.weight, std=0.02)
+        if getattr(self, "y_embedder", None) is not None and hasattr(self.y_embedder, "embedding_table"):
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """(Re-)initialise every parameter and computed buffer: DiT's scheme (`init_common`, then zero adaLN
+        modulations via the blocks' `zero_init` and a zero final layer, so a fresh model predicts exactly 0).
+        Called by the constructors; call it again after `model.to_empty(device=...)` of a meta-device model.
+        """
+        self.init_common()
+        for block in self.modules():
+            if hasattr(block, "zero_init"):
+                block.zero_init()
+        for lin in (self.final_layer.linear, self.final_layer.adaLN_modulation[1]):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
 
     # --- configuration -------------------------------------------------------------------------------------
     @property

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from condiff.conditioning.cond import Cond
 from condiff.conditioning.labels import LabelEmbedder
-from condiff.models.dit import DiTBlock, initialize_dit_weights
+from condiff.models.dit import DiTBlock
 from condiff.models.layers import Backbone, BackboneConfig, FinalLayer
 
 
@@ -46,6 +46,9 @@ class RelativePositionBias(nn.Module):
         self.window = window
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1) + 3, num_heads))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def index(self, grid_h: int, grid_w: int, device) -> Tensor:
@@ -127,8 +130,17 @@ class MDTv2(Backbone):
         self.sideblocks = nn.ModuleList([block(False)])
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
-        initialize_dit_weights(self)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """DiT's scheme (`Backbone.initialize_weights`) + MDT's: mask token N(0, 0.02), relative position
+        tables truncated N(0, 0.02)."""
+        super().initialize_weights()
         nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, RelativePositionBias):
+                m.reset_parameters()
 
     @property
     def mask_ratio(self) -> float:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from condiff.conditioning.cond import Cond
 from condiff.conditioning.labels import LabelEmbedder
-from condiff.models.dit import DiTBlock, initialize_dit_weights
+from condiff.models.dit import DiTBlock
 from condiff.models.layers import Attention, Backbone, BackboneConfig, FinalLayer, Mlp, gated, modulate
 
 CONTEXT_STREAMS = ("auto", "shared", "light", "full")
@@ -115,7 +115,7 @@ class MMDiT(Backbone):
             blocks = [DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, qk_norm=cfg.qk_norm) for _ in range(cfg.depth)]
         self.blocks = nn.ModuleList(blocks)
         self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
-        initialize_dit_weights(self)
+        self.initialize_weights()
 
     def context_tokens(self, cond: Cond, batch_size: int) -> Tensor:
         """(B, M, D): the class token (M = 1) or the projected, padded text states (M = T)."""

@@ -20,8 +20,7 @@ from torch import Tensor, nn
 
 from condiff.conditioning.cond import Cond
 from condiff.conditioning.labels import LabelEmbedder
-from condiff.models.layers import (Attention, Backbone, BackboneConfig, CrossAttention, Mlp, gated, modulate,
-                                   xavier_init_linears)
+from condiff.models.layers import Attention, Backbone, BackboneConfig, CrossAttention, Mlp, gated, modulate
 
 
 class PixArtBlock(nn.Module):
@@ -91,17 +90,19 @@ class PixArtAlpha(Backbone):
         self.final_layer = T2IFinalLayer(D, cfg.patch_size, self.out_channels)
         self.initialize_weights()
 
+    @torch.no_grad()
     def initialize_weights(self) -> None:
-        """PixArt's init: xavier linears; N(0, 0.02) for t_embedder, t_block, caption MLP and class table;
-        zero cross-attention output projections and final linear (so a fresh model predicts 0)."""
-        xavier_init_linears(self)
-        self.init_embedders()
+        """PixArt's init: xavier linears (`init_common`); N(0, 0.02) for t_block and the caption MLP;
+        scale-shift tables N(0, 1/D); zero cross-attention output projections and final linear (so a fresh
+        model predicts 0). Re-runnable after `to_empty` from the meta device."""
+        self.init_common()
         nn.init.normal_(self.t_block[1].weight, std=0.02)
         if self.cfg.conditioning == "text":
             nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
             nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
-        else:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        D = self.cfg.hidden_size
+        for table in [b.scale_shift_table for b in self.blocks] + [self.final_layer.scale_shift_table]:
+            table.copy_(torch.randn(table.shape, device=table.device, dtype=table.dtype) / D**0.5)
         for block in self.blocks:
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
