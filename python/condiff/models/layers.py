@@ -274,6 +274,7 @@ class BackboneConfig:
     control: "none" | "additive" (SDXL joint embedding) | "disentangled" (Eq. 1 with gamma_c `gamma`).
     text_padding: zero | replicate | noisy-replicate (noise `text_noise_beta`, training mode only; beta_txt = 0.1
     is our choice: the paper only says "a small variance").
+    text_len: the encoder's token count T (77 for CLIP); only `example_inputs` uses it, any T runs.
     use_pooled: add a projection of the pooled text vector to the timestep embedding (SD3 / SDXL).
     pos_grid: positional grid kind (models/posemb.py): rectified (App. C) | arange | scaled | sd3,
     with pos_interp_scale / pos_max_size for the last two.
