@@ -114,9 +114,12 @@ SMALL = dict(input_size=8, num_classes=10, text_dim=32, pooled_dim=24, text_len=
              control_freq_dim=32)
 
 
-@pytest.mark.parametrize("name", ["dit-tiny", "pixart-alpha-tiny", "mmdit-ours-tiny", "mdt-v2-tiny"])
-def test_every_backbone_takes_control_and_null_rows_match_no_control(name):
-    model = randomize(create(name, **SMALL)).eval()
+@pytest.mark.parametrize("name,mode", [("dit-tiny", "additive"), ("dit-att-tiny", "disentangled"),
+                                       ("pixart-alpha-tiny", "disentangled"), ("mmdit-ours-tiny", "disentangled"),
+                                       ("mmdit-tiny", "additive"), ("mdt-v2-tiny", "disentangled")])
+def test_every_backbone_takes_control_and_null_rows_match_no_control(name, mode):
+    model = randomize(create(name, control=mode, **SMALL)).eval()
+    assert model.control_embedder.mode == mode
     x, t, cond = model.example_inputs(3)
     h, l = control(3, 64.0)
     with_ctrl = Cond(labels=cond.labels, control_h=h, control_l=l, control_keep=torch.tensor([True, False, True]))
