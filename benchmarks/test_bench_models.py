@@ -5,8 +5,9 @@ control metadata, loss = mean((eps_pred - eps)^2), backward into every parameter
 its two-pass training loss (MDTv2) costs about 1 + (1 - mask_ratio) of that.
 The ratio to DiT-tiny (measured in the same session, first) is in `extra_info["rel_to_dit_tiny"]` and in the
 summary printed at the end (`-s`). On a shared, loaded machine wall times drift between tests, so
-`test_relative_cost_interleaved` also measures all backbones round-robin in one test, in CPU time of the
-process (one intra-op thread), and reports the minimum over rounds relative to DiT-tiny: the number to quote.
+`test_relative_cost_interleaved` (tiny) and `test_relative_cost_interleaved_s` (S/2; the UNet has no S size)
+also measure all backbones round-robin in one test, forward alone and forward + backward, in CPU time of the
+process (one intra-op thread), and report the minimum over rounds relative to DiT: the numbers to quote.
 Run:
     PYTHONPATH=python python -m pytest benchmarks/test_bench_models.py --benchmark-only -q -s
 """
@@ -65,29 +66,58 @@ def test_forward_backward_tiny(benchmark, name):
             print(f"  {n:18s} {m * 1e3:8.1f} ms  x{m / _MEDIANS['dit-tiny']:.2f}")
 
 
-def test_relative_cost_interleaved(benchmark):
-    """All backbones round-robin (3 rounds after a warm-up), process CPU time with one thread; min per model."""
+S_BACKBONES = [n.replace("-tiny", "-s/2") for n in BACKBONES if not n.startswith("unet")]  # the UNet has no S size
+
+
+def _interleaved(names: list[str], rounds: int) -> dict[str, dict[str, float]]:
+    """Round-robin over the models (one warm-up round), process CPU time with one intra-op thread.
+    -> {name: {"fwd": min seconds, "fwd_bwd": min seconds}}."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    steps = {name: _step_fn(name)[1] for name in BACKBONES}
-    best = {name: float("inf") for name in BACKBONES}
-
-    def run():
-        for _ in range(4):
-            for name, step in steps.items():
-                t0 = time.process_time()
-                step()
-                best[name] = min(best[name], time.process_time() - t0)
-
     try:
-        benchmark.group = "backbones tiny fwd+bwd, interleaved (CPU time, 1 thread)"
-        benchmark.pedantic(run, rounds=1, iterations=1)
+        runs = {}
+        for name in names:
+            model, step = _step_fn(name)
+            x, t, cond = _inputs()
+            runs[name] = (model, step, x, t, cond)
+        best = {n: {"fwd": float("inf"), "fwd_bwd": float("inf")} for n in names}
+        for r in range(rounds + 1):
+            for name, (model, step, x, t, cond) in runs.items():
+                t0 = time.process_time()
+                with torch.no_grad():
+                    model(x, t, cond)
+                t1 = time.process_time()
+                step()
+                t2 = time.process_time()
+                if r:  # round 0 warms up
+                    best[name]["fwd"] = min(best[name]["fwd"], t1 - t0)
+                    best[name]["fwd_bwd"] = min(best[name]["fwd_bwd"], t2 - t1)
+        return best
     finally:
         torch.set_num_threads(threads)
-    ratios = {name: best[name] / best["dit-tiny"] for name in BACKBONES}
-    benchmark.extra_info.update({f"{n}_s": best[n] for n in BACKBONES})
-    benchmark.extra_info.update({f"{n}_rel": ratios[n] for n in BACKBONES})
-    print("\ninterleaved fwd+bwd, min CPU time (1 thread), relative to dit-tiny:")
-    for n in BACKBONES:
-        print(f"  {n:18s} {best[n] * 1e3:8.1f} ms  x{ratios[n]:.2f}")
-    assert all(0 < r < 100 for r in ratios.values())
+
+
+def _report(benchmark, best: dict, ref: str, title: str) -> None:
+    print(f"\n{title} (min CPU time, 1 thread; ratio to {ref}):")
+    for n, b in best.items():
+        rel_f, rel_fb = b["fwd"] / best[ref]["fwd"], b["fwd_bwd"] / best[ref]["fwd_bwd"]
+        benchmark.extra_info.update({f"{n}_fwd_s": b["fwd"], f"{n}_fwd_bwd_s": b["fwd_bwd"],
+                                     f"{n}_fwd_rel": rel_f, f"{n}_fwd_bwd_rel": rel_fb})
+        print(f"  {n:18s} fwd {b['fwd'] * 1e3:8.1f} ms x{rel_f:.2f}   fwd+bwd {b['fwd_bwd'] * 1e3:8.1f} ms x{rel_fb:.2f}")
+        assert 0 < rel_f < 100 and 0 < rel_fb < 100
+
+
+def test_relative_cost_interleaved(benchmark):
+    """Tiny configs, all backbones round-robin (3 timed rounds): forward and forward+backward vs DiT-tiny."""
+    best = {}
+    benchmark.group = "backbones tiny fwd / fwd+bwd, interleaved (CPU time, 1 thread)"
+    benchmark.pedantic(lambda: best.update(_interleaved(BACKBONES, rounds=3)), rounds=1, iterations=1)
+    _report(benchmark, best, "dit-tiny", "tiny configs, batch 8, 32x32 latents")
+
+
+def test_relative_cost_interleaved_s(benchmark):
+    """S/2 configs (DiT-S sizes: 12 blocks, width 384), 2 timed rounds: forward and forward+backward vs DiT-S/2."""
+    best = {}
+    benchmark.group = "backbones S/2 fwd / fwd+bwd, interleaved (CPU time, 1 thread)"
+    benchmark.pedantic(lambda: best.update(_interleaved(S_BACKBONES, rounds=2)), rounds=1, iterations=1)
+    _report(benchmark, best, "dit-s/2", "S/2 configs, batch 8, 32x32 latents")
