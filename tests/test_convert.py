@@ -393,3 +393,15 @@ def test_unet_matches_diffusers_unet2dcondition_both_ways():
     assert again.config == ours.config
     with pytest.raises(ValueError, match="no diffusers counterpart"):
         convert.condiff_to_diffusers(create("unet-sdxl-tiny", "text"))  # control embedder
+
+
+def test_read_diffusers_dir_sharded_and_variants(tmp_path):
+    """A sharded save (index + shards) is read through its index; a *.fp16 variant beside it is ignored."""
+    theirs = _diffusers_dit(out_channels=4)
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    theirs.half().save_pretrained(tmp_path / "sharded", variant="fp16")
+    name, cfg, state = convert.read_diffusers_dir(tmp_path / "sharded")
+    assert name == "DiTTransformer2DModel" and cfg["num_layers"] == 2
+    want = _diffusers_dit(out_channels=4).state_dict()
+    _assert_same_state(state, want)  # the float32 weights, not the fp16 variant

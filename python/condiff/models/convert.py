@@ -665,7 +665,13 @@ def read_diffusers_dir(path: str | Path) -> tuple[str, dict, dict[str, Tensor]]:
     config = json.loads(cfg_file.read_text())
     if "_class_name" not in config:
         raise ValueError(f"{cfg_file}: no '_class_name' field; not a diffusers model config")
-    files = sorted(path.glob("*.safetensors"))
+    index = sorted(path.glob("*.safetensors.index.json"))
+    if index:  # sharded: the files the (first, i.e. non-variant) index names
+        files = sorted({path / f for f in json.loads(index[0].read_text())["weight_map"].values()})
+    elif (path / "diffusion_pytorch_model.safetensors").is_file():  # not a variant such as *.fp16.safetensors
+        files = [path / "diffusion_pytorch_model.safetensors"]
+    else:
+        files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors weights (.bin weights are not read: convert them to "
                                 "safetensors first)")
