@@ -247,6 +247,9 @@ def test_diffusers_dit_parity_and_round_trip():
         ours = convert.from_diffusers(theirs)
         assert ours.config["t_freq_shift"] == 1.0 and ours.config["pos_grid"] == "scaled"
         torch.testing.assert_close(ours(x, t, Cond(labels=y)), expected[:, :4], **TOL)
+        x2 = torch.randn(1, 4, 12, 12)  # another size (diffusers DiT is square-only): positions re-gridded alike
+        torch.testing.assert_close(ours(x2, t[:1], Cond(labels=y[:1])),
+                                   theirs(x2, timestep=t[:1], class_labels=y[:1]).sample[:, :4], **TOL)
         back = convert.to_diffusers(ours)  # 4 output channels (the sigma half was dropped)
         torch.testing.assert_close(back(x, timestep=t, class_labels=y).sample, expected[:, :4], **TOL)
         again = convert.from_diffusers(back)
@@ -292,7 +295,11 @@ def test_diffusers_pixart_parity_and_round_trip(interpolation_scale):
         back = convert.to_diffusers(ours)
         torch.testing.assert_close(back(x, encoder_hidden_states=text, timestep=t, **kw).sample, expected[:, :4],
                                    **TOL)
-        # another resolution: both re-grid their sin-cos positions the same way
+        # other resolutions, square and not: both re-grid their sin-cos positions the same way
+        x2 = torch.randn(1, 4, 8, 12)
+        torch.testing.assert_close(ours(x2, t[:1], Cond(text=text[:1])),
+                                   theirs(x2, encoder_hidden_states=text[:1], timestep=t[:1], **kw).sample[:, :4],
+                                   **TOL)
         x2 = torch.randn(1, 4, 12, 12)
         torch.testing.assert_close(ours(x2, t[:1], Cond(text=text[:1])),
                                    theirs(x2, encoder_hidden_states=text[:1], timestep=t[:1], **kw).sample[:, :4],

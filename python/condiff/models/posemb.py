@@ -65,7 +65,9 @@ def sincos_pos_embed_2d(
     As in DiT/MAE the first dim/2 channels encode the w coordinate and the last dim/2 the h coordinate.
     base_size: the grid size of the resolution the model was (pre-)trained at (App. C); None = grid size.
     For a non-square grid the base is scaled per axis by grid_w / grid_h so both axes keep one step
-    (kinds rectified / scaled; the sd3 kind crops both axes from the same max_size grid).
+    (kind rectified). The scaled kind spans the same base on both axes, as PixArt-alpha and diffusers
+    (`get_2d_sincos_pos_embed`: arange(g) / (g / base) per axis); the sd3 kind crops both axes from the same
+    max_size grid.
     kind / interp_scale / max_size: see the module docstring (kind None = rectified or arange).
     """
     if dim % 4:
@@ -73,7 +75,7 @@ def sincos_pos_embed_2d(
     grid_w = grid_h if grid_w is None else grid_w
     base_h = None if base_size is None else float(base_size)
     base_w = None if base_size is None else float(base_size) * grid_w / grid_h
-    if kind == "sd3":
+    if kind in ("sd3", "scaled"):  # diffusers / PixArt: each axis anchored at base (convert.py parity)
         base_w = base_h
     opts = dict(kind=kind, interp_scale=interp_scale, max_size=max_size)
     hh = grid_coords(grid_h, base_h, rectified, **opts)  # (H,)
