@@ -2,7 +2,7 @@
 //   adaln fwd: one block per row; mean and centred variance by block reductions, then one write.
 //   adaln bwd: one block per (chunk of kRowsPerChunk rows, batch); grad_x per row, and grad_shift /
 //              grad_scale partial sums per chunk (each thread owns its columns: no atomics), summed after.
-//   gated fwd: elementwise grid-stride loop.  gated bwd: thread per column over a chunk of rows.
+//   gated fwd: one block per row.  gated bwd: thread per column over a chunk of rows.
 #include "common.cuh"
 
 namespace condiff {
@@ -77,12 +77,13 @@ __global__ void adaln_bwd_kernel(const scalar_t* __restrict__ G, const scalar_t*
 
 template <typename scalar_t, typename acc_t>
 __global__ void gated_fwd_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ GA,
-                                 const scalar_t* __restrict__ Yp, scalar_t* __restrict__ O, int64_t total, int64_t N,
-                                 int64_t D) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t d = i % D, b = i / (N * D);
-    O[i] = static_cast<scalar_t>(static_cast<acc_t>(X[i]) + static_cast<acc_t>(GA[b * D + d]) * static_cast<acc_t>(Yp[i]));
-  }
+                                 const scalar_t* __restrict__ Yp, scalar_t* __restrict__ O, int64_t N, int64_t D) {
+  const int64_t row = blockIdx.x;  // one block per row: no per-element index division
+  const scalar_t* ga = GA + (row / N) * D;
+  const int64_t off = row * D;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
+    O[off + d] = static_cast<scalar_t>(static_cast<acc_t>(X[off + d]) +
+                                       static_cast<acc_t>(ga[d]) * static_cast<acc_t>(Yp[off + d]));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -163,15 +164,12 @@ at::Tensor gated_fwd_cuda(const at::Tensor& x, const at::Tensor& gate, const at:
   TORCH_CHECK(gate.size(0) == B && gate.size(1) == D, "gate must be (B, D) = (", B, ", ", D, "), got ", gate.sizes());
   c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty_like(x);
-  const int64_t total = x.numel();
-  if (total == 0) return out;
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535 * 8);
+  if (B * N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    gated_fwd_kernel<scalar_t, acc_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    gated_fwd_kernel<scalar_t, acc_t><<<B * N, row_threads(D), 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.const_data_ptr<scalar_t>(), gate.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), total, N, D);
+        out.mutable_data_ptr<scalar_t>(), N, D);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

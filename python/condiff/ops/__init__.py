@@ -91,6 +91,8 @@ def _select(backend: str | None, t: Tensor) -> str:
         raise ValueError(f"backend='cpu' needs CPU tensors, got a tensor on {t.device}")
     if backend == "cuda" and not t.is_cuda:
         raise ValueError(f"backend='cuda' needs CUDA tensors, got a tensor on {t.device}")
+    if backend == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got a tensor on {t.device}")
     return backend
 
 
