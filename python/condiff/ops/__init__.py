@@ -74,7 +74,7 @@ def _select(backend: str | None, t: Tensor) -> str:
     """Resolve `backend` for a tensor on t's device; errors name the backend and why it is unavailable."""
     if backend is None:
         if t.is_cuda:
-            if _native.LOADED and _native.cuda_compiled():
+            if _native.cuda_compiled():
                 return "cuda"
             return "triton" if _triton_state()[0] else "reference"
         return "cpu" if (_native.LOADED and t.device.type == "cpu") else "reference"
@@ -82,11 +82,14 @@ def _select(backend: str | None, t: Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "reference":
         return backend
-    state = backends()[backend]
-    if backend == "cuda" and _native.LOADED and _native.cuda_compiled() and t.is_cuda:
-        return backend
-    if not state["live"]:
-        raise RuntimeError(f"backend={backend!r} is not available: {state['reason']}")
+    if backend == "cpu":
+        live = _native.LOADED
+    elif backend == "cuda":
+        live = _native.cuda_compiled() and (t.is_cuda or torch.cuda.is_available())
+    else:
+        live = _triton_state()[0]
+    if not live:  # (backends() builds every reason: only on this error path, it is not free)
+        raise RuntimeError(f"backend={backend!r} is not available: {backends()[backend]['reason']}")
     if backend == "cpu" and t.device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got a tensor on {t.device}")
     if backend == "cuda" and not t.is_cuda:

@@ -8,6 +8,7 @@ broken library leaves `LOADED = False` and the reason in `REASON` (shown by `con
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ def _load() -> None:
     LOADED = True
 
 
+@lru_cache(maxsize=None)
 def cuda_compiled() -> bool:
     """True when the loaded library carries CUDA kernels (built with nvcc)."""
     return LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("condiff_native::adaln_fwd", "CUDA")
