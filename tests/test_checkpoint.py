@@ -1,6 +1,5 @@
 """Checkpoint format, atomicity (interrupted and killed saves) and safe loading."""
 
-import json
 import os
 import signal
 import subprocess

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -170,8 +169,8 @@ class Trainer:
         self.step = 0
         self.num_classes = cfg.data.num_classes or int(dataset_info(cfg.data.shards).get("num_classes", 0))
         if cfg.model.conditioning == "class" and not self.num_classes:
-            raise ValueError(f"data.num_classes: class-conditional training needs the class count (set data.num_classes, "
-                             f"or shards written by `condiff make-shards` with a dataset.json)")
+            raise ValueError("data.num_classes: class-conditional training needs the class count (set data.num_classes, "
+                             "or shards written by `condiff make-shards` with a dataset.json)")
         self.data = TrainStream(cfg.data, conditioning=cfg.model.conditioning, batch_size=self.micro_batch,
                                 rank=self.info.rank, world_size=world, seed=cfg.seed, num_classes=self.num_classes,
                                 null_text=self._null_text())
