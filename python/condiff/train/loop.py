@@ -145,6 +145,11 @@ def build_model(cfg: TrainConfig, kwargs: dict) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------ trainer
 class Trainer:
+    """A run: model, schedule, EMA, optimizer and data built from a `TrainConfig`, in this order of
+    precedence: `run_dir`'s latest checkpoint (resume: architecture, schedule, weights, optimizer, RNG and
+    data position all come from it; recipe changes to `model.*` are ignored), else `init_from`
+    (transfer), else a fresh model. `run()` trains to `cfg.steps`; `train_step()` is one optimizer step."""
+
     def __init__(self, cfg: TrainConfig, info: D.DistInfo | None = None):
         self.cfg = cfg
         self.info = info or D.init(cfg.device)
