@@ -33,7 +33,7 @@ void reduce_chunks(const acc_t* part, acc_t* out, int64_t B, int64_t nchunk, int
       for (int64_t d = 0; d < D; ++d) o[d] = 0;
       for (int64_t c = 0; c < nchunk; ++c) {
         const acc_t* p = part + (b * nchunk + c) * D;
-_Pragma("omp simd")
+#pragma omp simd
         for (int64_t d = 0; d < D; ++d) o[d] += p[d];
       }
     }
@@ -52,7 +52,9 @@ at::Tensor adaln_fwd_cpu(const at::Tensor& x, const at::Tensor& shift, const at:
   TORCH_CHECK(shift.size(0) == B && shift.size(1) == D && scale.sizes() == shift.sizes(),
               "shift and scale must be (B, D) = (", B, ", ", D, "), got ", shift.sizes(), " and ", scale.sizes());
   auto y = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adaln_fwd_cpu", [&] {
+  // The kernel is a generic lambda outside the dispatch macro: pragmas are ignored inside macro arguments.
+  auto kernel = [&](auto tag) {
+    using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* X = x.const_data_ptr<scalar_t>();
     const scalar_t* SH = shift.const_data_ptr<scalar_t>();
@@ -68,23 +70,24 @@ at::Tensor adaln_fwd_cpu(const at::Tensor& x, const at::Tensor& shift, const at:
         const scalar_t* sc = SC + (r / N) * D;
         scalar_t* yr = Y + r * D;
         acc_t sum = 0;
-_Pragma("omp simd reduction(+ : sum)")
+#pragma omp simd reduction(+ : sum)
         for (int64_t d = 0; d < D; ++d) {
           v[d] = static_cast<acc_t>(xr[d]);
           sum += v[d];
         }
         const acc_t mean = sum * inv_d;
         acc_t sq = 0;
-_Pragma("omp simd reduction(+ : sq)")
+#pragma omp simd reduction(+ : sq)
         for (int64_t d = 0; d < D; ++d) sq += (v[d] - mean) * (v[d] - mean);
         const acc_t rstd = acc_t(1) / std::sqrt(sq * inv_d + acc_t(eps));
-_Pragma("omp simd")
+#pragma omp simd
         for (int64_t d = 0; d < D; ++d)
           yr[d] = static_cast<scalar_t>((v[d] - mean) * rstd * (acc_t(1) + static_cast<acc_t>(sc[d])) +
                                         static_cast<acc_t>(sh[d]));
       }
     });
-  });
+  };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adaln_fwd_cpu", [&] { kernel(scalar_t{}); });
   return y;
 }
 
@@ -100,7 +103,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_bwd_cpu(const at::Tensor& g
   auto opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
   auto part = at::empty({2, B, nchunk, D}, opts);  // [g_shift, g_scale] partial sums per chunk of rows
   auto gshift = at::empty({B, D}, opts), gscale = at::empty({B, D}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adaln_bwd_cpu", [&] {
+  // The kernel is a generic lambda outside the dispatch macro: pragmas are ignored inside macro arguments.
+  auto kernel = [&](auto tag) {
+    using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* X = x.const_data_ptr<scalar_t>();
     const scalar_t* G = gy.const_data_ptr<scalar_t>();
@@ -124,18 +129,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_bwd_cpu(const at::Tensor& g
           const scalar_t* xr = X + r * D;
           const scalar_t* gr = G + r * D;
           acc_t sum = 0;
-_Pragma("omp simd reduction(+ : sum)")
+#pragma omp simd reduction(+ : sum)
           for (int64_t d = 0; d < D; ++d) {
             xh[d] = static_cast<acc_t>(xr[d]);
             sum += xh[d];
           }
           const acc_t mean = sum * inv_d;
           acc_t sq = 0;
-_Pragma("omp simd reduction(+ : sq)")
+#pragma omp simd reduction(+ : sq)
           for (int64_t d = 0; d < D; ++d) sq += (xh[d] - mean) * (xh[d] - mean);
           const acc_t rstd = acc_t(1) / std::sqrt(sq * inv_d + acc_t(eps));
           acc_t s1 = 0, s2 = 0;
-_Pragma("omp simd reduction(+ : s1, s2)")
+#pragma omp simd reduction(+ : s1, s2)
           for (int64_t d = 0; d < D; ++d) {
             const acc_t g = static_cast<acc_t>(gr[d]);
             xh[d] = (xh[d] - mean) * rstd;
@@ -148,14 +153,15 @@ _Pragma("omp simd reduction(+ : s1, s2)")
           s1 *= inv_d;
           s2 *= inv_d;
           scalar_t* gxr = GX + r * D;
-_Pragma("omp simd")
+#pragma omp simd
           for (int64_t d = 0; d < D; ++d) gxr[d] = static_cast<scalar_t>(rstd * (gh[d] - s1 - xh[d] * s2));
         }
       }
     });
     reduce_chunks<acc_t>(P, gshift.mutable_data_ptr<acc_t>(), B, nchunk, D);
     reduce_chunks<acc_t>(P + B * nchunk * D, gscale.mutable_data_ptr<acc_t>(), B, nchunk, D);
-  });
+  };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adaln_bwd_cpu", [&] { kernel(scalar_t{}); });
   return {gx, gshift.to(x.scalar_type()), gscale.to(x.scalar_type())};
 }
 
@@ -169,7 +175,9 @@ at::Tensor gated_fwd_cpu(const at::Tensor& x, const at::Tensor& gate, const at::
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   TORCH_CHECK(gate.size(0) == B && gate.size(1) == D, "gate must be (B, D) = (", B, ", ", D, "), got ", gate.sizes());
   auto out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_fwd_cpu", [&] {
+  // The kernel is a generic lambda outside the dispatch macro: pragmas are ignored inside macro arguments.
+  auto kernel = [&](auto tag) {
+    using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* X = x.const_data_ptr<scalar_t>();
     const scalar_t* Yp = y.const_data_ptr<scalar_t>();
@@ -181,13 +189,14 @@ at::Tensor gated_fwd_cpu(const at::Tensor& x, const at::Tensor& gate, const at::
         const scalar_t* xr = X + r * D;
         const scalar_t* yr = Yp + r * D;
         scalar_t* o = O + r * D;
-_Pragma("omp simd")
+#pragma omp simd
         for (int64_t d = 0; d < D; ++d)
           o[d] = static_cast<scalar_t>(static_cast<acc_t>(xr[d]) +
                                        static_cast<acc_t>(ga[d]) * static_cast<acc_t>(yr[d]));
       }
     });
-  });
+  };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_fwd_cpu", [&] { kernel(scalar_t{}); });
   return out;
 }
 
@@ -202,7 +211,9 @@ std::tuple<at::Tensor, at::Tensor> gated_bwd_cpu(const at::Tensor& g, const at::
   auto opts = y.options().dtype(at::toOpMathType(y.scalar_type()));
   auto part = at::empty({B, nchunk, D}, opts);
   auto ggate = at::empty({B, D}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "gated_bwd_cpu", [&] {
+  // The kernel is a generic lambda outside the dispatch macro: pragmas are ignored inside macro arguments.
+  auto kernel = [&](auto tag) {
+    using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* G = g.const_data_ptr<scalar_t>();
     const scalar_t* Yp = y.const_data_ptr<scalar_t>();
@@ -221,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor> gated_bwd_cpu(const at::Tensor& g, const at::
           const scalar_t* gr = G + r * D;
           const scalar_t* yr = Yp + r * D;
           scalar_t* o = GY + r * D;
-_Pragma("omp simd")
+#pragma omp simd
           for (int64_t d = 0; d < D; ++d) {
             const acc_t gv = static_cast<acc_t>(gr[d]);
             o[d] = static_cast<scalar_t>(gv * static_cast<acc_t>(ga[d]));
@@ -231,7 +242,8 @@ _Pragma("omp simd")
       }
     });
     reduce_chunks<acc_t>(P, ggate.mutable_data_ptr<acc_t>(), B, nchunk, D);
-  });
+  };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "gated_bwd_cpu", [&] { kernel(scalar_t{}); });
   return {gy, ggate.to(y.scalar_type())};
 }
 

@@ -43,7 +43,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qknorm_join_fwd_cpu(const at::Ten
   const int64_t D = qkv_x.size(2) / 3, hd = D / H;
   auto q = at::empty({B, H, L, hd}, qkv_x.options());
   auto k = at::empty_like(q), v = at::empty_like(q);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv_x.scalar_type(), "qknorm_join_fwd_cpu", [&] {
+  // The kernel is a generic lambda outside the dispatch macro: pragmas are ignored inside macro arguments.
+  auto kernel = [&](auto tag) {
+    using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* QX = qkv_x.const_data_ptr<scalar_t>();
     const scalar_t* QC = qkv_c.const_data_ptr<scalar_t>();
@@ -65,16 +67,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qknorm_join_fwd_cpu(const at::Ten
               continue;
             }
             acc_t ss = 0;
-_Pragma("omp simd reduction(+ : ss)")
+#pragma omp simd reduction(+ : ss)
             for (int64_t j = 0; j < hd; ++j) ss += static_cast<acc_t>(s[j]) * static_cast<acc_t>(s[j]);
             const acc_t r = acc_t(1) / std::sqrt(ss * inv_hd + acc_t(eps));
-_Pragma("omp simd")
+#pragma omp simd
             for (int64_t j = 0; j < hd; ++j) o[j] = static_cast<scalar_t>(static_cast<acc_t>(s[j]) * r * w[j]);
           }
         }
       }
     });
-  });
+  };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv_x.scalar_type(), "qknorm_join_fwd_cpu", [&] { kernel(scalar_t{}); });
   return {q, k, v};
 }
 
@@ -93,7 +96,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qknorm_join_bwd_cpu(const at::Ten
   const int64_t nchunk = std::max<int64_t>(1, (B * L + kRowsPerChunk - 1) / kRowsPerChunk);
   auto g_x = at::empty_like(qkv_x), g_c = at::empty_like(qkv_c);
   auto part = at::empty({nchunk, 4, hd}, weights.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv_x.scalar_type(), "qknorm_join_bwd_cpu", [&] {
+  // The kernel is a generic lambda outside the dispatch macro: pragmas are ignored inside macro arguments.
+  auto kernel = [&](auto tag) {
+    using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* QX = qkv_x.const_data_ptr<scalar_t>();
     const scalar_t* QC = qkv_c.const_data_ptr<scalar_t>();
@@ -130,14 +135,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qknorm_join_bwd_cpu(const at::Ten
               acc_t* pwi = pw + widx * hd;
               const scalar_t* s = src + p * D + h * hd;
               acc_t ss = 0;
-_Pragma("omp simd reduction(+ : ss)")
+#pragma omp simd reduction(+ : ss)
               for (int64_t j = 0; j < hd; ++j) {
                 xh[j] = static_cast<acc_t>(s[j]);
                 ss += xh[j] * xh[j];
               }
               const acc_t r = acc_t(1) / std::sqrt(ss * inv_hd + acc_t(eps));
               acc_t dot = 0;
-_Pragma("omp simd reduction(+ : dot)")
+#pragma omp simd reduction(+ : dot)
               for (int64_t j = 0; j < hd; ++j) {
                 const acc_t gj = static_cast<acc_t>(g[j]);
                 xh[j] *= r;
@@ -146,14 +151,15 @@ _Pragma("omp simd reduction(+ : dot)")
                 dot += gw[j] * xh[j];
               }
               dot *= inv_hd;
-_Pragma("omp simd")
+#pragma omp simd
               for (int64_t j = 0; j < hd; ++j) o[j] = static_cast<scalar_t>(r * (gw[j] - xh[j] * dot));
             }
           }
         }
       }
     });
-  });
+  };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv_x.scalar_type(), "qknorm_join_bwd_cpu", [&] { kernel(scalar_t{}); });
   return {g_x, g_c, part.sum(0)};
 }
 

@@ -40,13 +40,13 @@ void row_stats(const scalar_t* e, int64_t len, int64_t C, int64_t c0, int64_t nc
   for (int64_t j = 0; j < nc; ++j) mean[j] = sigma[j] = 0;
   for (int64_t t = 0; t < len; ++t) {
     const scalar_t* er = e + t * C + c0;
-_Pragma("omp simd")
+#pragma omp simd
     for (int64_t j = 0; j < nc; ++j) mean[j] += static_cast<acc_t>(er[j]);
   }
   for (int64_t j = 0; j < nc; ++j) mean[j] /= acc_t(len);
   for (int64_t t = 0; t < len; ++t) {
     const scalar_t* er = e + t * C + c0;
-_Pragma("omp simd")
+#pragma omp simd
     for (int64_t j = 0; j < nc; ++j) {
       const acc_t dv = static_cast<acc_t>(er[j]) - mean[j];
       sigma[j] += dv * dv;
@@ -66,7 +66,9 @@ at::Tensor replicate_pad_fwd_cpu(const at::Tensor& emb, const at::Tensor& length
     TORCH_CHECK(LEN[b] >= 1 && LEN[b] <= T, "lengths[", b, "] = ", LEN[b], " must be in [1, T=", T, "]");
   auto out = at::empty_like(emb);
   const int64_t ncb = (C + kChanBlock - 1) / kChanBlock;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, emb.scalar_type(), "replicate_pad_fwd_cpu", [&] {
+  // The kernel is a generic lambda outside the dispatch macro: pragmas are ignored inside macro arguments.
+  auto kernel = [&](auto tag) {
+    using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* E = emb.const_data_ptr<scalar_t>();
     const scalar_t* Z = noise.const_data_ptr<scalar_t>();
@@ -89,13 +91,14 @@ at::Tensor replicate_pad_fwd_cpu(const at::Tensor& emb, const at::Tensor& length
             continue;
           }
           const scalar_t* z = Z + (b * T + t) * C + c0;
-_Pragma("omp simd")
+#pragma omp simd
           for (int64_t j = 0; j < nc; ++j)
             o[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j]) + amp * sigma[j] * static_cast<acc_t>(z[j]));
         }
       }
     });
-  });
+  };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, emb.scalar_type(), "replicate_pad_fwd_cpu", [&] { kernel(scalar_t{}); });
   return out;
 }
 
@@ -108,7 +111,9 @@ at::Tensor replicate_pad_bwd_cpu(const at::Tensor& g, const at::Tensor& emb, con
   const int64_t* LEN = lengths.const_data_ptr<int64_t>();
   auto gemb = at::empty_like(emb);
   const int64_t ncb = (C + kChanBlock - 1) / kChanBlock;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, emb.scalar_type(), "replicate_pad_bwd_cpu", [&] {
+  // The kernel is a generic lambda outside the dispatch macro: pragmas are ignored inside macro arguments.
+  auto kernel = [&](auto tag) {
+    using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* E = emb.const_data_ptr<scalar_t>();
     const scalar_t* Z = noise.const_data_ptr<scalar_t>();
@@ -130,11 +135,11 @@ at::Tensor replicate_pad_bwd_cpu(const at::Tensor& g, const at::Tensor& emb, con
         for (int64_t t = 0; t < T; ++t) {  // gather the gradient of every copy onto its source token
           const scalar_t* gr = G + (b * T + t) * C + c0;
           acc_t* a = acc.data() + (t % len) * nc;
-_Pragma("omp simd")
+#pragma omp simd
           for (int64_t j = 0; j < nc; ++j) a[j] += static_cast<acc_t>(gr[j]);
           if (t >= len && amp != acc_t(0)) {
             const scalar_t* z = Z + (b * T + t) * C + c0;
-_Pragma("omp simd")
+#pragma omp simd
             for (int64_t j = 0; j < nc; ++j) gz[j] += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(z[j]);
           }
         }
@@ -144,7 +149,7 @@ _Pragma("omp simd")
           for (int64_t s = 0; s < len; ++s) {
             const scalar_t* er = e + s * C + c0;
             acc_t* a = acc.data() + s * nc;
-_Pragma("omp simd")
+#pragma omp simd
             for (int64_t j = 0; j < nc; ++j) a[j] += gz[j] * (static_cast<acc_t>(er[j]) - mean[j]);
           }
         }
@@ -159,7 +164,8 @@ _Pragma("omp simd")
         }
       }
     });
-  });
+  };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, emb.scalar_type(), "replicate_pad_bwd_cpu", [&] { kernel(scalar_t{}); });
   return gemb;
 }
 
