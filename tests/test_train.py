@@ -158,7 +158,10 @@ def test_resume_is_exact_with_two_processes(tmp_path, shards):
     env = dict(os.environ, PYTHONPATH=str(REPO / "python"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            str(tmp_path), shards, *TINY]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    for _ in range(2):  # a port taken between torchrun's choice and its bind (shared machine): retry once
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     full, split = tmp_path / "full" / "step_00000004", tmp_path / "split" / "step_00000004"
     for which in ("model", "ema"):
