@@ -185,6 +185,22 @@ def table(rows: list[dict], copy_gbps: float) -> str:
     return "\n".join(lines)
 
 
+def targets(rows: list[dict], copy_gbps: float) -> list[str]:
+    """Issue 2's GPU targets, judged on the CUDA kernels (Triton where CUDA is not built)."""
+    out = []
+    for r in rows:
+        k = "cuda" if "cuda" in r else "triton" if "triton" in r else None
+        if k is None:
+            continue
+        if r["op"] == "joint_attention":
+            ok = r[k] <= r["eager"]
+            out.append(f"{'PASS' if ok else 'FAIL'} joint_attention {r['mode']}: {k} {r[k]:.3f} ms vs unfused eager {r['eager']:.3f} ms")
+        else:
+            frac = r[k + "_gbps"] / copy_gbps
+            out.append(f"{'PASS' if frac >= 0.8 else 'FAIL'} {r['op']} {r['mode']}: {k} at {100 * frac:.0f}% of copy bandwidth (target 80%)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build", default="auto", help="auto | pip | cmake | jit | none")
@@ -213,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"parity tests: {tests}")
     print(f"device-to-device copy: {bw:.0f} GB/s; bf16, B=8 N=256 D=1152 H=16 M=77, text (8, 77, 768)")
     print(table(rows, bw))
+    print("\n".join(targets(rows, bw)))
     return rc
 
 
