@@ -84,6 +84,10 @@ def test_condiff_eval_end_to_end(setup, capsys):
     assert main(["eval", *_args(setup, "out"), "--save-images", str(root / "pngs")]) == 0
     m = M.load(root / "out")
     assert set(m.metrics) >= {"fid_train", "fid_val", "clip", "lpips_size", "align/colour", "align/overall"}
+    # relation_given_found is conditional (captions whose two colours were found): undefined (NaN) when a
+    # random model draws no such pair; every other metric is always defined
+    conditional = m.metrics.pop("align/relation_given_found")
+    assert np.isnan(conditional) or 0.0 <= conditional <= 1.0
     assert all(np.isfinite(v) for v in m.metrics.values())
     assert m.n == 6 and m.steps == 2 and m.sampler == "ddim" and m.size_cond == "train-dist" and m.resolution == 16
     assert m.checkpoint_hash == M.checkpoint_hash(Path(m.checkpoint))
