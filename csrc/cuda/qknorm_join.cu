@@ -73,7 +73,7 @@ __global__ void qk_bwd_kernel(const scalar_t* __restrict__ GQ, const scalar_t* _
                               const scalar_t* __restrict__ QC, const acc_t* __restrict__ W,
                               scalar_t* __restrict__ GX, scalar_t* __restrict__ GC, acc_t* __restrict__ P, int64_t B,
                               int64_t N, int64_t M, int64_t H, int64_t hd, acc_t eps) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* pw_all = reinterpret_cast<acc_t*>(smem_raw);  // (nwarp, 4, hd)
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarp = blockDim.x / kWarp;
   for (int64_t i = threadIdx.x; i < nwarp * 4 * hd; i += blockDim.x) pw_all[i] = 0;

@@ -256,7 +256,7 @@ def _pad_fwd_kernel(E, LEN, Z, O, T, C, beta, BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < C
-    n = tl.load(LEN + b)
+    n = tl.load(LEN + b).to(tl.int32)  # prompt length (< 2^31)
     amp = beta * tl.sqrt(((T + n - 1) // n - 1).to(tl.float32))  # beta * sqrt(m - 1)
     base = b * T * C
     mean, sigma = _pad_stats(E, base, n, C, cols, mask, BLOCK_C)
@@ -272,7 +272,7 @@ def _pad_bwd_kernel(G, E, LEN, Z, GE, T, C, beta, BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < C
-    n = tl.load(LEN + b)
+    n = tl.load(LEN + b).to(tl.int32)  # prompt length (< 2^31)
     amp = beta * tl.sqrt(((T + n - 1) // n - 1).to(tl.float32))
     base = b * T * C
     mean, sigma = _pad_stats(E, base, n, C, cols, mask, BLOCK_C)
