@@ -22,11 +22,11 @@ from condiff.ops import _native, library, reference
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-# Shapes per op, odd sizes included (D = 1 and N = 1 rows, heads of width 5, M = 0 context tokens).
+# Shapes per op, odd sizes included (D = 1, N = 0 or 1 rows, heads of width 5, M = 0 context tokens).
 SHAPES = {
-    "adaln_modulate": [(2, 7, 33), (3, 1, 64), (1, 70, 5), (2, 3, 1)],
+    "adaln_modulate": [(2, 7, 33), (3, 1, 64), (1, 70, 5), (2, 3, 1), (2, 0, 8)],
     "gated_residual": [(2, 7, 33), (1, 70, 5), (3, 1, 128)],
-    "joint_attention": [(2, 9, 5, 4, 8), (1, 7, 0, 3, 5), (3, 1, 2, 2, 16), (1, 70, 3, 1, 7)],  # B, N, M, H, hd
+    "joint_attention": [(2, 9, 5, 4, 8), (1, 7, 0, 3, 5), (3, 1, 2, 2, 16), (1, 70, 3, 1, 7), (2, 0, 3, 2, 4)],  # B, N, M, H, hd
     "noisy_replicate_pad": [(3, 11, 20, (1, 4, 11)), (2, 77, 9, (5, 30)), (1, 2, 300, (1,))],  # B, T, C, lengths
 }
 BETA = 0.6
