@@ -4,7 +4,6 @@ the random LPIPS backbone and a tiny CLIP; determinism per global index; torchru
 from __future__ import annotations
 
 import io
-import json
 import os
 import socket
 import subprocess
