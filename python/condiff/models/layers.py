@@ -460,6 +460,13 @@ class Backbone(nn.Module):
         """Validated class ids (B,) (num_classes = null class)."""
         return check_labels(cond.labels, self.cfg.num_classes, batch_size)
 
+    def context_tokens(self, cond: Cond, batch_size: int) -> Tensor:
+        """(B, M, D) attention context of the token-conditioned backbones (Att-DiT, mmDiT): the class
+        token through `y_embedder` (M = 1) or the padded text states through `context_embedder` (M = T)."""
+        if self.cfg.conditioning == "class":
+            return self.y_embedder(self.labels(cond, batch_size))[:, None]  # (B, 1, D)
+        return self.context_embedder(self.text_states(cond, batch_size))  # (B, T, D)
+
     def text_states(self, cond: Cond, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
         """Text states (B, T, text_dim) after the padding mode; noise (noisy-replicate) only in training mode.
 

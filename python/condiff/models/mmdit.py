@@ -117,12 +117,6 @@ class MMDiT(Backbone):
         self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
         self.initialize_weights()
 
-    def context_tokens(self, cond: Cond, batch_size: int) -> Tensor:
-        """(B, M, D): the class token (M = 1) or the projected, padded text states (M = T)."""
-        if self.cfg.conditioning == "class":
-            return self.y_embedder(self.labels(cond, batch_size))[:, None]  # (B, 1, D)
-        return self.context_embedder(self.text_states(cond, batch_size))  # (B, T, D)
-
     def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         t = self.check_inputs(x, t, cond)
         B, impl, backend = x.shape[0], self.attn_impl, self.cfg.ops_backend
