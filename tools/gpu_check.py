@@ -12,7 +12,9 @@
 3. Timings in bfloat16 at DiT-XL/2 shapes (benchmarks/test_bench_ops.py): eager reference,
    torch.compile(reference), the CUDA kernels and the Triton kernels, forward and forward+backward,
    with GB/s against the measured device-to-device copy bandwidth.
-The short table is printed last. Targets (issue 2): memory-bound ops >= 80% of copy bandwidth;
+4. Train-step throughput (issue 6): DiT-XL/2 and mmDiT-XL/2 at 256 px (SD-VAE latents 32x32x4), bf16
+   autocast, batch 32: img/s and model FLOPs utilisation (condiff.train.throughput; skip with --no-train).
+The short tables are printed last. Targets (issue 2): memory-bound ops >= 80% of copy bandwidth;
 joint_attention no slower than the unfused eager RMSNorm + cat + SDPA.
 """
 
@@ -201,11 +203,40 @@ def targets(rows: list[dict], copy_gbps: float) -> list[str]:
     return out
 
 
+def train_timings(batch: int) -> list[dict]:
+    """Issue 6's GPU figures: train-step img/s and MFU of the XL/2 transformers at 256 px in bf16."""
+
+    from condiff.train.throughput import train_step_throughput
+
+    rows = []
+    for name in ("dit-xl/2", "mmdit-xl/2", "mmdit-ours-xl/2"):
+        try:
+            rows.append(train_step_throughput(name, 256, batch, device="cuda", precision="bf16"))
+        except RuntimeError as e:  # out of memory (a RuntimeError) or a failure: report it, time the others
+            rows.append({"model": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def train_table(rows: list[dict]) -> str:
+    lines = ["| model @256, bf16 | batch | step ms | img/s | model TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | | {r['error']} | | | |")
+            continue
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['step_ms']:.1f} | {r['img_per_s']:.1f} | "
+                     f"{r['achieved_tflops']:.1f} | {mfu} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build", default="auto", help="auto | pip | cmake | jit | none")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) timings")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--no-train", action="store_true", help="skip the DiT-XL/2 / mmDiT-XL/2 train-step MFU timings")
+    p.add_argument("--train-batch", type=int, default=32, help="batch of the train-step timings")
     args = p.parse_args(argv)
     import torch
 
@@ -221,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     rc, tests = parity()
     bw = copy_bandwidth()
     rows = timings(not args.no_compile)
+    train_rows = [] if args.no_train else train_timings(args.train_batch)
     if args.json:
-        Path(args.json).write_text(json.dumps({"backends": state, "tests": tests, "copy_gbps": bw, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"backends": state, "tests": tests, "copy_gbps": bw, "rows": rows,
+                                               "train": train_rows}, indent=1))
     print("\n==== condiff gpu_check ====")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {built} | "
           f"cuda {'live' if state['cuda']['live'] else 'OFF'} | triton {'live' if state['triton']['live'] else 'OFF'}")
@@ -230,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device-to-device copy: {bw:.0f} GB/s; bf16, B=8 N=256 D=1152 H=16 M=77, text (8, 77, 768)")
     print(table(rows, bw))
     print("\n".join(targets(rows, bw)))
+    if train_rows:
+        print(train_table(train_rows))
     return rc
 
 
