@@ -205,7 +205,6 @@ def targets(rows: list[dict], copy_gbps: float) -> list[str]:
 
 def train_timings(batch: int) -> list[dict]:
     """Issue 6's GPU figures: train-step img/s and MFU of the XL/2 transformers at 256 px in bf16."""
-
     from condiff.train.throughput import train_step_throughput
 
     rows = []
