@@ -9,6 +9,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module that asks for it (`pytestmark = pytest.mark.usefixtures("one_thread")`),
+    restored after it: tiny models gain nothing from intra-op threads, and on a busy shared 2-core machine two
+    spinning OpenMP threads make each forward ~50x slower (benchmarks/RESULTS.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -12,15 +12,7 @@ from PIL import Image
 
 from condiff.eval import fid as F
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads mostly spin against other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _images(n: int, seed: int, size: int = 32, shift: float = 0.0) -> torch.Tensor:

@@ -11,15 +11,7 @@ from PIL import Image
 from condiff.diffusion.schedule import Schedule
 from condiff.sample import Loaded, Settings, generate, load_checkpoint, main, resolve, semantic_conditions
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy shared machine two spinning OpenMP threads
-    make each forward ~50x slower (benchmarks/RESULTS.md). Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run(tmp_path, name, *args):

@@ -8,15 +8,7 @@ from condiff.conditioning.cond import Cond
 from condiff.diffusion.loss import diffusion_loss
 from condiff.diffusion.schedule import Schedule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy shared machine two spinning OpenMP threads
-    make each forward ~50x slower (benchmarks/RESULTS.md). Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Recorder(nn.Module):
