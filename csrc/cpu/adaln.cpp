@@ -43,14 +43,8 @@ void reduce_chunks(const acc_t* part, acc_t* out, int64_t B, int64_t nchunk, int
 }  // namespace
 
 at::Tensor adaln_fwd_cpu(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, double eps) {
-  check_contig(x, "x", 3);
-  check_contig(shift, "shift", 2);
-  check_contig(scale, "scale", 2);
-  check_same(x, shift, "x", "shift");
-  check_same(x, scale, "x", "scale");
+  check_adaln_inputs(x, shift, scale);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  TORCH_CHECK(shift.size(0) == B && shift.size(1) == D && scale.sizes() == shift.sizes(),
-              "shift and scale must be (B, D) = (", B, ", ", D, "), got ", shift.sizes(), " and ", scale.sizes());
   auto y = at::empty_like(x);
   // The kernel is a generic lambda outside the dispatch macro: pragmas are ignored inside macro arguments.
   auto kernel = [&](auto tag) {
@@ -93,10 +87,7 @@ at::Tensor adaln_fwd_cpu(const at::Tensor& x, const at::Tensor& shift, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_bwd_cpu(const at::Tensor& gy, const at::Tensor& x,
                                                              const at::Tensor& scale, double eps) {
-  check_contig(gy, "grad_out", 3);
-  check_contig(x, "x", 3);
-  check_contig(scale, "scale", 2);
-  check_same(x, gy, "x", "grad_out");
+  check_adaln_bwd_inputs(gy, x, scale);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   const int64_t nchunk = std::max<int64_t>(1, (N + kRowsPerChunk - 1) / kRowsPerChunk);
   auto gx = at::empty_like(x);
@@ -166,14 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_bwd_cpu(const at::Tensor& g
 }
 
 at::Tensor gated_fwd_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y) {
-  check_contig(x, "x", 3);
-  check_contig(y, "y", 3);
-  check_contig(gate, "gate", 2);
-  check_same(x, y, "x", "y");
-  check_same(x, gate, "x", "gate");
-  TORCH_CHECK(x.sizes() == y.sizes(), "x and y must have the same shape, got ", x.sizes(), " and ", y.sizes());
+  check_gated_inputs(x, gate, y);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  TORCH_CHECK(gate.size(0) == B && gate.size(1) == D, "gate must be (B, D) = (", B, ", ", D, "), got ", gate.sizes());
   auto out = at::empty_like(x);
   // The kernel is a generic lambda outside the dispatch macro: pragmas are ignored inside macro arguments.
   auto kernel = [&](auto tag) {
@@ -201,10 +186,7 @@ at::Tensor gated_fwd_cpu(const at::Tensor& x, const at::Tensor& gate, const at::
 }
 
 std::tuple<at::Tensor, at::Tensor> gated_bwd_cpu(const at::Tensor& g, const at::Tensor& gate, const at::Tensor& y) {
-  check_contig(g, "grad_out", 3);
-  check_contig(y, "y", 3);
-  check_contig(gate, "gate", 2);
-  check_same(g, y, "grad_out", "y");
+  check_gated_bwd_inputs(g, gate, y);
   const int64_t B = y.size(0), N = y.size(1), D = y.size(2);
   const int64_t nchunk = std::max<int64_t>(1, (N + kRowsPerChunk - 1) / kRowsPerChunk);
   auto gy = at::empty_like(y);

@@ -19,26 +19,10 @@
 #include "../condiff_ops.h"
 
 namespace condiff {
-namespace {
-
-void check_inputs(const at::Tensor& qkv_x, const at::Tensor& qkv_c, const at::Tensor& weights, int64_t H) {
-  check_contig(qkv_x, "qkv_x", 3);
-  check_contig(qkv_c, "qkv_c", 3);
-  check_same(qkv_x, qkv_c, "qkv_x", "qkv_c");
-  TORCH_CHECK(qkv_x.size(0) == qkv_c.size(0) && qkv_x.size(2) == qkv_c.size(2),
-              "qkv_x and qkv_c must be (B, N, 3D) and (B, M, 3D), got ", qkv_x.sizes(), " and ", qkv_c.sizes());
-  TORCH_CHECK(H > 0 && qkv_x.size(2) % (3 * H) == 0, "qkv last dim ", qkv_x.size(2), " must be 3 * num_heads * head_dim");
-  const int64_t hd = qkv_x.size(2) / (3 * H);
-  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == 4 && weights.size(1) == hd && weights.is_contiguous() &&
-                  weights.scalar_type() == at::toOpMathType(qkv_x.scalar_type()),
-              "weights must be a contiguous (4, head_dim) tensor of the accumulation dtype");
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qknorm_join_fwd_cpu(const at::Tensor& qkv_x, const at::Tensor& qkv_c,
                                                                    const at::Tensor& weights, int64_t H, double eps) {
-  check_inputs(qkv_x, qkv_c, weights, H);
+  check_qknorm_join_inputs(qkv_x, qkv_c, weights, H);
   const int64_t B = qkv_x.size(0), N = qkv_x.size(1), M = qkv_c.size(1), L = N + M;
   const int64_t D = qkv_x.size(2) / 3, hd = D / H;
   auto q = at::empty({B, H, L, hd}, qkv_x.options());
@@ -85,14 +69,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qknorm_join_bwd_cpu(const at::Ten
                                                                    const at::Tensor& gv, const at::Tensor& qkv_x,
                                                                    const at::Tensor& qkv_c, const at::Tensor& weights,
                                                                    int64_t H, double eps) {
-  check_inputs(qkv_x, qkv_c, weights, H);
-  check_contig(gq, "grad_q", 4);
-  check_contig(gk, "grad_k", 4);
-  check_contig(gv, "grad_v", 4);
+  check_qknorm_join_bwd_inputs(gq, gk, gv, qkv_x, qkv_c, weights, H);
   const int64_t B = qkv_x.size(0), N = qkv_x.size(1), M = qkv_c.size(1), L = N + M;
   const int64_t D = qkv_x.size(2) / 3, hd = D / H;
-  TORCH_CHECK(gq.size(0) == B && gq.size(1) == H && gq.size(2) == L && gq.size(3) == hd,
-              "grad_q must be (B, H, L, hd), got ", gq.sizes());
   const int64_t nchunk = std::max<int64_t>(1, (B * L + kRowsPerChunk - 1) / kRowsPerChunk);
   auto g_x = at::empty_like(qkv_x), g_c = at::empty_like(qkv_c);
   auto part = at::empty({nchunk, 4, hd}, weights.options());

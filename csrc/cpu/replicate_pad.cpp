@@ -24,16 +24,6 @@ namespace {
 
 constexpr int64_t kChanBlock = 128;
 
-void check_inputs(const at::Tensor& emb, const at::Tensor& lengths, const at::Tensor& noise) {
-  check_contig(emb, "emb", 3);
-  check_contig(noise, "noise", 3);
-  check_same(emb, noise, "emb", "noise");
-  TORCH_CHECK(noise.sizes() == emb.sizes(), "noise must have emb's shape ", emb.sizes(), ", got ", noise.sizes());
-  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == emb.size(0) && lengths.scalar_type() == at::kLong &&
-                  lengths.device() == emb.device() && lengths.is_contiguous(),
-              "lengths must be an int64 (B,) tensor on emb's device");
-}
-
 // mean and population std of channels [c0, c0 + nc) over the first len tokens of one row.
 template <typename scalar_t, typename acc_t>
 void row_stats(const scalar_t* e, int64_t len, int64_t C, int64_t c0, int64_t nc, acc_t* mean, acc_t* sigma) {
@@ -59,7 +49,7 @@ void row_stats(const scalar_t* e, int64_t len, int64_t C, int64_t c0, int64_t nc
 
 at::Tensor replicate_pad_fwd_cpu(const at::Tensor& emb, const at::Tensor& lengths, double beta,
                                  const at::Tensor& noise) {
-  check_inputs(emb, lengths, noise);
+  check_replicate_pad_inputs(emb, lengths, noise);
   const int64_t B = emb.size(0), T = emb.size(1), C = emb.size(2);
   const int64_t* LEN = lengths.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
@@ -104,9 +94,7 @@ at::Tensor replicate_pad_fwd_cpu(const at::Tensor& emb, const at::Tensor& length
 
 at::Tensor replicate_pad_bwd_cpu(const at::Tensor& g, const at::Tensor& emb, const at::Tensor& lengths, double beta,
                                  const at::Tensor& noise) {
-  check_inputs(emb, lengths, noise);
-  check_contig(g, "grad_out", 3);
-  check_same(g, emb, "grad_out", "emb");
+  check_replicate_pad_bwd_inputs(g, emb, lengths, noise);
   const int64_t B = emb.size(0), T = emb.size(1), C = emb.size(2);
   const int64_t* LEN = lengths.const_data_ptr<int64_t>();
   auto gemb = at::empty_like(emb);

@@ -108,14 +108,8 @@ __global__ void gated_bwd_kernel(const scalar_t* __restrict__ G, const scalar_t*
 }  // namespace
 
 at::Tensor adaln_fwd_cuda(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, double eps) {
-  check_contig(x, "x", 3);
-  check_contig(shift, "shift", 2);
-  check_contig(scale, "scale", 2);
-  check_same(x, shift, "x", "shift");
-  check_same(x, scale, "x", "scale");
+  check_adaln_inputs(x, shift, scale);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  TORCH_CHECK(shift.size(0) == B && shift.size(1) == D && scale.sizes() == shift.sizes(),
-              "shift and scale must be (B, D) = (", B, ", ", D, "), got ", shift.sizes(), " and ", scale.sizes());
   c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty_like(x);
   if (B * N == 0) return y;
@@ -131,10 +125,7 @@ at::Tensor adaln_fwd_cuda(const at::Tensor& x, const at::Tensor& shift, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_bwd_cuda(const at::Tensor& gy, const at::Tensor& x,
                                                               const at::Tensor& scale, double eps) {
-  check_contig(gy, "grad_out", 3);
-  check_contig(x, "x", 3);
-  check_contig(scale, "scale", 2);
-  check_same(x, gy, "x", "grad_out");
+  check_adaln_bwd_inputs(gy, x, scale);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   const int64_t nchunk = std::max<int64_t>(1, (N + kRowsPerChunk - 1) / kRowsPerChunk);
   c10::cuda::CUDAGuard guard(x.device());
@@ -154,14 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_bwd_cuda(const at::Tensor& 
 }
 
 at::Tensor gated_fwd_cuda(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y) {
-  check_contig(x, "x", 3);
-  check_contig(y, "y", 3);
-  check_contig(gate, "gate", 2);
-  check_same(x, y, "x", "y");
-  check_same(x, gate, "x", "gate");
-  TORCH_CHECK(x.sizes() == y.sizes(), "x and y must have the same shape, got ", x.sizes(), " and ", y.sizes());
+  check_gated_inputs(x, gate, y);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  TORCH_CHECK(gate.size(0) == B && gate.size(1) == D, "gate must be (B, D) = (", B, ", ", D, "), got ", gate.sizes());
   c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty_like(x);
   if (B * N == 0) return out;
@@ -176,10 +161,7 @@ at::Tensor gated_fwd_cuda(const at::Tensor& x, const at::Tensor& gate, const at:
 }
 
 std::tuple<at::Tensor, at::Tensor> gated_bwd_cuda(const at::Tensor& g, const at::Tensor& gate, const at::Tensor& y) {
-  check_contig(g, "grad_out", 3);
-  check_contig(y, "y", 3);
-  check_contig(gate, "gate", 2);
-  check_same(g, y, "grad_out", "y");
+  check_gated_bwd_inputs(g, gate, y);
   const int64_t B = y.size(0), N = y.size(1), D = y.size(2);
   const int64_t nchunk = std::max<int64_t>(1, (N + kRowsPerChunk - 1) / kRowsPerChunk);
   c10::cuda::CUDAGuard guard(y.device());

@@ -68,23 +68,13 @@ __global__ void pad_bwd_kernel(const scalar_t* __restrict__ G, const scalar_t* _
   for (int64_t t = len; t < T; ++t) ge[t * C] = scalar_t(0);
 }
 
-void check_inputs(const at::Tensor& emb, const at::Tensor& lengths, const at::Tensor& noise) {
-  check_contig(emb, "emb", 3);
-  check_contig(noise, "noise", 3);
-  check_same(emb, noise, "emb", "noise");
-  TORCH_CHECK(noise.sizes() == emb.sizes(), "noise must have emb's shape ", emb.sizes(), ", got ", noise.sizes());
-  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == emb.size(0) && lengths.scalar_type() == at::kLong &&
-                  lengths.device() == emb.device() && lengths.is_contiguous(),
-              "lengths must be an int64 (B,) tensor on emb's device");
-}
-
 }  // namespace
 
 // lengths are validated (1 <= length <= T) by the Python op before the launch (a device sync here would
 // serialise the stream).
 at::Tensor replicate_pad_fwd_cuda(const at::Tensor& emb, const at::Tensor& lengths, double beta,
                                   const at::Tensor& noise) {
-  check_inputs(emb, lengths, noise);
+  check_replicate_pad_inputs(emb, lengths, noise);
   const int64_t B = emb.size(0), T = emb.size(1), C = emb.size(2);
   c10::cuda::CUDAGuard guard(emb.device());
   auto out = at::empty_like(emb);
@@ -102,9 +92,7 @@ at::Tensor replicate_pad_fwd_cuda(const at::Tensor& emb, const at::Tensor& lengt
 
 at::Tensor replicate_pad_bwd_cuda(const at::Tensor& g, const at::Tensor& emb, const at::Tensor& lengths, double beta,
                                   const at::Tensor& noise) {
-  check_inputs(emb, lengths, noise);
-  check_contig(g, "grad_out", 3);
-  check_same(g, emb, "grad_out", "emb");
+  check_replicate_pad_bwd_inputs(g, emb, lengths, noise);
   const int64_t B = emb.size(0), T = emb.size(1), C = emb.size(2);
   c10::cuda::CUDAGuard guard(emb.device());
   auto gemb = at::empty_like(emb);
