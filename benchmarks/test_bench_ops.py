@@ -79,13 +79,8 @@ def _sync():
         torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual", "joint_attention", "noisy_replicate_pad"])
-def test_bench_op(benchmark, op, impl, mode):
-    if impl == "compile" and os.environ.get("CONDIFF_BENCH_COMPILE", "1") == "0":
-        pytest.skip("CONDIFF_BENCH_COMPILE=0")
-    torch._dynamo.reset()
+def _runner(op: str, impl: str, mode: str):
+    """-> (run, xs, f): one timed call of `op` by `impl` in `mode` ("fwd" or "fwd+bwd"), its inputs and function."""
     xs = _inputs(op)
     f = _fn(op, impl)
     if mode == "fwd":
@@ -93,14 +88,25 @@ def test_bench_op(benchmark, op, impl, mode):
             with torch.no_grad():
                 f(*xs)
             _sync()
-    else:
-        for x in xs:
-            x.requires_grad_()
-        grads = [torch.randn_like(o) for o in f(*xs)]
+        return run, xs, f
+    for x in xs:
+        x.requires_grad_()
+    grads = [torch.randn_like(o) for o in f(*xs)]
 
-        def run():
-            torch.autograd.grad(f(*xs), xs, grads)
-            _sync()
+    def run_bwd():
+        torch.autograd.grad(f(*xs), xs, grads)
+        _sync()
+    return run_bwd, xs, f
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual", "joint_attention", "noisy_replicate_pad"])
+def test_bench_op(benchmark, op, impl, mode):
+    if impl == "compile" and os.environ.get("CONDIFF_BENCH_COMPILE", "1") == "0":
+        pytest.skip("CONDIFF_BENCH_COMPILE=0")
+    torch._dynamo.reset()
+    run, xs, f = _runner(op, impl, mode)
     run()  # warm-up (compilation for "compile")
     benchmark.pedantic(run, rounds=8 if op == "joint_attention" else 20, iterations=1, warmup_rounds=1)
     bytes_in = sum(x.numel() * x.element_size() for x in xs)
@@ -111,25 +117,6 @@ def test_bench_op(benchmark, op, impl, mode):
                                 threads=torch.get_num_threads(), gbps=moved / benchmark.stats.stats.min / 1e9)
 
 
-def _runner(op: str, impl: str, mode: str):
-    xs = _inputs(op)
-    f = _fn(op, impl)
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                f(*xs)
-            _sync()
-        return run
-    for x in xs:
-        x.requires_grad_()
-    grads = [torch.randn_like(o) for o in f(*xs)]
-
-    def run_bwd():
-        torch.autograd.grad(f(*xs), xs, grads)
-        _sync()
-    return run_bwd
-
-
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual", "joint_attention", "noisy_replicate_pad"])
 def test_bench_ratio_interleaved(benchmark, op, mode):
@@ -138,7 +125,7 @@ def test_bench_ratio_interleaved(benchmark, op, mode):
     kernel = "cuda" if DEVICE == "cuda" else "cpu"
     if not ops.backends()[kernel]["live"]:
         pytest.skip(ops.backends()[kernel]["reason"])
-    eager, fused = _runner(op, "eager", mode), _runner(op, kernel, mode)
+    eager, fused = _runner(op, "eager", mode)[0], _runner(op, kernel, mode)[0]
     times = {"eager": [], kernel: []}
 
     def pair():
