@@ -42,10 +42,10 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from condiff.data import shapes
+from condiff.eval.fid import to_uint8
 
 METRICS = ("colour", "shape", "relation", "relation_given_found", "count", "overall")
 
@@ -218,20 +218,10 @@ def aggregate(per_sample: list[dict[str, float | None]]) -> dict[str, float]:
     return out
 
 
-def _to_hwc_uint8(images: Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images: expected (B, 3, H, W) in [-1, 1] or uint8, got {tuple(images.shape)}")
-    if images.dtype != torch.uint8:
-        images = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return images.cpu().permute(0, 2, 3, 1).numpy()
-
-
 def score_samples(images: Tensor | np.ndarray, captions: list[str],
                   cfg: DetectorConfig = DetectorConfig()) -> list[dict[str, float | None]]:
     """Per-sample flags for (B, 3, H, W) images ([-1, 1] float or uint8) and their B captions."""
-    u8 = _to_hwc_uint8(images)
+    u8 = to_uint8(images)  # (B, H, W, 3)
     if len(captions) != len(u8):
         raise ValueError(f"score_images: {len(u8)} images but {len(captions)} captions")
     return [score_detections(detect(img, cfg), cap) for img, cap in zip(u8, captions)]

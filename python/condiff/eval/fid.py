@@ -60,7 +60,7 @@ def to_uint8(images: Tensor | np.ndarray) -> np.ndarray:
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images: expected (B, 3, H, W), got {tuple(images.shape)}")
+        raise ValueError(f"images: expected (B, 3, H, W) in [-1, 1] or uint8, got {tuple(images.shape)}")
     if images.dtype != torch.uint8:
         images = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
