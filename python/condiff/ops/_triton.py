@@ -161,6 +161,20 @@ def _qk_fwd_kernel(SRC, WQ, WK, Q, K, V, S, L, L0, H, HD, eps, BLOCK_H: tl.const
 
 
 @triton.jit
+def _rms_heads_bwd(src, grad, gdst, w, mask, HD, eps):
+    """Backward of per-head RMSNorm for one token: x = src (BLOCK_H, BLOCK_HD) rows, w (1, BLOCK_HD).
+    With xh = x * r: gx = r * (g*w - xh * mean(g*w*xh)) stored at gdst; returns the weight grad sum_h g*xh."""
+    x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(grad, mask=mask, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HD + eps)
+    xh = x * r[:, None]
+    gw = g * w
+    dot = tl.sum(gw * xh, axis=1) / HD
+    tl.store(gdst, (r[:, None] * (gw - xh * dot[:, None])).to(gdst.dtype.element_ty), mask=mask)
+    return tl.sum(g * xh, axis=0)
+
+
+@triton.jit
 def _qk_bwd_kernel(GQ, GK, GV, SRC, WQ, WK, GSRC, P, NTOK, S, L, L0, H, HD, eps, ROWS_: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_HD: tl.constexpr):
     """ROWS_ tokens of one stream: gradients into GSRC (B, S, 3D), partial weight grads into P[chunk] (2, hd)."""
@@ -181,22 +195,8 @@ def _qk_bwd_kernel(GQ, GK, GV, SRC, WQ, WK, GSRC, P, NTOK, S, L, L0, H, HD, eps,
         src = SRC + tok * 3 * D + h * HD + j
         gdst = GSRC + tok * 3 * D + h * HD + j
         goff = ((b * H + h) * L + L0 + s) * HD + j
-        x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(GQ + goff, mask=mask, other=0.0).to(tl.float32)
-        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HD + eps)
-        xh = x * r[:, None]
-        pq += tl.sum(g * xh, axis=0)
-        gw = g * wq
-        dot = tl.sum(gw * xh, axis=1) / HD
-        tl.store(gdst, (r[:, None] * (gw - xh * dot[:, None])).to(GSRC.dtype.element_ty), mask=mask)
-        x = tl.load(src + D, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(GK + goff, mask=mask, other=0.0).to(tl.float32)
-        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HD + eps)
-        xh = x * r[:, None]
-        pk += tl.sum(g * xh, axis=0)
-        gw = g * wk
-        dot = tl.sum(gw * xh, axis=1) / HD
-        tl.store(gdst + D, (r[:, None] * (gw - xh * dot[:, None])).to(GSRC.dtype.element_ty), mask=mask)
+        pq += _rms_heads_bwd(src, GQ + goff, gdst, wq, mask, HD, eps)
+        pk += _rms_heads_bwd(src + D, GK + goff, gdst + D, wk, mask, HD, eps)
         tl.store(gdst + 2 * D, tl.load(GV + goff, mask=mask, other=0.0), mask=mask)
     jj = tl.arange(0, BLOCK_HD)
     tl.store(P + c * 2 * HD + jj, pq, mask=jj < HD)
