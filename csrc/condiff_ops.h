@@ -14,7 +14,9 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <tuple>
+#include <utility>
 
 namespace condiff {
 
@@ -48,12 +50,16 @@ inline void check_adaln_inputs(const at::Tensor& x, const at::Tensor& shift, con
               "shift and scale must be (B, D) = (", B, ", ", D, "), got ", shift.sizes(), " and ", scale.sizes());
 }
 
-// adaln_bwd: grad_out and x (B, N, D), scale (B, D).
+// adaln_bwd: grad_out and x (B, N, D), scale (B, D), all of one dtype and device.
 inline void check_adaln_bwd_inputs(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& scale) {
   check_contig(gy, "grad_out", 3);
   check_contig(x, "x", 3);
   check_contig(scale, "scale", 2);
   check_same(x, gy, "x", "grad_out");
+  check_same(x, scale, "x", "scale");
+  TORCH_CHECK(gy.sizes() == x.sizes(), "grad_out must have x's shape ", x.sizes(), ", got ", gy.sizes());
+  TORCH_CHECK(scale.size(0) == x.size(0) && scale.size(1) == x.size(2), "scale must be (B, D) = (", x.size(0), ", ",
+              x.size(2), "), got ", scale.sizes());
 }
 
 // gated_fwd: x and y (B, N, D), gate (B, D).
@@ -68,12 +74,16 @@ inline void check_gated_inputs(const at::Tensor& x, const at::Tensor& gate, cons
   TORCH_CHECK(gate.size(0) == B && gate.size(1) == D, "gate must be (B, D) = (", B, ", ", D, "), got ", gate.sizes());
 }
 
-// gated_bwd: grad_out and y (B, N, D), gate (B, D).
+// gated_bwd: grad_out and y (B, N, D), gate (B, D), all of one dtype and device.
 inline void check_gated_bwd_inputs(const at::Tensor& g, const at::Tensor& gate, const at::Tensor& y) {
   check_contig(g, "grad_out", 3);
   check_contig(y, "y", 3);
   check_contig(gate, "gate", 2);
-  check_same(g, y, "grad_out", "y");
+  check_same(y, g, "y", "grad_out");
+  check_same(y, gate, "y", "gate");
+  TORCH_CHECK(g.sizes() == y.sizes(), "grad_out must have y's shape ", y.sizes(), ", got ", g.sizes());
+  TORCH_CHECK(gate.size(0) == y.size(0) && gate.size(1) == y.size(2), "gate must be (B, D) = (", y.size(0), ", ",
+              y.size(2), "), got ", gate.sizes());
 }
 
 // qknorm_join_fwd: qkv_x (B, N, 3D), qkv_c (B, M, 3D), weights (4, head_dim) in the accumulation dtype.
@@ -96,16 +106,20 @@ inline void check_qknorm_join_bwd_inputs(const at::Tensor& gq, const at::Tensor&
                                          const at::Tensor& qkv_x, const at::Tensor& qkv_c, const at::Tensor& weights,
                                          int64_t H) {
   check_qknorm_join_inputs(qkv_x, qkv_c, weights, H);
-  check_contig(gq, "grad_q", 4);
-  check_contig(gk, "grad_k", 4);
-  check_contig(gv, "grad_v", 4);
   const int64_t B = qkv_x.size(0), L = qkv_x.size(1) + qkv_c.size(1), hd = qkv_x.size(2) / (3 * H);
-  TORCH_CHECK(gq.size(0) == B && gq.size(1) == H && gq.size(2) == L && gq.size(3) == hd,
-              "grad_q must be (B, H, L, hd), got ", gq.sizes());
+  const std::array<int64_t, 4> want{B, H, L, hd};
+  const std::array<std::pair<const at::Tensor*, const char*>, 3> grads{{{&gq, "grad_q"}, {&gk, "grad_k"}, {&gv, "grad_v"}}};
+  for (const auto& [g, name] : grads) {
+    check_contig(*g, name, 4);
+    check_same(qkv_x, *g, "qkv_x", name);
+    TORCH_CHECK(g->sizes() == at::IntArrayRef(want), name, " must be (B, H, N + M, head_dim) = ", at::IntArrayRef(want),
+                ", got ", g->sizes());
+  }
 }
 
-// replicate_pad_fwd: emb and noise (B, T, C), lengths int64 (B,). The range 1 <= length <= T is checked by the
-// CPU kernel and by the Python op (a device sync in the CUDA host function would serialise the stream).
+// replicate_pad_fwd: emb and noise (B, T, C), lengths int64 (B,). The range 1 <= length <= T is checked on the
+// host by the CPU kernels (check_lengths_host) and by the public Python op; the CUDA kernels assert it on the
+// device and clamp (a host check there would synchronise the stream and break CUDA-graph capture).
 inline void check_replicate_pad_inputs(const at::Tensor& emb, const at::Tensor& lengths, const at::Tensor& noise) {
   check_contig(emb, "emb", 3);
   check_contig(noise, "noise", 3);
@@ -121,7 +135,15 @@ inline void check_replicate_pad_bwd_inputs(const at::Tensor& g, const at::Tensor
                                            const at::Tensor& noise) {
   check_replicate_pad_inputs(emb, lengths, noise);
   check_contig(g, "grad_out", 3);
-  check_same(g, emb, "grad_out", "emb");
+  check_same(emb, g, "emb", "grad_out");
+  TORCH_CHECK(g.sizes() == emb.sizes(), "grad_out must have emb's shape ", emb.sizes(), ", got ", g.sizes());
+}
+
+// 1 <= lengths[b] <= T for every row, for lengths in host memory (the CPU kernels).
+inline void check_lengths_host(const at::Tensor& lengths, int64_t T) {
+  const int64_t* len = lengths.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < lengths.size(0); ++b)
+    TORCH_CHECK(len[b] >= 1 && len[b] <= T, "lengths[", b, "] = ", len[b], " must be in [1, T=", T, "]");
 }
 
 // ---- CPU ----

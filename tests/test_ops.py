@@ -324,3 +324,39 @@ def test_ops_info_cli_without_native_module():
     assert res.returncode == 0, res.stderr
     assert "disabled by CONDIFF_NATIVE=0" in res.stdout
     assert "automatic choice for cpu tensors: reference" in res.stdout
+
+
+# ------------------------------------------------------------------ kernel-level input checks (the registered ops)
+def _bad_kernel_calls():
+    """(call, expected message) pairs of the backward kernels with inputs the public ops never build."""
+    nat = torch.ops.condiff_native
+    B, N, D = 2, 3, 4
+    x, g, s = torch.randn(B, N, D), torch.randn(B, N, D), torch.randn(B, D)
+    H, hd, M = 2, 3, 1
+    qx, qc = torch.randn(B, N, 3 * H * hd), torch.randn(B, M, 3 * H * hd)
+    w, gq = torch.randn(4, hd), torch.randn(B, H, N + M, hd)
+    emb, lengths = torch.randn(B, 5, 3), torch.tensor([2, 5])
+    return [
+        (lambda: nat.adaln_bwd(g, x, torch.randn(B, D + 1), 1e-6), r"scale must be \(B, D\) = \(2, 4\)"),
+        (lambda: nat.adaln_bwd(g, x, s.double(), 1e-6), "x and scale must have the same dtype"),
+        (lambda: nat.adaln_bwd(torch.randn(B, N + 1, D), x, s, 1e-6), "grad_out must have x's shape"),
+        (lambda: nat.gated_bwd(g, torch.randn(B - 1, D), x), r"gate must be \(B, D\) = \(2, 4\)"),
+        (lambda: nat.gated_bwd(g, s.double(), x), "y and gate must have the same dtype"),
+        (lambda: nat.gated_bwd(torch.randn(B, N, D + 1), s, x), "grad_out must have y's shape"),
+        (lambda: nat.qknorm_join_bwd(gq, gq[:, :, :-1].contiguous(), gq, qx, qc, w, H, 1e-6), "grad_k must be"),
+        (lambda: nat.qknorm_join_bwd(gq, gq, gq[..., :-1].contiguous(), qx, qc, w, H, 1e-6), "grad_v must be"),
+        (lambda: nat.qknorm_join_bwd(gq, gq.double(), gq, qx, qc, w, H, 1e-6), "qkv_x and grad_k must have the same dtype"),
+        (lambda: nat.replicate_pad_bwd(emb[:, :4].contiguous(), emb, lengths, 0.5, emb), "grad_out must have emb's shape"),
+        (lambda: nat.replicate_pad_bwd(emb, emb, torch.tensor([0, 5]), 0.5, emb), r"lengths\[0\] = 0 must be in \[1, T=5\]"),
+        (lambda: nat.replicate_pad_bwd(emb, emb, torch.tensor([2, 6]), 0.5, emb), r"lengths\[1\] = 6 must be in \[1, T=5\]"),
+        (lambda: nat.replicate_pad_fwd(emb, torch.tensor([6, 2]), 0.5, emb), r"lengths\[0\] = 6 must be in \[1, T=5\]"),
+    ]
+
+
+@needs_native
+@pytest.mark.parametrize("call,msg", _bad_kernel_calls(), ids=[m for _, m in _bad_kernel_calls()])
+def test_native_kernels_reject_bad_inputs(call, msg):
+    """The registered CPU kernels check every input themselves (torch.compile and direct callers skip the
+    public ops' checks): backward scale / gate / grad shapes and dtypes, and 1 <= length <= T in backward."""
+    with pytest.raises(RuntimeError, match=msg):
+        call()
