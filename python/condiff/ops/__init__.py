@@ -172,6 +172,14 @@ def joint_attention(qkv_x: Tensor, qkv_c: Tensor, q_norm_x: Tensor, k_norm_x: Te
     return reference.attend_and_split(q, k, v, N)
 
 
+def _check_lengths(lengths: Tensor, T: int) -> None:
+    """ValueError naming the first row whose length is outside [1, T] (one device sync for GPU lengths)."""
+    bad = ((lengths < 1) | (lengths > T)).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"lengths[{i}] = {int(lengths[i])}: every row needs 1 <= length <= T = {T} valid tokens")
+
+
 def noisy_replicate_pad(emb: Tensor, lengths: Tensor, beta: float, generator: torch.Generator | None = None, *,
                         backend: str | None = None) -> Tensor:
     """Noisy replicate padding of text-encoder states (paper Eq. 7): see `reference.noisy_replicate_pad`.
@@ -181,6 +189,9 @@ def noisy_replicate_pad(emb: Tensor, lengths: Tensor, beta: float, generator: to
     beta * sqrt(m - 1) * sigma_ch * eps with m = ceil(T / length) and sigma_ch the per-channel std of the
     prompt tokens. Only padding positions get noise; beta = 0 is plain replicate padding; a full-length
     row is returned unchanged; a length outside [1, T] raises ValueError naming `lengths` and the row.
+    That check runs on the host, outside torch.compile only (lengths on a GPU cost one device sync there;
+    pass them as a sequence or CPU tensor to avoid it); under torch.compile and CUDA-graph capture the
+    kernels check on the device (CUDA, Triton: device-side assert, and clamp to [1, T]).
 
     The Gaussian draws eps (B, T, C) are made here with `torch.randn(generator=generator)` (always, so
     the generator advances identically whatever beta is) and handed to every backend, which makes all
@@ -189,17 +200,15 @@ def noisy_replicate_pad(emb: Tensor, lengths: Tensor, beta: float, generator: to
     _check(emb.dim() == 3, f"noisy_replicate_pad: emb must be (B, T, C), got shape {tuple(emb.shape)}")
     _check(float(beta) >= 0, f"noisy_replicate_pad: beta must be >= 0, got {beta}")
     B, T, _ = emb.shape
-    lengths = torch.as_tensor(lengths, dtype=torch.long, device=emb.device)
+    lengths = torch.as_tensor(lengths, dtype=torch.long)  # a sequence stays on the host for the check below
     _check(tuple(lengths.shape) == (B,), f"noisy_replicate_pad: lengths must be (B,) = ({B},), got {tuple(lengths.shape)}")
+    if not torch.compiler.is_compiling():
+        _check_lengths(lengths, T)
+    lengths = lengths.to(emb.device)
     gen_device = generator.device if generator is not None else emb.device
     noise = torch.randn(emb.shape, generator=generator, dtype=emb.dtype, device=gen_device).to(emb.device)
     b = _select(backend, emb)
     if b == "reference":
-        if not torch.compiler.is_compiling():  # (the custom op checks inside itself, also under compile)
-            bad = ((lengths < 1) | (lengths > T)).nonzero().flatten()
-            if bad.numel():
-                i = int(bad[0])
-                raise ValueError(f"lengths[{i}] = {int(lengths[i])}: every row needs 1 <= length <= T = {T} valid tokens")
         return reference.noisy_replicate_pad(emb, lengths, float(beta), noise)
     return library.noisy_replicate_pad(emb.contiguous(), lengths.contiguous(), float(beta), noise, b)
 
