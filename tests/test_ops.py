@@ -69,10 +69,11 @@ def reference_f64(op: str, shape, inputs: list[torch.Tensor], dtype: torch.dtype
     return (reference.noisy_replicate_pad(inputs[0], torch.tensor(shape[3]), BETA, noise),)
 
 
-def parity_errors(backend: str, dtype: torch.dtype, device: str = "cpu") -> list[dict]:
-    """Max |backend - reference_f64| / (1 + |reference|) for every op, case, output and gradient."""
+def parity_errors(backend: str, dtype: torch.dtype, device: str = "cpu", shapes: dict | None = None) -> list[dict]:
+    """Max |backend - reference_f64| / (1 + |reference|) for every op, case (of `shapes`, default SHAPES),
+    output and gradient."""
     rows = []
-    for op, cases in SHAPES.items():
+    for op, cases in (SHAPES if shapes is None else shapes).items():
         for shape in cases:
             base = make_inputs(op, shape)
             xs = [t.to(device=device, dtype=dtype).requires_grad_() for t in base]
