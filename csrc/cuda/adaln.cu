@@ -1,8 +1,9 @@
 // adaLN modulation and gated residual, CUDA kernels (same math as csrc/cpu/adaln.cpp).
 //   adaln fwd: one block per row; mean and centred variance by block reductions, then one write.
-//   adaln bwd: one block per (chunk of kRowsPerChunk rows, batch); grad_x per row, and grad_shift /
+//   adaln bwd: one block per (batch, chunk of kRowsPerChunk rows); grad_x per row, and grad_shift /
 //              grad_scale partial sums per chunk (each thread owns its columns: no atomics), summed after.
 //   gated fwd: one block per row.  gated bwd: thread per column over a chunk of rows.
+// (batch, chunk) pairs are folded into grid x, so the batch is not bound by gridDim.y's 65535.
 #include "common.cuh"
 
 namespace condiff {
@@ -38,7 +39,7 @@ __global__ void adaln_bwd_kernel(const scalar_t* __restrict__ G, const scalar_t*
                                  const scalar_t* __restrict__ SC, scalar_t* __restrict__ GX, acc_t* __restrict__ P,
                                  int64_t B, int64_t N, int64_t D, int64_t nchunk, acc_t eps) {
   __shared__ acc_t shm[kWarp];
-  const int64_t c = blockIdx.x, b = blockIdx.y;
+  const int64_t b = blockIdx.x / nchunk, c = blockIdx.x % nchunk;
   acc_t* psh = P + (b * nchunk + c) * D;            // partial grad_shift of this chunk
   acc_t* psc = P + ((B + b) * nchunk + c) * D;      // partial grad_scale
   const scalar_t* sc = SC + b * D;  // P is zero-initialised by the host
@@ -90,8 +91,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void gated_bwd_kernel(const scalar_t* __restrict__ G, const scalar_t* __restrict__ GA,
                                  const scalar_t* __restrict__ Yp, scalar_t* __restrict__ GY, acc_t* __restrict__ P,
                                  int64_t N, int64_t D, int64_t nchunk) {
-  const int64_t c = blockIdx.x, b = blockIdx.y;
-  const int64_t d = blockIdx.z * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t b = blockIdx.x / nchunk, c = blockIdx.x % nchunk;
+  const int64_t d = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;
   if (d >= D) return;
   const acc_t ga = static_cast<acc_t>(GA[b * D + d]);
   acc_t acc = 0;
@@ -115,7 +116,7 @@ at::Tensor adaln_fwd_cuda(const at::Tensor& x, const at::Tensor& shift, const at
   if (B * N == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adaln_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    adaln_fwd_kernel<scalar_t, acc_t><<<B * N, row_threads(D), 0, c10::cuda::getCurrentCUDAStream()>>>(
+    adaln_fwd_kernel<scalar_t, acc_t><<<grid_x(B * N, "adaln_modulate"), row_threads(D), 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.const_data_ptr<scalar_t>(), shift.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
         y.mutable_data_ptr<scalar_t>(), N, D, acc_t(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -134,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_bwd_cuda(const at::Tensor& 
   if (B * D > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adaln_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      adaln_bwd_kernel<scalar_t, acc_t><<<dim3(nchunk, B), row_threads(D), 0, c10::cuda::getCurrentCUDAStream()>>>(
+      adaln_bwd_kernel<scalar_t, acc_t><<<grid_x(B * nchunk, "adaln_modulate backward"), row_threads(D), 0, c10::cuda::getCurrentCUDAStream()>>>(
           gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
           gx.mutable_data_ptr<scalar_t>(), part.mutable_data_ptr<acc_t>(), B, N, D, nchunk, acc_t(eps));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -152,7 +153,7 @@ at::Tensor gated_fwd_cuda(const at::Tensor& x, const at::Tensor& gate, const at:
   if (B * N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    gated_fwd_kernel<scalar_t, acc_t><<<B * N, row_threads(D), 0, c10::cuda::getCurrentCUDAStream()>>>(
+    gated_fwd_kernel<scalar_t, acc_t><<<grid_x(B * N, "gated_residual"), row_threads(D), 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.const_data_ptr<scalar_t>(), gate.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
         out.mutable_data_ptr<scalar_t>(), N, D);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -172,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> gated_bwd_cuda(const at::Tensor& g, const at:
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "gated_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       gated_bwd_kernel<scalar_t, acc_t>
-          <<<dim3(nchunk, B, (D + threads - 1) / threads), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          <<<dim3(grid_x(B * nchunk, "gated_residual backward"), (D + threads - 1) / threads), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
               g.const_data_ptr<scalar_t>(), gate.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
               gy.mutable_data_ptr<scalar_t>(), part.mutable_data_ptr<acc_t>(), N, D, nchunk);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

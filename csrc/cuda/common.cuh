@@ -15,6 +15,9 @@
 
 #include "../condiff_ops.h"
 
+#include <cstdint>
+#include <limits>
+
 namespace condiff {
 namespace cuda {
 
@@ -44,6 +47,13 @@ inline int row_threads(int64_t D) {
   int t = 64;
   while (t < 512 && t < D) t *= 2;
   return t;
+}
+
+// `blocks` as a grid x size, checked against its limit 2^31 - 1 (y and z stop at 65535: large dimensions such
+// as the batch are folded into x by the kernels).
+inline unsigned int grid_x(int64_t blocks, const char* op) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": ", blocks, " thread blocks exceed the CUDA grid");
+  return static_cast<unsigned int>(blocks);
 }
 
 }  // namespace cuda

@@ -105,6 +105,21 @@ __global__ void qk_bwd_kernel(const scalar_t* __restrict__ GQ, const scalar_t* _
   }
 }
 
+// The backward kernel keeps (4 warps, 4 weights, hd) partial weight gradients in dynamic shared memory:
+// above 48 KB (head dims > 768 in float32, > 384 in float64) the kernel's limit must be raised to the
+// device's opt-in maximum; head dims needing more than that are rejected.
+template <typename Kernel>
+void set_smem_limit(Kernel kernel, size_t smem, int64_t hd) {
+  constexpr size_t kDefault = 48 * 1024;
+  if (smem <= kDefault) return;
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK(smem <= static_cast<size_t>(optin), "joint_attention backward: head_dim ", hd, " needs ", smem,
+              " bytes of shared memory per block, more than the ", optin, " bytes this device allows");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qknorm_join_fwd_cuda(const at::Tensor& qkv_x, const at::Tensor& qkv_c,
@@ -118,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qknorm_join_fwd_cuda(const at::Te
   if (B * L == 0) return {q, k, v};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv_x.scalar_type(), "qknorm_join_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    qk_fwd_kernel<scalar_t, acc_t><<<B * L, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    qk_fwd_kernel<scalar_t, acc_t><<<grid_x(B * L, "qk_norm_join"), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         qkv_x.const_data_ptr<scalar_t>(), qkv_c.const_data_ptr<scalar_t>(), weights.const_data_ptr<acc_t>(),
         q.mutable_data_ptr<scalar_t>(), k.mutable_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>(), N, M, H, hd,
         acc_t(eps));
@@ -142,7 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qknorm_join_bwd_cuda(const at::Te
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv_x.scalar_type(), "qknorm_join_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const size_t smem = (kThreads / kWarp) * 4 * hd * sizeof(acc_t);
-      qk_bwd_kernel<scalar_t, acc_t><<<nblk, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      set_smem_limit(qk_bwd_kernel<scalar_t, acc_t>, smem, hd);
+      qk_bwd_kernel<scalar_t, acc_t><<<grid_x(nblk, "qk_norm_join backward"), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
           gq.const_data_ptr<scalar_t>(), gk.const_data_ptr<scalar_t>(), gv.const_data_ptr<scalar_t>(),
           qkv_x.const_data_ptr<scalar_t>(), qkv_c.const_data_ptr<scalar_t>(), weights.const_data_ptr<acc_t>(),
           g_x.mutable_data_ptr<scalar_t>(), g_c.mutable_data_ptr<scalar_t>(), part.mutable_data_ptr<acc_t>(), B, N, M,

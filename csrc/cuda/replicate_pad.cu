@@ -1,6 +1,10 @@
 // Noisy replicate padding (paper Eq. 7), CUDA kernels (same math as csrc/cpu/replicate_pad.cpp).
 // One thread per (row, channel): channel loops are coalesced across the warp; the row's statistics over
-// its valid tokens are computed by the same thread, then every position is written.
+// its valid tokens are computed by the same thread, then every position is written. Blocks are laid out
+// on grid x only, (row, channel block) folded, so the batch is not bound by gridDim.y's 65535.
+// Lengths are not checked on the host (that would synchronise the stream and break CUDA-graph capture):
+// the kernels assert 1 <= length <= T on the device and clamp, so that a bad length never reads out of
+// the row nor divides by zero.
 #include "common.cuh"
 
 namespace condiff {
@@ -8,6 +12,13 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 128;
+
+// lengths[b], asserted to lie in [1, T] and clamped there.
+__device__ __forceinline__ int64_t row_length(const int64_t* __restrict__ LEN, int64_t b, int64_t T) {
+  const int64_t len = LEN[b];
+  CUDA_KERNEL_ASSERT_MSG(len >= 1 && len <= T, "noisy_replicate_pad: every length must lie in [1, T]");
+  return len < 1 ? 1 : (len > T ? T : len);
+}
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void col_stats(const scalar_t* e, int64_t len, int64_t C, acc_t& mean, acc_t& sigma) {
@@ -25,10 +36,10 @@ __device__ __forceinline__ void col_stats(const scalar_t* e, int64_t len, int64_
 template <typename scalar_t, typename acc_t>
 __global__ void pad_fwd_kernel(const scalar_t* __restrict__ E, const int64_t* __restrict__ LEN,
                                const scalar_t* __restrict__ Z, scalar_t* __restrict__ O, int64_t T, int64_t C,
-                               acc_t beta) {
-  const int64_t b = blockIdx.y, c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+                               int64_t ncb, acc_t beta) {
+  const int64_t b = blockIdx.x / ncb, c = (blockIdx.x % ncb) * int64_t(blockDim.x) + threadIdx.x;
   if (c >= C) return;
-  const int64_t len = LEN[b], m = (T + len - 1) / len;
+  const int64_t len = row_length(LEN, b, T), m = (T + len - 1) / len;
   const acc_t amp = beta * sqrt(acc_t(m - 1));
   const scalar_t* e = E + b * T * C + c;
   acc_t mean = 0, sigma = 0;
@@ -44,10 +55,10 @@ __global__ void pad_fwd_kernel(const scalar_t* __restrict__ E, const int64_t* __
 template <typename scalar_t, typename acc_t>
 __global__ void pad_bwd_kernel(const scalar_t* __restrict__ G, const scalar_t* __restrict__ E,
                                const int64_t* __restrict__ LEN, const scalar_t* __restrict__ Z,
-                               scalar_t* __restrict__ GE, int64_t T, int64_t C, acc_t beta) {
-  const int64_t b = blockIdx.y, c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+                               scalar_t* __restrict__ GE, int64_t T, int64_t C, int64_t ncb, acc_t beta) {
+  const int64_t b = blockIdx.x / ncb, c = (blockIdx.x % ncb) * int64_t(blockDim.x) + threadIdx.x;
   if (c >= C) return;
-  const int64_t len = LEN[b], m = (T + len - 1) / len;
+  const int64_t len = row_length(LEN, b, T), m = (T + len - 1) / len;
   const acc_t amp = beta * sqrt(acc_t(m - 1));
   const scalar_t* e = E + b * T * C + c;
   const scalar_t* g = G + b * T * C + c;
@@ -70,8 +81,6 @@ __global__ void pad_bwd_kernel(const scalar_t* __restrict__ G, const scalar_t* _
 
 }  // namespace
 
-// lengths are validated (1 <= length <= T) by the Python op before the launch (a device sync here would
-// serialise the stream).
 at::Tensor replicate_pad_fwd_cuda(const at::Tensor& emb, const at::Tensor& lengths, double beta,
                                   const at::Tensor& noise) {
   check_replicate_pad_inputs(emb, lengths, noise);
@@ -79,12 +88,12 @@ at::Tensor replicate_pad_fwd_cuda(const at::Tensor& emb, const at::Tensor& lengt
   c10::cuda::CUDAGuard guard(emb.device());
   auto out = at::empty_like(emb);
   if (emb.numel() == 0) return out;
+  const int64_t ncb = (C + kThreads - 1) / kThreads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, emb.scalar_type(), "replicate_pad_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    pad_fwd_kernel<scalar_t, acc_t><<<dim3((C + kThreads - 1) / kThreads, B), kThreads, 0,
-                                      c10::cuda::getCurrentCUDAStream()>>>(
+    pad_fwd_kernel<scalar_t, acc_t><<<grid_x(B * ncb, "noisy_replicate_pad"), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         emb.const_data_ptr<scalar_t>(), lengths.const_data_ptr<int64_t>(), noise.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), T, C, acc_t(beta));
+        out.mutable_data_ptr<scalar_t>(), T, C, ncb, acc_t(beta));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -97,12 +106,12 @@ at::Tensor replicate_pad_bwd_cuda(const at::Tensor& g, const at::Tensor& emb, co
   c10::cuda::CUDAGuard guard(emb.device());
   auto gemb = at::empty_like(emb);
   if (emb.numel() == 0) return gemb;
+  const int64_t ncb = (C + kThreads - 1) / kThreads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, emb.scalar_type(), "replicate_pad_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    pad_bwd_kernel<scalar_t, acc_t><<<dim3((C + kThreads - 1) / kThreads, B), kThreads, 0,
-                                      c10::cuda::getCurrentCUDAStream()>>>(
+    pad_bwd_kernel<scalar_t, acc_t><<<grid_x(B * ncb, "noisy_replicate_pad"), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         g.const_data_ptr<scalar_t>(), emb.const_data_ptr<scalar_t>(), lengths.const_data_ptr<int64_t>(),
-        noise.const_data_ptr<scalar_t>(), gemb.mutable_data_ptr<scalar_t>(), T, C, acc_t(beta));
+        noise.const_data_ptr<scalar_t>(), gemb.mutable_data_ptr<scalar_t>(), T, C, ncb, acc_t(beta));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return gemb;

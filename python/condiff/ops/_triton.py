@@ -282,11 +282,12 @@ def qknorm_join_bwd(gq, gk, gv, qkv_x, qkv_c, weights, num_heads, eps):
 # outside its row: the public op checks them on the host outside torch.compile, and a host check here would
 # synchronise the stream and break CUDA-graph capture.
 @triton.jit
-def _pad_row(E, LEN, T, C, beta, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's row b: (base offset, channels, mask, length n, amp = beta * sqrt(m - 1), mean, sigma).
-    C is int64 here (the caller casts it)."""
-    b = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _pad_row(E, LEN, T, C, NCB, beta, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's row b and channel block (program b * NCB + block on grid axis 0): (base offset,
+    channels, mask, length n, amp = beta * sqrt(m - 1), mean, sigma). C is int64 here (the caller casts it)."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // NCB
+    cols = (pid % NCB) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < C
     n = tl.load(LEN + b)  # int64 prompt length
     tl.device_assert((n >= 1) & (n <= T), "noisy_replicate_pad: every length must lie in [1, T]")
@@ -306,9 +307,9 @@ def _pad_row(E, LEN, T, C, beta, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _pad_fwd_kernel(E, LEN, Z, O, T, C, beta: tl.float64, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pad_fwd_kernel(E, LEN, Z, O, T, C, NCB, beta: tl.float64, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     C = tl.cast(C, tl.int64)
-    base, cols, mask, n, amp, mean, sigma = _pad_row(E, LEN, T, C, beta, ACC, BLOCK_C)
+    base, cols, mask, n, amp, mean, sigma = _pad_row(E, LEN, T, C, NCB, beta, ACC, BLOCK_C)
     for t in range(0, T):
         e = tl.load(E + base + (t % n) * C + cols, mask=mask, other=0.0)
         z = tl.load(Z + base + t * C + cols, mask=mask, other=0.0).to(ACC)
@@ -317,9 +318,9 @@ def _pad_fwd_kernel(E, LEN, Z, O, T, C, beta: tl.float64, ACC: tl.constexpr, BLO
 
 
 @triton.jit
-def _pad_bwd_kernel(G, E, LEN, Z, GE, T, C, beta: tl.float64, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pad_bwd_kernel(G, E, LEN, Z, GE, T, C, NCB, beta: tl.float64, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     C = tl.cast(C, tl.int64)
-    base, cols, mask, n, amp, mean, sigma = _pad_row(E, LEN, T, C, beta, ACC, BLOCK_C)
+    base, cols, mask, n, amp, mean, sigma = _pad_row(E, LEN, T, C, NCB, beta, ACC, BLOCK_C)
     gz = tl.zeros([BLOCK_C], dtype=ACC)
     for t in range(n, T):
         g = tl.load(G + base + t * C + cols, mask=mask, other=0.0).to(ACC)
@@ -338,25 +339,26 @@ def _pad_bwd_kernel(G, E, LEN, Z, GE, T, C, beta: tl.float64, ACC: tl.constexpr,
 
 
 def _pad_launch(emb):
-    """Grid (B, channel blocks) and the launch constants of the pad kernels."""
+    """Grid (B * channel blocks,) and the arguments after the tensors: T, C, channel blocks."""
     B, T, C = emb.shape
     block = min(256, _block(C))
-    return (B, triton.cdiv(C, block)), dict(ACC=_tl_acc(emb), BLOCK_C=block)
+    ncb = triton.cdiv(C, block)
+    return (B * ncb,), (T, C, ncb), dict(ACC=_tl_acc(emb), BLOCK_C=block)
 
 
 @_on_input_device
 def replicate_pad_fwd(emb, lengths, beta, noise):
     out = torch.empty_like(emb)
-    grid, consts = _pad_launch(emb)
+    grid, sizes, consts = _pad_launch(emb)
     if emb.numel():
-        _pad_fwd_kernel[grid](emb, lengths, noise, out, emb.shape[1], emb.shape[2], beta, **consts)
+        _pad_fwd_kernel[grid](emb, lengths, noise, out, *sizes, beta, **consts)
     return out
 
 
 @_on_input_device
 def replicate_pad_bwd(grad, emb, lengths, beta, noise):
     gemb = torch.empty_like(emb)
-    grid, consts = _pad_launch(emb)
+    grid, sizes, consts = _pad_launch(emb)
     if emb.numel():
-        _pad_bwd_kernel[grid](grad, emb, lengths, noise, gemb, emb.shape[1], emb.shape[2], beta, **consts)
+        _pad_bwd_kernel[grid](grad, emb, lengths, noise, gemb, *sizes, beta, **consts)
     return gemb
