@@ -12,7 +12,11 @@
 3. Timings in bfloat16 at DiT-XL/2 shapes (benchmarks/test_bench_ops.py): eager reference,
    torch.compile(reference), the CUDA kernels and the Triton kernels, forward and forward+backward,
    with GB/s against the measured device-to-device copy bandwidth.
-4. Train-step throughput (issue 6): DiT-XL/2 and mmDiT-XL/2 at 256 px (SD-VAE latents 32x32x4), bf16
+4. GPU-only kernel checks (issue 18; tools/gpu_kernel_checks.py, one process per group): ops on the last
+   device while device 0 is current, noisy_replicate_pad without host sync and under
+   torch.compile(mode="reduce-overhead"), grids with B > 65535 and N > 4.2M, q/k-norm backward above 48 KB
+   of shared memory (and the rejection beyond the device limit), replicate-pad offsets past 2^31.
+5. Train-step throughput (issue 6): DiT-XL/2 and mmDiT-XL/2 at 256 px (SD-VAE latents 32x32x4), bf16
    autocast, batch 32: img/s and model FLOPs utilisation (condiff.train.throughput; skip with --no-train).
 The short tables are printed last. Targets (issue 2): memory-bound ops >= 80% of copy bandwidth;
 joint_attention no slower than the unfused eager RMSNorm + cat + SDPA.
@@ -96,6 +100,29 @@ def parity() -> tuple[int, str]:
     print(res.stdout[-6000:], res.stderr[-3000:], flush=True)
     summary = [line for line in res.stdout.splitlines() if " passed" in line or " failed" in line]
     return res.returncode, (summary[-1] if summary else "pytest produced no summary")
+
+
+def kernel_checks(groups: list[str]) -> list[dict]:
+    """Runs each group of tools/gpu_kernel_checks.py in its own process; returns their rows."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    rows = []
+    for group in groups:
+        res = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_kernel_checks.py"), group], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=900)
+        print(res.stdout[-4000:], res.stderr[-2000:], flush=True)
+        try:
+            rows += json.loads(res.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+            rows.append({"check": f"group {group}", "backend": "-", "status": "FAIL",
+                         "detail": f"exit code {res.returncode}: {tail}"[:300]})
+    return rows
+
+
+def kernel_table(rows: list[dict]) -> str:
+    lines = ["| kernel check (issue 18) | backend | result | detail |", "|---|---|---|---|"]
+    lines += [f"| {r['check']} | {r['backend']} | {r['status']} | {r['detail']} |" for r in rows]
+    return "\n".join(lines)
 
 
 def time_ms(fn) -> float:
@@ -236,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.add_argument("--no-train", action="store_true", help="skip the DiT-XL/2 / mmDiT-XL/2 train-step MFU timings")
     p.add_argument("--train-batch", type=int, default=32, help="batch of the train-step timings")
+    p.add_argument("--kernel-checks", default="devices,capture,grid,smem,int64",
+                   help="comma-separated groups of tools/gpu_kernel_checks.py to run ('' for none)")
     args = p.parse_args(argv)
     import torch
 
@@ -248,23 +277,26 @@ def main(argv: list[str] | None = None) -> int:
 
     state = ops.backends()
     print(json.dumps(state, indent=1), flush=True)
+    checks = kernel_checks([g for g in args.kernel_checks.split(",") if g])
     rc, tests = parity()
     bw = copy_bandwidth()
     rows = timings(not args.no_compile)
     train_rows = [] if args.no_train else train_timings(args.train_batch)
     if args.json:
         Path(args.json).write_text(json.dumps({"backends": state, "tests": tests, "copy_gbps": bw, "rows": rows,
-                                               "train": train_rows}, indent=1))
+                                               "train": train_rows, "kernel_checks": checks}, indent=1))
     print("\n==== condiff gpu_check ====")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {built} | "
           f"cuda {'live' if state['cuda']['live'] else 'OFF'} | triton {'live' if state['triton']['live'] else 'OFF'}")
     print(f"parity tests: {tests}")
+    if checks:
+        print(kernel_table(checks))
     print(f"device-to-device copy: {bw:.0f} GB/s; bf16, B=8 N=256 D=1152 H=16 M=77, text (8, 77, 768)")
     print(table(rows, bw))
     print("\n".join(targets(rows, bw)))
     if train_rows:
         print(train_table(train_rows))
-    return rc
+    return rc or int(any(r["status"] == "FAIL" for r in checks))
 
 
 if __name__ == "__main__":
