@@ -15,7 +15,8 @@ torch.library custom op with a registered backward (library.py), so autograd and
 (fullgraph) work with every backend.
 
 Mixed dtypes: the modulation / gate tensors are cast to the activation's dtype (x, resp. qkv_x), so the
-output has the activation's dtype; norm weights may be any float dtype (kernels use them in float32).
+output has the activation's dtype; norm weights may be any float dtype (kernels use them in the
+accumulation dtype).
 Every kernel accumulates in float32 (float64 for float64 inputs).
 """
 
