@@ -233,6 +233,19 @@ def test_noisy_pad_rejects_bad_lengths(backend):
         ops.noisy_replicate_pad(emb, [3], 0.1, backend=backend)
 
 
+@needs_native
+def test_noisy_pad_under_compile_leaves_the_length_check_to_the_kernel():
+    """Under torch.compile the public op skips its host-side check (a device sync, and no CUDA-graph capture,
+    on GPUs); the custom op does not look at lengths on the host either, and the kernel rejects bad ones."""
+    torch._dynamo.reset()
+    pad = torch.compile(lambda e, n: ops.noisy_replicate_pad(e, n, 0.5, backend="cpu"), fullgraph=True,
+                        backend="aot_eager")
+    emb = torch.randn(2, 5, 3)
+    assert pad(emb, torch.tensor([2, 5])).shape == (2, 5, 3)
+    with pytest.raises(RuntimeError, match=r"lengths\[1\] = 6 must be in \[1, T=5\]"):
+        pad(emb, torch.tensor([2, 6]))
+
+
 # ------------------------------------------------------------------ torch.library / torch.compile
 def _model_step(x, shift, scale, gate, qkv_c, ws, emb, backend):
     h = ops.adaln_modulate(x, shift, scale, backend=backend)  # (B, N, 24)
