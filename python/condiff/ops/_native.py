@@ -85,7 +85,7 @@ def load(lib: Path) -> tuple[bool, str, dict[str, str]]:
             problem = _mismatch(info.get("torch"), None)  # a library without a build record says it here
     if not problem:
         return True, "", info
-    reason = (f"{lib.name} {problem}; the reference ops run instead. Rebuild it against the running torch: "
+    reason = (f"{lib.name} {problem}; the ops fall back to the reference (or Triton) kernels. Rebuild it against the running torch: "
               f"{rebuild_command(lib, record)}")
     warnings.warn(f"condiff: native kernels off: {reason}", NativeExtensionWarning, stacklevel=2)
     return False, reason, info
