@@ -63,6 +63,7 @@ def build(how: str) -> str:
             where = subprocess.run([sys.executable, "-c", "import condiff.ops._native as n; print(n.LIB_PATH)"],
                                    cwd="/", capture_output=True, text=True).stdout.strip()
             shutil.copy(where, OPS_DIR / "_condiff_native.so")
+            shutil.copy(Path(where).with_suffix(".info"), OPS_DIR / "_condiff_native.info")  # its build torch
     elif how == "cmake":
         rc = sh(["cmake", "-S", ".", "-B", "build/gpu", f"-DPython_EXECUTABLE={sys.executable}", "-DCONDIFF_INPLACE=ON"]
                 + (["-G", "Ninja"] if shutil.which("ninja") else []), env=env)
