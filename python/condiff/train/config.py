@@ -103,7 +103,10 @@ class LogConfig:
     sample_prompts: list = field(default_factory=list)  # text-cond grid prompts
     sample_labels: list = field(default_factory=list)  # class-cond grid labels
     sample_steps: int = 25  # DDIM steps for grids
-    sample_guidance: float = 3.0  # classifier-free guidance scale lambda for grids (Eq. 2)
+    sample_guidance: float = 3.0  # lambda of Eq. 2 for grids, at the model's base resolution (Eq. 4 elsewhere),
+    # exactly as `condiff sample --guidance`
+    sample_size_cond: str = "auto"  # size conditioning of grids, `condiff sample --size-cond` syntax (Table 2b):
+    # auto | train-dist | output | fixed:H[xW] | uniform:LO-HI
     sample_per_prompt: int = 4  # images per prompt / label in a grid
 
 
