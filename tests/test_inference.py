@@ -2,6 +2,7 @@
 presets' lambda actually used, per-index determinism whatever the batch size, and save_grid."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,16 @@ def test_save_grid_writes_png_and_record(tmp_path):
     big = save_grid(imgs, tmp_path / "big.png", nrow=4, min_cell=32)
     assert Image.open(big).size == (4 * 32 + 5 * 2, 32 + 2 * 2)  # nearest x4 upscaling
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*512/*.yaml")))
+def test_512_recipes_preview_the_papers_lambda(recipe):
+    """The 512 px recipes fine-tune a 256 px run (init_from: Eq. 3 schedule base 256), so log.sample_guidance
+    is lambda at 256 px and previews use Eq. 4 at 512: 2.0 for ImageNet (App. B), 5.0 for text models."""
+    from condiff.diffusion.guidance import guidance_scale_for_resolution
+    from condiff.train.config import load_config
+
+    cfg = load_config(recipe)
+    assert cfg.init_from and cfg.data.resolution == 512
+    used = guidance_scale_for_resolution(cfg.log.sample_guidance, 512 / 256)
+    assert used == (5.0 if cfg.model.conditioning == "text" else 2.0)

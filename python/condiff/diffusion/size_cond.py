@@ -4,7 +4,7 @@ At sampling time the control metadata of `Cond` must be chosen:
   phi_l (control_l, (B, 2) = [orig_height, orig_width]): the "original image size". Either FIXED (one
       size for every sample, e.g. the output size) or drawn from the TRAINING distribution of original
       sizes stored with the model (checkpoint meta "size_distribution", or "train_sizes" as written by
-      `condiff.train.checkpoint`: a list of [h, w]). Table 2b: drawing from D_train gives the best FID
+      `condiff.io.checkpoint`: a list of [h, w]), or uniform square sizes over a range (Table 2b's U([512, 1024])). Table 2b: drawing from D_train gives the best FID
       (3.04 vs 4.12 for a fixed 512).
   phi_h (control_h, (B, 6) = [crop_top, crop_left, crop_height, crop_width, aspect_ratio, flip]): a full,
       centred, un-flipped crop of that original image, i.e. the largest box with the output's aspect

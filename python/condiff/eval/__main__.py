@@ -8,7 +8,7 @@ straight to the metrics, then write a manifest (JSON + Markdown table) and an im
         ambiguous prefix for torchrun's own parser, so it is spelled --num-samples there)
 
 Flow: every rank generates its share of the n samples (indices r, r + W, ...; deterministic per global
-index: `condiff.eval.generate`); per batch it keeps Inception (or custom) features, CLIP scores and
+index: `condiff.inference.generate`); per batch it keeps Inception (or custom) features, CLIP scores and
 align flags, never the images (PNG files only with --save-images; the first --grid images are kept
 for the grid). Features and per-sample scores are gathered to rank 0, which computes
   fid_train / fid_val   FID against the cached statistics of --ref-train / --ref-val (clean-fid)

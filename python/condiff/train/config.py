@@ -132,7 +132,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     max_nonfinite: int = 20  # stop after this many consecutive non-finite steps
-    init_from: str = ""  # checkpoint (or run dir) to initialise from (condiff.transfer; its schedule, rescaled)
+    init_from: str = ""  # checkpoint (or run dir) to initialise from (condiff.train.transfer; its schedule, rescaled)
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu) | "cpu" | "cuda"
     model: ModelConfig = field(default_factory=ModelConfig)
