@@ -4,6 +4,7 @@ the random LPIPS backbone and a tiny CLIP; determinism per global index; torchru
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import subprocess
@@ -176,6 +177,8 @@ def test_text_model_eval_align(tmp_path):
                  "1.375", "--out", str(tmp_path / "out")]) == 0
     m = M.load(tmp_path / "out")
     assert m.metrics["align/n"] == 4 and m.size_cond == "fixed:48" and m.control_guidance == 1.375
+    assert m.guidance == m.settings["guidance_given"] == 2.0  # at the base resolution: lambda used = given
+    assert json.loads((tmp_path / "out" / "grid.png.json").read_text())["guidance"] == m.guidance
     assert m.settings["n_prompts"] == 8
 
 
