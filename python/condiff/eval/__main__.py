@@ -61,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's protocols; explicit flags win")
     p.add_argument("--metrics", default="fid", help=f"comma list of {METRICS}")
     p.add_argument("--out", default=None, help="output directory (default <checkpoint>/eval-<time>)")
-    add_sampling_args(p, steps=250, batch_size=32)
-    g = p._action_groups[-1]  # the sampling group
+    g = add_sampling_args(p, steps=250, batch_size=32)
     g.add_argument("--n", "--num-samples", dest="n", type=int, default=50_000,
                    help="number of samples for fid/clip/align (under torchrun write --num-samples: torchrun's own "
                         "parser takes --n for an abbreviation of its options)")

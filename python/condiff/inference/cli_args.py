@@ -32,7 +32,8 @@ def source_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str 
 
 
 def add_sampling_args(p: argparse.ArgumentParser, steps: int = SamplingSpec.steps,
-                      batch_size: int = SamplingSpec.batch_size) -> None:
+                      batch_size: int = SamplingSpec.batch_size) -> argparse._ArgumentGroup:
+    """Add the "sampling" group (defaults: SamplingSpec's, steps / batch size per command); returns it."""
     d = SamplingSpec()
     g = p.add_argument_group("sampling")
     g.add_argument("--seed", type=int, default=d.seed)
@@ -53,6 +54,7 @@ def add_sampling_args(p: argparse.ArgumentParser, steps: int = SamplingSpec.step
     g.add_argument("--rescale-schedule", action="store_true", help="apply Eq. 3 for the sampling resolution")
     g.add_argument("--batch-size", type=int, default=batch_size)
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="autocast of the model forward")
+    return g
 
 
 def spec_of(args: argparse.Namespace) -> SamplingSpec:
