@@ -104,7 +104,7 @@ def test_recipes_all_parse_and_build_their_models():
         assert model.config["conditioning"] == cfg.model.conditioning, path
     base = load_config(REPO / "configs/imagenet512/mmdit_ours.yaml")
     assert base.init_from == "runs/imagenet256_mmdit_ours" and base.data.resolution == 512 and base.batch_size == 384
-    assert base.optim.betas == [0.9, 0.95] and base.log.sample_guidance == 2.0
+    assert base.optim.betas == [0.9, 0.95] and base.log.sample_guidance == 1.5  # at the 256 px base (Eq. 4: 2.0)
 
 
 # ------------------------------------------------------------------------------------------ EMA
