@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from condiff.eval import align, fid
+from condiff.io.images import to_uint8
 
 N, RES = 128, 64
 
@@ -38,7 +39,7 @@ def test_bench_fid_features_via_png_folder(benchmark, images, extractor, tmp_pat
     from cleanfid.fid import get_folder_features
 
     def via_pngs():
-        for i, u8 in enumerate(fid.to_uint8(images)):
+        for i, u8 in enumerate(to_uint8(images)):
             Image.fromarray(u8).save(tmp_path / f"{i:06d}.png")
         return get_folder_features(str(tmp_path), extractor.fn, num_workers=0, batch_size=64,
                                    device=torch.device("cpu"), mode="clean", verbose=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from condiff.train import checkpoint as ck
+from condiff.io import checkpoint as ck
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_roundtrip_and_latest(tmp_path):
     assert ck.latest_checkpoint(tmp_path) == d2
     assert ck.list_checkpoints(tmp_path) == [d1, d2]
     meta = ck.read_meta(d2)
-    assert meta["step"] == 20 and meta["data_position"] == [80] and meta["format"] == ck.FORMAT_VERSION
+    assert meta.step == 20 and meta.data_position == [80] and meta.format == ck.FORMAT_VERSION
     for name, t in ck.load_weights(d2, "model").items():
         torch.testing.assert_close(t, _state(2)[name], rtol=0, atol=0)
     for name, t in ck.load_weights(d2, "ema").items():
@@ -117,7 +117,7 @@ def test_pt_files_refuse_arbitrary_objects(tmp_path):
 
 _KILL_SCRIPT = r"""
 import sys, torch
-from condiff.train import checkpoint as ck
+from condiff.io import checkpoint as ck
 run = sys.argv[1]
 big = {f"w{i}": torch.full((256, 1024), float(i)) for i in range(8)}  # 8 MiB per file
 step = 0
@@ -142,7 +142,7 @@ def test_process_killed_during_saves_never_breaks_latest(tmp_path):
         proc.wait()
         latest = ck.latest_checkpoint(run)
         assert latest is not None
-        step = ck.read_meta(latest)["step"]
+        step = ck.read_meta(latest).step
         w = ck.load_weights(latest, "model")
         torch.testing.assert_close(w["w3"], torch.full((256, 1024), 3.0 + step))
         assert (run / "latest").read_text().strip() == latest.name

@@ -210,13 +210,13 @@ def test_facebook_dit_errors(tmp_path):
 
 
 def test_cli_dit_original_writes_a_loadable_checkpoint(tmp_path):
-    from condiff.train.checkpoint import load_for_inference
+    from condiff.inference.pipeline import Pipeline
 
     ref = RefDiT()
     _randomize_ref(ref)
     torch.save(ref.state_dict(), tmp_path / "dit.pt")
     assert convert.main(["dit-original", str(tmp_path / "dit.pt"), str(tmp_path / "run"), "--num-heads", "4"]) == 0
-    inf = load_for_inference(tmp_path / "run")
+    inf = Pipeline.from_checkpoint(tmp_path / "run")
     assert inf.schedule.to_dict()["beta_schedule"] == "linear"
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5.0, 600.0]), torch.tensor([2, 3])
     torch.testing.assert_close(inf.model(x, t, Cond(labels=y)), ref(x, t, y)[:, :4], **TOL)

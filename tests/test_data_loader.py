@@ -12,7 +12,8 @@ from PIL import Image
 from webdataset import TarWriter
 
 from condiff.data import shapes
-from condiff.data.loader import LoaderConfig, ShardLoader, expand_shards, merge_positions
+from condiff.data.loader import LoaderConfig, ShardLoader, merge_positions
+from condiff.io.shards import expand_shards
 from condiff.data.make_shards import write_shapes
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -7,7 +7,8 @@ from PIL import Image
 
 from condiff.conditioning.cond import CONTROL_H_FIELDS, CONTROL_L_FIELDS
 from condiff.data import shapes
-from condiff.data.transforms import CROP_RATIOS, CropTransform, apply_crop, sample_crop, to_rgb, to_tensor, to_uint8
+from condiff.data.transforms import CROP_RATIOS, CropTransform, apply_crop, sample_crop, to_rgb, to_tensor
+from condiff.io.images import to_uint8
 
 H = {name: i for i, name in enumerate(CONTROL_H_FIELDS)}
 L = {name: i for i, name in enumerate(CONTROL_L_FIELDS)}

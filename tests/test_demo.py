@@ -6,8 +6,8 @@ from PIL import Image
 
 
 def test_demo_writes_grid_curve_and_report(tmp_path):
-    from condiff.train import checkpoint as ck
-    from condiff.train.demo import main
+    from condiff.io import checkpoint as ck
+    from condiff.demo import main
 
     out = tmp_path / "demo"
     args = ["--out", str(out), "--steps", "2", "--n", "64", "--per-prompt", "2", "--sample-steps", "2", "--quiet"]
@@ -23,5 +23,5 @@ def test_demo_writes_grid_curve_and_report(tmp_path):
     assert grid.size[1] == 8 * (96 + 4)  # one row per prompt
     assert (out / "loss.png").stat().st_size > 1000
     meta = ck.read_meta(ck.latest_checkpoint(out))
-    assert meta["model"]["name"] == "mmdit-ours-tiny" and meta["text_encoder"]["kind"] == "minilm"
+    assert meta.model["name"] == "mmdit-ours-tiny" and meta.text_encoder["kind"] == "minilm"
     assert json.loads((out / "data" / "dataset.json").read_text())["preset"] == "demo"

@@ -4,6 +4,7 @@ the random LPIPS backbone and a tiny CLIP; determinism per global index; torchru
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import subprocess
@@ -30,7 +31,7 @@ def setup(tmp_path_factory):
     from condiff.data import shapes
     from condiff.diffusion import Schedule
     from condiff.models import create
-    from condiff.train.checkpoint import save_checkpoint
+    from condiff.io.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("eval")
     torch.manual_seed(0)
@@ -58,7 +59,7 @@ def setup(tmp_path_factory):
 
 
 def _args(root: Path, out: str, n_flag: str = "--n") -> list[str]:
-    return ["--ckpt", str(root / "run"), "--metrics", "fid,clip,lpips,align", n_flag, "6", "--steps", "2",
+    return ["--checkpoint", str(root / "run"), "--metrics", "fid,clip,lpips,align", n_flag, "6", "--steps", "2",
             "--batch-size", "4", "--ref-train", str(root / "ref-000.tar"), "--ref-val", str(root / "ref-000.tar"),
             "--ref-max", "16", "--features", "random:16:32", "--prompts", "shapes:demo", "--clip", str(root / "clip"),
             "--lpips-random", "--lpips-prompts", "2", "--lpips-sizes", "8,16,24", "--cache-dir", str(root / "cache"),
@@ -99,16 +100,17 @@ def test_condiff_eval_end_to_end(setup, capsys):
 
 
 def test_samples_are_deterministic_per_global_index(setup):
-    from condiff.eval.generate import Generator, SamplingSpec, rank_indices
-    from condiff.train.checkpoint import load_for_inference
+    from condiff.inference.generate import Generator, rank_indices
+    from condiff.inference.spec import SamplingSpec
+    from condiff.inference.pipeline import Pipeline
 
-    inf = load_for_inference(setup / "run")
-    gen = Generator(inf, SamplingSpec(n=5, steps=2, batch_size=5, seed=3))
+    inf = Pipeline.from_checkpoint(setup / "run")
+    gen = Generator(inf, SamplingSpec(steps=2, batch_size=5, seed=3))
     all_five = gen.images([0, 1, 2, 3, 4])
     torch.testing.assert_close(gen.images([3]), all_five[3:4], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(all_five[0], all_five[1])
     assert sorted(rank_indices(5, 0, 2) + rank_indices(5, 1, 2)) == list(range(5))
-    other_seed = Generator(inf, SamplingSpec(n=5, steps=2, seed=4)).images([3])
+    other_seed = Generator(inf, SamplingSpec(steps=2, seed=4)).images([3])
     assert not torch.allclose(other_seed, all_five[3:4])
     # size conditioning is drawn per index from the stored training sizes
     sizes = gen.sizes(list(range(5)))
@@ -120,13 +122,13 @@ def test_cli_errors(setup, capsys):
     from condiff.eval.__main__ import main
 
     with pytest.raises(SystemExit):
-        main(["--ckpt", str(setup / "run"), "--metrics", "fid,bogus"])
+        main(["--checkpoint", str(setup / "run"), "--metrics", "fid,bogus"])
     with pytest.raises(SystemExit):
-        main(["--ckpt", str(setup / "run"), "--metrics", "fid"])  # no reference shards
+        main(["--checkpoint", str(setup / "run"), "--metrics", "fid"])  # no reference shards
     capsys.readouterr()
-    assert main(["--ckpt", str(setup / "run"), "--metrics", "align", "--n", "2", "--steps", "1"]) == 2
+    assert main(["--checkpoint", str(setup / "run"), "--metrics", "align", "--n", "2", "--steps", "1"]) == 2
     assert "--prompts shapes" in capsys.readouterr().err
-    assert main(["--ckpt", str(setup / "nowhere"), "--metrics", "align"]) == 2
+    assert main(["--checkpoint", str(setup / "nowhere"), "--metrics", "align"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -156,7 +158,7 @@ def test_text_model_eval_align(tmp_path):
     from condiff.diffusion import Schedule
     from condiff.eval.__main__ import main
     from condiff.models import create
-    from condiff.train.checkpoint import save_checkpoint
+    from condiff.io.checkpoint import save_checkpoint
 
     enc_cfg = {"kind": "tiny-clip", "seed": 0, "dim": 32, "layers": 1, "heads": 2, "max_length": 16}
     enc = build_text_encoder(enc_cfg)
@@ -170,11 +172,13 @@ def test_text_model_eval_align(tmp_path):
     save_checkpoint(tmp_path / "run", 1, model_state=state, ema_state=state,
                     meta={"model": model.config, "schedule": Schedule().to_dict(), "text_encoder": enc_cfg,
                           "autoencoder": None, "train_sizes": [[32, 32]]})
-    assert main(["--ckpt", str(tmp_path / "run"), "--metrics", "align", "--n", "4", "--steps", "2",
+    assert main(["--checkpoint", str(tmp_path / "run"), "--metrics", "align", "--n", "4", "--steps", "2",
                  "--prompts", "shapes:demo", "--size-cond", "fixed:48", "--guidance", "2", "--control-guidance",
                  "1.375", "--out", str(tmp_path / "out")]) == 0
     m = M.load(tmp_path / "out")
     assert m.metrics["align/n"] == 4 and m.size_cond == "fixed:48" and m.control_guidance == 1.375
+    assert m.guidance == m.settings["guidance_given"] == 2.0  # at the base resolution: lambda used = given
+    assert json.loads((tmp_path / "out" / "grid.png.json").read_text())["guidance"] == m.guidance
     assert m.settings["n_prompts"] == 8
 
 
@@ -182,10 +186,10 @@ def test_prompts_checked_before_sampling(setup, tmp_path, capsys):
     from condiff.eval.__main__ import main
 
     (tmp_path / "p.txt").write_text("\n".join(["a photo of a dog"] * 8) + "\n")
-    assert main(["--ckpt", str(setup / "run"), "--metrics", "align", "--n", "2", "--prompts", str(tmp_path / "p.txt")]) == 2
+    assert main(["--checkpoint", str(setup / "run"), "--metrics", "align", "--n", "2", "--prompts", str(tmp_path / "p.txt")]) == 2
     assert "shapes grammar" in capsys.readouterr().err
     (tmp_path / "q.txt").write_text("a red circle\n")
-    assert main(["--ckpt", str(setup / "run"), "--metrics", "align", "--n", "2", "--prompts", str(tmp_path / "q.txt")]) == 2
+    assert main(["--checkpoint", str(setup / "run"), "--metrics", "align", "--n", "2", "--prompts", str(tmp_path / "q.txt")]) == 2
     assert "1 class names for a model with 8 classes" in capsys.readouterr().err
 
 
@@ -197,7 +201,7 @@ def test_latent_model_decodes_through_autoencoder(tmp_path, capsys):
     from condiff.diffusion import Schedule
     from condiff.eval.__main__ import main
     from condiff.models import create
-    from condiff.train.checkpoint import save_checkpoint
+    from condiff.io.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -206,7 +210,7 @@ def test_latent_model_decodes_through_autoencoder(tmp_path, capsys):
     model = create("dit-tiny", input_size=8, num_classes=8, depth=1, hidden_size=32, num_heads=2)
     meta = {"model": model.config, "schedule": Schedule().to_dict(), "text_encoder": None, "autoencoder": None}
     save_checkpoint(tmp_path / "run", 1, model_state=model.state_dict(), ema_state=None, meta=meta)
-    args = ["--ckpt", str(tmp_path / "run"), "--metrics", "align", "--n", "3", "--steps", "1",
+    args = ["--checkpoint", str(tmp_path / "run"), "--metrics", "align", "--n", "3", "--steps", "1",
             "--prompts", "shapes:demo", "--out", str(tmp_path / "out")]
     assert main(args) == 2 and "no autoencoder" in capsys.readouterr().err
     assert main([*args, "--autoencoder", str(tmp_path / "vae")]) == 0
@@ -222,7 +226,7 @@ def test_lpips_only_run_grids_its_size_sweeps(setup, tmp_path):
 
     from condiff.eval.__main__ import main
 
-    assert main(["--ckpt", str(setup / "run"), "--metrics", "lpips", "--steps", "1", "--lpips-random",
+    assert main(["--checkpoint", str(setup / "run"), "--metrics", "lpips", "--steps", "1", "--lpips-random",
                  "--lpips-prompts", "2", "--lpips-sizes", "8,16,24,32", "--out", str(tmp_path / "out")]) == 0
     m = M.load(tmp_path / "out")
     assert m.n == 0 and m.settings["lpips_sizes"] == [16, 24, 32] and m.metrics["lpips_size"] > 0
@@ -231,15 +235,16 @@ def test_lpips_only_run_grids_its_size_sweeps(setup, tmp_path):
 
 def test_sampling_rules_are_condiff_samples(setup):
     """Resolution, guidance law (Eq. 4) and size mode are resolved exactly as `condiff sample` does."""
-    from condiff.eval.generate import Generator, SamplingSpec
-    from condiff.train.checkpoint import load_for_inference
+    from condiff.inference.generate import Generator
+    from condiff.inference.spec import SamplingSpec
+    from condiff.inference.pipeline import Pipeline
 
-    inf = load_for_inference(setup / "run")
+    inf = Pipeline.from_checkpoint(setup / "run")
     gen = Generator(inf, SamplingSpec(resolution=32, guidance=1.5, steps=4))
-    assert gen.resolution == 32 and gen.latent_hw == (32, 32) and gen.guidance == pytest.approx(2.0)
-    assert gen.size_mode == "train-dist" and len(gen.timesteps) == 4
+    assert gen.resolution == 32 and gen.resolved.latent_size == 32 and gen.guidance == pytest.approx(2.0)
+    assert gen.size_cond.mode == "train-dist" and len(gen.timesteps) == 4
     assert Generator(inf, SamplingSpec(resolution=32, guidance=1.5, guidance_law=False)).guidance == 1.5
     fixed = Generator(inf, SamplingSpec(size_cond="fixed:40x48"))
-    assert fixed.size_mode == "fixed" and fixed.sizes([0, 1]).tolist() == [[40.0, 48.0]] * 2
-    with pytest.raises(ValueError, match="size conditioning"):
+    assert fixed.size_cond.mode == "fixed" and fixed.sizes([0, 1]).tolist() == [[40.0, 48.0]] * 2
+    with pytest.raises(ValueError, match="--size-cond 'fixed:big'"):
         Generator(inf, SamplingSpec(size_cond="fixed:big"))

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from condiff.eval import fid as F
+from condiff.io.images import to_uint8
+from condiff.io.shards import expand_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -51,7 +53,7 @@ def test_in_memory_features_match_cleanfid_folder_pipeline(tmp_path):
 
     ext = F.random_extractor(dim=8, size=299)  # the real "clean" resize: PIL bicubic float to 299
     imgs = _images(6, 3, size=40)
-    for i, u8 in enumerate(F.to_uint8(imgs)):
+    for i, u8 in enumerate(to_uint8(imgs)):
         Image.fromarray(u8).save(tmp_path / f"{i:03d}.png")
     ours = ext.features(imgs)
     theirs = cf.get_folder_features(str(tmp_path), ext.fn, num_workers=0, batch_size=4,
@@ -66,7 +68,7 @@ def test_fid_equals_cleanfid_compute_fid(tmp_path):
     a, b = _images(20, 4), _images(20, 5, shift=0.3)
     for name, imgs in (("a", a), ("b", b)):
         (tmp_path / name).mkdir()
-        for i, u8 in enumerate(F.to_uint8(imgs)):
+        for i, u8 in enumerate(to_uint8(imgs)):
             Image.fromarray(u8).save(tmp_path / name / f"{i:03d}.png")
     theirs = cf.compute_fid(str(tmp_path / "a"), str(tmp_path / "b"), custom_feat_extractor=ext.fn,
                             custom_fn_resize=ext.resize.build(), num_workers=0, batch_size=8,
@@ -78,7 +80,7 @@ def test_fid_equals_cleanfid_compute_fid(tmp_path):
 def _write_shards(dirpath: Path, n_shards: int, per_shard: int, seed: int, corrupt: bool = False) -> str:
     import webdataset as wds
 
-    imgs = F.to_uint8(_images(n_shards * per_shard, seed, size=24))
+    imgs = to_uint8(_images(n_shards * per_shard, seed, size=24))
     for s in range(n_shards):
         with wds.TarWriter(str(dirpath / f"ref-{s:03d}.tar")) as w:
             for i in range(per_shard):
@@ -105,7 +107,7 @@ def test_reference_stats_cached_under_content_hash(tmp_path, monkeypatch):
     np.testing.assert_array_equal(again.mu, ref.mu)
     assert again.key == ref.key
     # the key depends on the extractor, the resolution and the shard bytes
-    files = F.expand_shards(spec)
+    files = expand_shards(spec)
     other_ext = F.random_extractor(dim=8, size=32, seed=1)
     assert F.reference_key(files, other_ext, 16, None, tmp_path / "cache") != ref.key
     assert F.reference_key(files, ext, 20, None, tmp_path / "cache") != ref.key

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from PIL import Image
 
 from condiff.eval import manifest as M
 
@@ -60,10 +58,3 @@ def test_checkpoint_hash_changes_with_weights(tmp_path):
     assert M.checkpoint_hash(tmp_path) != h1
     with pytest.raises(FileNotFoundError):
         M.checkpoint_hash(tmp_path / "empty_dir_missing")
-
-
-def test_grid(tmp_path):
-    imgs = torch.linspace(-1, 1, 4 * 3 * 8 * 8).reshape(4, 3, 8, 8)
-    p = M.save_grid(imgs, tmp_path / "grid.png")
-    w, h = Image.open(p).size
-    assert (w, h) == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)  # 2x2 grid, padding 2

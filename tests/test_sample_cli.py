@@ -9,7 +9,30 @@ import torch
 from PIL import Image
 
 from condiff.diffusion.schedule import Schedule
-from condiff.sample import Loaded, Settings, generate, load_checkpoint, main, resolve, semantic_conditions
+from condiff.inference.generate import Generator
+from condiff.inference.pipeline import Pipeline as Loaded
+from condiff.inference.spec import SamplingSpec as Settings
+from condiff.inference.spec import resolve as resolve_spec
+from condiff.io.checkpoint import CheckpointMeta
+from condiff.sample import main
+
+
+def load_checkpoint(path, device):
+    return Loaded.from_checkpoint(path, device)
+
+
+def resolve(pipe, spec):
+    return vars(resolve_spec(pipe, spec))
+
+
+def semantic_conditions(pipe, class_ids, prompts, n_per):
+    rows = [x for x in pipe.check_items(class_ids, prompts) for _ in range(n_per)]
+    return rows, None, rows
+
+
+def generate(pipe, rows, _null, spec, progress=False):
+    gen = Generator(pipe, spec, rows)
+    return gen.generate(), vars(gen.resolved)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -28,7 +51,7 @@ def pixels(path):
 def checkpoint(tmp_path_factory):
     """A dit-tiny pixel-space checkpoint with non-trivial weights, an Eq. 3 schedule and training sizes."""
     from condiff.models import create
-    from condiff.train.checkpoint import save_checkpoint
+    from condiff.io.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = create("dit-tiny", in_channels=3, input_size=16, num_classes=10)
@@ -64,10 +87,10 @@ def test_checkpoint_run_is_deterministic_and_uses_what_training_stored(tmp_path,
     assert pixels(a).shape == (2 + 2 * 18, 2 + 2 * 18, 3)  # 2 rows (one per class) of 2 images of 16 px
     rec = json.loads(a.with_name("a.png.json").read_text())
     assert rec["schedule"] == Schedule(base_resolution=8, resolution=16).to_dict()  # the stored (Eq. 3) schedule
-    assert rec["size_mode"] == "train-dist"
+    assert rec["size_cond"] == "train-dist"
     assert {tuple(s) for s in rec["control_l"]} <= {(40.0, 60.0), (100.0, 80.0), (64.0, 64.0)}
     # the stored schedule says "fine-tuned 8 -> 16 px": --guidance is lambda at the 8 px base, Eq. 4 with s = 2
-    assert rec["guidance_resolution"] == 8.0 and rec["guidance_effective"] == 5.0
+    assert rec["guidance_resolution"] == 8.0 and rec["guidance"] == 5.0
 
 
 def test_guidance_law_and_fixed_size_at_another_resolution(tmp_path, checkpoint):
@@ -75,19 +98,19 @@ def test_guidance_law_and_fixed_size_at_another_resolution(tmp_path, checkpoint)
                   "--resolution", "32", "--orig-size", "512", "--sampler", "heun", "--guidance-resolution", "16")
     assert rc == 0
     rec = json.loads(out.with_name("hr.png.json").read_text())
-    assert rec["guidance_effective"] == 2.0  # Eq. 4: s = 32 / 16 = 2, lambda 1.5 -> 2.0
-    assert rec["size_mode"] == "fixed" and rec["control_l"] == [[512.0, 512.0]]
+    assert rec["guidance"] == 2.0  # Eq. 4: s = 32 / 16 = 2, lambda 1.5 -> 2.0
+    assert rec["size_cond"] == "fixed:512" and rec["control_l"] == [[512.0, 512.0]]
     assert pixels(out).shape == (32, 32, 3)  # a single image: make_grid adds no padding
     loaded = load_checkpoint(str(checkpoint), "cpu")
-    assert resolve(loaded, Settings(guidance=1.5, resolution=32, guidance_law=False))["guidance_effective"] == 1.5
-    assert resolve(loaded, Settings(guidance=1.5, resolution=32))["guidance_effective"] == 3.0  # s = 32 / 8
-    assert resolve(loaded, Settings(guidance=1.5, resolution=8))["guidance_effective"] == 1.5  # at the base
+    assert resolve(loaded, Settings(guidance=1.5, resolution=32, guidance_law=False))["guidance"] == 1.5
+    assert resolve(loaded, Settings(guidance=1.5, resolution=32))["guidance"] == 3.0  # s = 32 / 8
+    assert resolve(loaded, Settings(guidance=1.5, resolution=8))["guidance"] == 1.5  # at the base
     # no stored Eq. 3 base: the positional-grid anchor (App. C) gives it: base_size 4 x patch 2 = 8 px
     from condiff.models import create
 
-    kept = Loaded(create("dit-tiny", in_channels=3, input_size=16, base_size=4), Schedule(), None, None, {})
+    kept = Loaded(create("dit-tiny", in_channels=3, input_size=16, base_size=4), Schedule(), None, None, CheckpointMeta())
     r = resolve(kept, Settings(guidance=1.5))
-    assert r["guidance_resolution"] == 8.0 and r["resolution"] == 16 and r["guidance_effective"] == 2.0
+    assert r["guidance_resolution"] == 8.0 and r["resolution"] == 16 and r["guidance"] == 2.0
     # opt-in Eq. 3 for the sampling resolution composes with the stored rescaling (base 8 -> 32)
     r = resolve(loaded, Settings(resolution=32, rescale_schedule=True))
     assert r["schedule"] == Schedule(base_resolution=8, resolution=32)
@@ -119,7 +142,7 @@ def test_generate_depends_on_condition_and_guidance(checkpoint):
     [
         (["--class-ids", "10"], "outside [0, 10)"),
         (["--prompts", "a cat"], "class-conditional; give --class-ids"),
-        (["--class-ids", "1", "--size-cond", "fixed"], "--size-cond fixed needs --orig-size"),
+        (["--class-ids", "1", "--size-cond", "fixed"], "--size-cond 'fixed': expected auto | train-dist"),
         (["--class-ids", "1", "--resolution", "21"], "multiple of the patch size"),
         (["--class-ids", "1", "--sampler", "heun", "--eta", "1"], "--eta applies to ddim only"),
         (["--prompts-file", "/nonexistent/prompts.txt"], "--prompts-file /nonexistent/prompts.txt: no such file"),
@@ -142,7 +165,7 @@ def test_latent_checkpoint_decodes_through_its_autoencoder(tmp_path):
     from diffusers import AutoencoderKL
 
     from condiff.models import create
-    from condiff.train.checkpoint import save_checkpoint
+    from condiff.io.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -159,7 +182,7 @@ def test_latent_checkpoint_decodes_through_its_autoencoder(tmp_path):
     loaded.autoencoder.decode = lambda z: seen.append(z) or decode(z)
     cond, null, _ = semantic_conditions(loaded, [0, 3], None, 1)
     images, r = generate(loaded, cond, null, Settings(steps=1), progress=False)
-    assert r["factor"] == 2 and r["latent_size"] == 8 and r["resolution"] == 16
+    assert r["ae_factor"] == 2 and r["latent_size"] == 8 and r["resolution"] == 16
     assert seen[0].shape == (2, 4, 8, 8) and images.shape == (2, 3, 16, 16)
     torch.testing.assert_close(images, decode(seen[0]).clamp(-1, 1))
     # a latent checkpoint without an autoencoder (e.g. converted from DiT) takes one on the command line
@@ -174,16 +197,14 @@ def test_latent_checkpoint_decodes_through_its_autoencoder(tmp_path):
 
 
 def test_text_zoo_model_uses_the_empty_prompt_as_null(tmp_path):
-    from condiff.sample import load_zoo
-
-    loaded = load_zoo("mmdit-ours-tiny", "text", "cpu")
+    loaded = Loaded.from_zoo("mmdit-ours-tiny", "text", "cpu")
     cond, null, captions = semantic_conditions(loaded, None, ["a red square", "a blue circle"], 1)
-    empty = loaded.text_encoder.encode([""])
+    null, empty = loaded.null_cond(), loaded.text_encoder.encode([""])
     assert torch.equal(null.text, empty.states) and torch.equal(null.text_lengths, empty.lengths)
-    assert cond.text.shape[0] == 2 and captions == ["a red square", "a blue circle"]
+    assert loaded.semantic_cond(cond).text.shape[0] == 2 and captions == ["a red square", "a blue circle"]
     images, r = generate(loaded, cond, null, Settings(steps=1, guidance=3.0, resolution=16), progress=False)
     assert images.shape == (2, 3, 16, 16)
-    assert r["guidance_effective"] == 2.0  # Eq. 4 downwards: s = 16 / 32 = 0.5
+    assert r["guidance"] == 2.0  # Eq. 4 downwards: s = 16 / 32 = 0.5
 
 
 @pytest.mark.slow
@@ -201,5 +222,31 @@ def test_end_to_end_train_then_sample(tmp_path):
     assert rc == 0 and pixels(out).shape == (2 + 2 * 18, 2 + 2 * 18, 3)
     rec = json.loads(out.with_name("s.png.json").read_text())
     meta = json.loads((tmp_path / "run" / "step_00000003" / "meta.json").read_text())
-    assert rec["size_mode"] == "train-dist" and rec["schedule"] == meta["schedule"]
+    assert rec["size_cond"] == "train-dist" and rec["schedule"] == meta["schedule"]
     assert {tuple(s) for s in rec["control_l"]} <= {tuple(map(float, s)) for s in meta["train_sizes"]}
+
+
+def test_positional_run_directory_and_old_spellings(tmp_path, checkpoint):
+    """`condiff sample RUN` (README / demo) equals `--checkpoint RUN`; --orig-size stays a hidden alias."""
+    from condiff.cli import main as condiff
+
+    a, b = tmp_path / "pos.png", tmp_path / "flag.png"
+    assert condiff(["sample", str(checkpoint), "--class-ids", "1", "--steps", "1", "--quiet", "--out", str(a)]) == 0
+    assert main(["--checkpoint", str(checkpoint), "--class-ids", "1", "--steps", "1", "--quiet", "--out", str(b)]) == 0
+    assert np.array_equal(pixels(a), pixels(b))
+    rc, c = run(tmp_path, "old.png", str(checkpoint), "--class-ids", "1", "--orig-size", "40", "50")
+    assert rc == 0 and json.loads(c.with_name("old.png.json").read_text())["size_cond"] == "fixed:40x50"
+    assert "--orig-size" not in build_parser_help()
+
+
+def build_parser_help():
+    from condiff.sample import build_parser
+
+    return build_parser().format_help()
+
+
+def test_condiff_align_command(capsys):
+    from condiff.cli import main as condiff
+
+    assert condiff(["align", "--n", "16", "--resolution", "32"]) == 0
+    assert capsys.readouterr().out.startswith("| preset | resolution | ground truth")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from condiff.train import checkpoint as ck
+from condiff.io import checkpoint as ck
 from condiff.train.config import ConfigError, TrainConfig, load_config
 from condiff.train.ema import EMA
 
@@ -104,7 +104,7 @@ def test_recipes_all_parse_and_build_their_models():
         assert model.config["conditioning"] == cfg.model.conditioning, path
     base = load_config(REPO / "configs/imagenet512/mmdit_ours.yaml")
     assert base.init_from == "runs/imagenet256_mmdit_ours" and base.data.resolution == 512 and base.batch_size == 384
-    assert base.optim.betas == [0.9, 0.95] and base.log.sample_guidance == 2.0
+    assert base.optim.betas == [0.9, 0.95] and base.log.sample_guidance == 1.5  # at the 256 px base (Eq. 4: 2.0)
 
 
 # ------------------------------------------------------------------------------------------ EMA
@@ -173,7 +173,7 @@ def test_resume_is_exact_with_two_processes(tmp_path, shards):
     for k in oa["state"]:
         assert torch.equal(oa["state"][k]["exp_avg_sq"], ob["state"][k]["exp_avg_sq"])
     meta = ck.read_meta(split)
-    assert meta["world_size"] == 2 and len(meta["data_position"]["slots"]) == 2
+    assert meta.world_size == 2 and len(meta.data_position["slots"]) == 2
     # the run really moved: weights differ from the step-2 checkpoint
     mid = ck.load_weights(tmp_path / "split" / "step_00000002", "model")
     assert any(not torch.equal(mid[k], ck.load_weights(split, "model")[k]) for k in mid)
@@ -239,9 +239,9 @@ def test_too_many_nonfinite_steps_stop_and_keep_last_good_checkpoint(tmp_path, s
 
 
 # ------------------------------------------------------------------------------------------ outputs
-def test_run_outputs_and_load_for_inference(tmp_path, shards):
+def test_run_outputs_and_pipeline_from_checkpoint(tmp_path, shards):
     """`condiff train` (single process) end to end: resolved config, JSONL, loss curve, grid, checkpoint,
-    and `load_for_inference` returning the EMA model."""
+    and `Pipeline.from_checkpoint` returning the EMA model."""
     from condiff.train.__main__ import main
 
     run = tmp_path / "run"
@@ -260,14 +260,19 @@ def test_run_outputs_and_load_for_inference(tmp_path, shards):
 
     latest = ck.latest_checkpoint(run)
     meta = ck.read_meta(latest)
-    assert meta["step"] == 3 and meta["base_size"] == 4 and meta["autoencoder"] == {"kind": "pixels"}
-    assert len(meta["train_sizes"]) == 24 and all(32 <= h <= 64 and h == w for h, w in meta["train_sizes"])
-    inf = ck.load_for_inference(run)
-    assert inf.meta["weights"] == "ema" and not inf.model.training
+    assert meta.step == 3 and meta.base_size == 4 and meta.autoencoder == {"kind": "pixels"}
+    assert len(meta.train_sizes) == 24 and all(32 <= h <= 64 and h == w for h, w in meta.train_sizes)
+    from condiff.inference.pipeline import Pipeline
+
+    inf = Pipeline.from_checkpoint(run)
+    assert inf.weights == "ema" and not inf.model.training
+    record = json.loads((run / "samples" / "final.png.json").read_text())  # the preview's sampling record
+    assert record["guidance"] == record["spec"]["guidance"] and record["guidance_scale_s"] == 1.0  # at the base
+    assert record["size_cond"] == "train-dist" and record["spec"]["size_cond"] == "auto"
     ema = ck.load_weights(latest, "ema")
     for k, v in inf.model.state_dict().items():
         torch.testing.assert_close(v, ema[k], rtol=0, atol=0)
-    raw = ck.load_for_inference(run, use_ema=False)
+    raw = Pipeline.from_checkpoint(run, weights="model")
     assert any(not torch.equal(v, ema[k]) for k, v in raw.model.state_dict().items())
     from condiff.diffusion import Schedule
 

@@ -7,9 +7,9 @@ import torch
 
 from condiff.diffusion import Schedule
 from condiff.models import create
-from condiff.train import checkpoint as ck
+from condiff.io import checkpoint as ck
 from condiff.train.config import load_config
-from condiff.transfer import match_state
+from condiff.train.transfer import match_state
 
 ARCH = {"in_channels": 3, "depth": 2, "hidden_size": 32, "num_heads": 2}
 
@@ -81,9 +81,9 @@ def test_resolution_and_dataset_transfer_class_to_text(tmp_path, shards, source)
     # recorded in the new run's checkpoint
     trainer.run(final_grid=False)
     meta = ck.read_meta(ck.latest_checkpoint(tmp_path / "dst"))
-    assert meta["transfer"]["source_step"] == 100 and meta["base_size"] == 4
-    assert Schedule.from_dict(meta["schedule"]) == trainer.schedule
-    assert meta["schedule"]["base_resolution"] == 8.0 and meta["schedule"]["resolution"] == 16.0
+    assert meta.transfer["source_step"] == 100 and meta.base_size == 4
+    assert Schedule.from_dict(meta.schedule) == trainer.schedule
+    assert meta.schedule["base_resolution"] == 8.0 and meta.schedule["resolution"] == 16.0
     # a resumed run keeps the transferred architecture and schedule
     again = Trainer(_target(tmp_path, shards, src_dir, "data.resolution=16", "model.conditioning=text", "steps=2",
                             "model.kwargs.input_size=16", "model.kwargs.text_dim=64", "model.kwargs.pooled_dim=64",

@@ -19,8 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-shards": ("condiff.data.make_shards:main", "write webdataset shards (image folder, CSV/JSONL, shapes)"),
     "precompute": ("condiff.data.precompute:main", "encode shards into latent (and text-state) shards"),
     "train": ("condiff.train.__main__:main", "train a model from a YAML recipe (single process)"),
-    "demo": ("condiff.train.demo:main", "ten-minute CPU demo: shapes shards, tiny mmDiT-ours, samples"),
+    "demo": ("condiff.demo:main", "ten-minute CPU demo: shapes shards, tiny mmDiT-ours, samples"),
     "eval": ("condiff.eval.__main__:main", "FID / CLIP / LPIPS / shapes alignment with a manifest"),
+    "align": ("condiff.eval.align:main", "validate the shapes-alignment detector on rendered shapes data"),
 }
 
 

@@ -41,7 +41,6 @@ counts (e.g. text conditioning on shards without captions) instead of spinning f
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
@@ -51,7 +50,6 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-import braceexpand
 import numpy as np
 import torch
 from PIL import Image
@@ -59,37 +57,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import filters as wds_filters
 from webdataset import tariterators
 
+from condiff.io.images import IMAGE_EXTS
+from condiff.io.shards import expand_shards
+
 from .transforms import CropTransform, to_rgb
 
 log = logging.getLogger("condiff.data")
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LATENT_EXT = "safetensors"
-
-
-# ------------------------------------------------------------------------------------------ shard lists
-def expand_shards(spec: str | list[str]) -> list[str]:
-    """Shard paths from a spec: a path, a glob (`*`, `?`, `[`), a brace list (`shard-{000..009}.tar`),
-    a directory (all `*.tar` inside), several of these joined by `::`, or a list of them.
-    Raises FileNotFoundError naming every pattern that matched no file."""
-    items = spec if isinstance(spec, (list, tuple)) else str(spec).split("::")
-    out: list[str] = []
-    missing: list[str] = []
-    for item in items:
-        for path in braceexpand.braceexpand(str(item)):
-            path = os.path.expanduser(path)
-            if os.path.isdir(path):
-                found = sorted(glob.glob(os.path.join(path, "*.tar")))
-            elif any(ch in path for ch in "*?["):
-                found = sorted(glob.glob(path))
-            else:
-                found = [path] if os.path.exists(path) else []
-            if not found:
-                missing.append(path)
-            out.extend(found)
-    if missing:
-        raise FileNotFoundError(f"no shard file matches {missing} (from shard spec {spec!r})")
-    return out
 
 
 # -------------------------------------------------------------------------------------------- config

@@ -30,13 +30,15 @@ import sys
 
 from PIL import Image
 
+from condiff.io.images import IMAGE_EXTS
+
 from . import shapes as shapes_mod
 from .writer import ShardSetWriter
 
 log = logging.getLogger("condiff.data")
 
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+_IMAGE_SUFFIXES = tuple(f".{e}" for e in IMAGE_EXTS)
 
 
 def encode_image_bytes(data: bytes) -> tuple[str, bytes, int, int]:

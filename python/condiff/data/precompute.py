@@ -38,8 +38,10 @@ from collections import Counter
 import numpy as np
 import torch
 
+from condiff.io.shards import expand_shards
+
 from .autoencoder import build_autoencoder
-from .loader import LoaderConfig, SkipSample, _seed_int, _warn_skip, expand_shards, iter_raw_samples, load_image, parse_fields
+from .loader import LoaderConfig, SkipSample, _seed_int, _warn_skip, iter_raw_samples, load_image, parse_fields
 from .transforms import CropTransform
 from .writer import ShardSetWriter
 

@@ -103,11 +103,6 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Inverse of `to_tensor`: (3, H, W) in [-1, 1] -> (H, W, 3) uint8 (round to nearest)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-
-
 def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     """Convert any PIL mode to RGB. Returns (rgb, source mode if a conversion happened else None).
 

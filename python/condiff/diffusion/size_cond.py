@@ -4,7 +4,7 @@ At sampling time the control metadata of `Cond` must be chosen:
   phi_l (control_l, (B, 2) = [orig_height, orig_width]): the "original image size". Either FIXED (one
       size for every sample, e.g. the output size) or drawn from the TRAINING distribution of original
       sizes stored with the model (checkpoint meta "size_distribution", or "train_sizes" as written by
-      `condiff.train.checkpoint`: a list of [h, w]). Table 2b: drawing from D_train gives the best FID
+      `condiff.io.checkpoint`: a list of [h, w]), or uniform square sizes over a range (Table 2b's U([512, 1024])). Table 2b: drawing from D_train gives the best FID
       (3.04 vs 4.12 for a fixed 512).
   phi_h (control_h, (B, 6) = [crop_top, crop_left, crop_height, crop_width, aspect_ratio, flip]): a full,
       centred, un-flipped crop of that original image, i.e. the largest box with the output's aspect
@@ -66,18 +66,32 @@ def full_crop_control_h(orig_sizes: Tensor, out_hw: tuple[int, int] = (1, 1)) ->
     return torch.stack([top, left, crop_h, crop_w, crop_w / crop_h, flip], dim=1).float()
 
 
+def draw_uniform_sizes(batch: int, size_range: tuple[float, float],
+                       generator: torch.Generator | None = None) -> Tensor:
+    """(B, 2) float32 square original sizes [s, s], s ~ U([lo, hi]) (Table 2b's "uniform U([512, 1024])")."""
+    lo, hi = (float(v) for v in size_range)
+    if not 0 < lo <= hi:
+        raise ValueError(f"size conditioning: uniform range needs 0 < lo <= hi, got {size_range!r}")
+    side = lo + (hi - lo) * torch.rand(batch, generator=generator, device=generator.device if generator else "cpu")
+    return side.cpu().float()[:, None].repeat(1, 2)
+
+
 def inference_control(batch: int, out_hw: tuple[int, int], *, size: tuple[float, float] | None = None,
                       size_distribution: Sequence[Sequence[float]] | None = None,
+                      size_range: tuple[float, float] | None = None,
                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """(control_h (B, 6), control_l (B, 2)) for sampling.
 
-    size given: fixed original size [h, w] for every sample. Otherwise drawn from `size_distribution`
-    (Table 2b's best). Neither: the output size itself (a = b = resolution, Table 2b's first row).
+    size given: fixed original size [h, w] for every sample. size_range (lo, hi): square sizes drawn from
+    U([lo, hi]). Otherwise drawn from `size_distribution` (Table 2b's best). None of them: the output size
+    itself (a = b = resolution, Table 2b's first row).
     """
     if size is not None:
         if len(size) != 2 or not all(v > 0 for v in size):
             raise ValueError(f"size conditioning: expected (height, width) > 0, got {size!r}")
         control_l = torch.tensor([[float(size[0]), float(size[1])]]).repeat(batch, 1)
+    elif size_range is not None:
+        control_l = draw_uniform_sizes(batch, size_range, generator)
     elif size_distribution is not None:
         control_l = draw_sizes(batch, size_distribution, generator)
     else:

@@ -1,14 +1,14 @@
 """`condiff eval` / `torchrun -m condiff.eval`: generate samples in memory across ranks and feed them
 straight to the metrics, then write a manifest (JSON + Markdown table) and an image grid.
 
-    condiff eval --ckpt runs/x --metrics fid,clip,lpips,align --n 50000 --sampler ddim --steps 250 \
+    condiff eval runs/x --metrics fid,clip,lpips,align --n 50000 --sampler ddim --steps 250 \
         --guidance 1.5 --ref-train 'train-{000000..000999}.tar' --ref-val 'val-{000..049}.tar' \
         --prompts captions.txt --clip /models/clip-vit-large-patch14 --out runs/x/eval
-    torchrun --nproc_per_node=8 -m condiff.eval --ckpt ... --num-samples 50000 (same flags; --n is an
+    torchrun --nproc_per_node=8 -m condiff.eval runs/x ... --num-samples 50000 (same flags; --n is an
         ambiguous prefix for torchrun's own parser, so it is spelled --num-samples there)
 
 Flow: every rank generates its share of the n samples (indices r, r + W, ...; deterministic per global
-index: `condiff.eval.generate`); per batch it keeps Inception (or custom) features, CLIP scores and
+index: `condiff.inference.generate`); per batch it keeps Inception (or custom) features, CLIP scores and
 align flags, never the images (PNG files only with --save-images; the first --grid images are kept
 for the grid). Features and per-sample scores are gathered to rank 0, which computes
   fid_train / fid_val   FID against the cached statistics of --ref-train / --ref-val (clean-fid)
@@ -17,7 +17,9 @@ for the grid). Features and per-sample scores are gathered to rank 0, which comp
   lpips_size            LPIPS size-diversity protocol (`condiff.eval.lpips_size`) on --lpips-prompts prompts
 and writes --out/manifest.json, report.md, grid.png.
 
-Presets (`--preset`, explicit flags win): the paper's protocols, see PRESETS.
+Presets (`--preset`, explicit flags win): the paper's protocols, see PRESETS. `--guidance` means what it
+means for `condiff sample` (lambda at the model's base resolution, Eq. 4 elsewhere); the manifest's
+`guidance` is the lambda actually used, `settings.guidance_given` / `guidance_resolution` what was given.
 """
 
 from __future__ import annotations
@@ -31,18 +33,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from condiff.inference.cli_args import add_sampling_args, add_source_args, source_of, spec_of
+
 METRICS = ("fid", "clip", "lpips", "align")
 
 PRESETS: dict[str, dict] = {
-    # Sec. 3 / Tab. 1: 50k samples, 250 DDIM steps, FID against the full training set (FID_train) and
-    # the validation set (FID_val); App. B: guidance 1.5 at 256 px and 2.0 at 512 px.
-    "fid-256": dict(metrics="fid", n=50_000, sampler="ddim", steps=250, guidance=1.5),
-    "fid-512": dict(metrics="fid", n=50_000, sampler="ddim", steps=250, guidance=2.0),
-    # Sec. 3, following Esser et al. [14]: COCO val captions (~40k), 25 steps, guidance 5.0.
-    "coco": dict(metrics="fid,clip", n=40_000, sampler="ddim", steps=25, guidance=5.0),
-    # Sec. 3 / Tab. 2a: ten size conditionings per prompt, averaged over 10k prompts.
+    # Each preset fixes the lambda ACTUALLY USED (the manifest's `guidance`), whatever the model's base resolution.
+    # Sec. 3 / Tab. 1: 50k samples, 250 DDIM steps, FID against the training set (FID_train) and the validation
+    # set (FID_val); App. B: lambda 1.5 at 256 px and 2.0 at 512 px (Eq. 4 with s = 2 maps one to the other).
+    "fid-256": dict(metrics="fid", n=50_000, sampler="ddim", steps=250, resolution=256, guidance=1.5,
+                    guidance_resolution=256),
+    "fid-512": dict(metrics="fid", n=50_000, sampler="ddim", steps=250, resolution=512, guidance=2.0,
+                    guidance_resolution=512),
+    # Sec. 3, following Esser et al. [14]: COCO val captions (~40k), 25 steps, lambda 5.0 as used (no Eq. 4).
+    "coco": dict(metrics="fid,clip", n=40_000, sampler="ddim", steps=25, guidance=5.0, no_guidance_law=True),
+    # Sec. 3 / Tab. 2a: ten size conditionings per prompt, averaged over 10k prompts; lambda 1.5 at the base.
     "lpips": dict(metrics="lpips", lpips_prompts=10_000, sampler="ddim", steps=250, guidance=1.5),
-    # offline: the shapes dataset's captions, scored by the analytic detector.
+    # offline: the shapes dataset's captions, scored by the analytic detector; lambda 3.0 at the base.
     "shapes": dict(metrics="align", n=512, sampler="ddim", steps=50, guidance=3.0, prompts="shapes"),
 }
 
@@ -50,38 +57,17 @@ PRESETS: dict[str, dict] = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="condiff eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint directory or run directory (-> latest)")
+    add_source_args(p)
     p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's protocols; explicit flags win")
     p.add_argument("--metrics", default="fid", help=f"comma list of {METRICS}")
-    p.add_argument("--out", default=None, help="output directory (default <ckpt>/eval-<time>)")
-    g = p.add_argument_group("sampling")
+    p.add_argument("--out", default=None, help="output directory (default <checkpoint>/eval-<time>)")
+    g = add_sampling_args(p, steps=250, batch_size=32)
     g.add_argument("--n", "--num-samples", dest="n", type=int, default=50_000,
                    help="number of samples for fid/clip/align (under torchrun write --num-samples: torchrun's own "
                         "parser takes --n for an abbreviation of its options)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--sampler", default="ddim", help="ddim | dpmpp-2m | heun")
-    g.add_argument("--steps", type=int, default=250)
-    g.add_argument("--spacing", default=None, help="timestep spacing: trailing | leading | linspace "
-                                                  "(default: the sampler's, as condiff sample)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    g.add_argument("--guidance", type=float, default=1.5,
-                   help="lambda of Eq. 2 (semantic guidance) at the model's base resolution (Eq. 4 elsewhere)")
-    g.add_argument("--guidance-resolution", type=float, default=None, metavar="PX",
-                   help="resolution --guidance is tuned at (default: the model's base resolution)")
-    g.add_argument("--control-guidance", type=float, default=1.0, help="beta of Eq. 2 (control guidance)")
-    g.add_argument("--size-cond", default="auto",
-                   help="auto (train-dist if the checkpoint stores sizes, else output) | train-dist | output | fixed:H[xW]")
-    g.add_argument("--resolution", type=int, default=None, help="output pixels (default: training resolution)")
-    g.add_argument("--no-guidance-law", action="store_true", help="keep lambda at another resolution (no Eq. 4)")
-    g.add_argument("--rescale-schedule", action="store_true", help="Eq. 3 rescaling for the sampling resolution")
-    g.add_argument("--precision", default="fp32", help="fp32 | bf16 (autocast of the model forward)")
-    g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--prompts", default=None,
                    help="text file (one prompt per line), JSONL ('caption' or 'text' field), or shapes[:PRESET] "
                         "(the shapes class captions); for class models: class names used as captions")
-    g.add_argument("--raw-weights", action="store_true", help="use the online weights instead of the EMA")
-    g.add_argument("--autoencoder", default=None, metavar="DIR",
-                   help="local diffusers AutoencoderKL folder, replacing the checkpoint's (or supplying a missing one)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     f = p.add_argument_group("fid")
     f.add_argument("--ref-train", default=None, help="training shard set (brace/glob): FID_train")
@@ -108,10 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)  # --ckpt is required: parse_known_args still errors if absent
+    pre, _ = parser.parse_known_args(argv)
     if pre.preset:
         parser.set_defaults(**PRESETS[pre.preset])
     args = parser.parse_args(argv)
+    args.checkpoint = source_of(args, parser)
+    if not args.checkpoint:
+        parser.error("give the checkpoint or run directory to evaluate (RUN or --checkpoint)")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     bad = sorted(set(metrics) - set(METRICS))
     if bad or not metrics:
@@ -159,7 +148,7 @@ class Dist:
     """Rank / world size and the gathers the evaluation needs (no-ops in a single process)."""
 
     def __init__(self, device: str):
-        from condiff.train import distributed
+        from condiff import distributed
 
         self.info = distributed.init(device)
         self.rank, self.world, self.device = self.info.rank, self.info.world_size, self.info.device
@@ -184,7 +173,7 @@ class Dist:
         return out
 
     def shutdown(self):
-        from condiff.train import distributed
+        from condiff import distributed
 
         distributed.shutdown()
 
@@ -198,27 +187,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     from condiff.eval import align, fid, manifest
-    from condiff.eval.generate import Generator, SamplingSpec
-    from condiff.train.checkpoint import load_for_inference, resolve_checkpoint
+    from condiff.inference.generate import Generator
+    from condiff.inference.grid import save_grid
+    from condiff.inference.pipeline import Pipeline
 
     dist = Dist(args.device)
     t_start = time.time()
     try:
-        ckpt = resolve_checkpoint(args.ckpt)
-        inf = load_for_inference(ckpt, device=dist.device, use_ema=not args.raw_weights)
-        if args.autoencoder:  # as `condiff sample --autoencoder` (converted checkpoints store no VAE)
-            from condiff.data.autoencoder import build_autoencoder
-
-            inf.autoencoder = build_autoencoder({"kind": "diffusers", "path": args.autoencoder}).to(dist.device)
-            inf.meta["autoencoder"] = inf.autoencoder.config
-        spec = SamplingSpec(n=args.n, seed=args.seed, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
-                            eta=args.eta, guidance=args.guidance, control_guidance=args.control_guidance,
-                            size_cond=args.size_cond, resolution=args.resolution, guidance_law=not args.no_guidance_law,
-                            guidance_resolution=args.guidance_resolution,
-                            rescale_schedule=args.rescale_schedule, precision=args.precision,
-                            batch_size=args.batch_size)
+        inf = Pipeline.from_checkpoint(args.checkpoint, dist.device, "model" if args.raw_weights else "ema",
+                                       args.autoencoder)
+        ckpt = Path(inf.source)
+        spec = spec_of(args)
         prompts = load_prompts(args.prompts)
-        gen = Generator(inf, spec, prompts, device=dist.device)
+        text = inf.conditioning == "text"
+        gen = Generator(inf, spec, prompts if text else None, None if text else prompts, device=dist.device)
         out_dir = Path(args.out or ckpt / f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
         _log(dist, f"{ckpt} | {gen.conditioning}-conditioned at {gen.resolution} px | world {dist.world} | "
                    f"metrics {args.metrics}")
@@ -252,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         feats, clip_scores, align_flags, grid = [], [], [], []
         save_dir = Path(args.save_images) if args.save_images else None
         needs_samples = any(m in args.metrics for m in ("fid", "clip", "align"))
-        n_batches = gen.num_batches(dist.rank, dist.world) if needs_samples else 0
+        n_batches = gen.num_batches(dist.rank, dist.world, args.n) if needs_samples else 0
         t_gen = time.time()
-        for b, (idx, images) in enumerate(gen.batches(dist.rank, dist.world) if needs_samples else []):
+        for b, (idx, images) in enumerate(gen.batches(dist.rank, dist.world, args.n) if needs_samples else []):
             captions = [gen.caption(i) for i in idx]
             if extractor is not None:
                 feats.append((idx, extractor.features(images)))
@@ -297,28 +279,28 @@ def main(argv: list[str] | None = None) -> int:
 
         if dist.rank == 0:
             settings = {k: v for k, v in spec.to_dict().items()
-                        if k not in ("sampler", "steps", "guidance", "control_guidance", "size_cond", "n", "seed")}
-            settings.update(metrics=args.metrics, guidance_effective=gen.guidance, spacing=gen.spacing,
-                            guidance_resolution=gen.resolved["guidance_resolution"],
+                        if k not in ("sampler", "steps", "guidance", "control_guidance", "size_cond", "seed")}
+            settings.update(metrics=args.metrics, guidance_given=spec.guidance, spacing=gen.spacing,
+                            guidance_resolution=gen.resolved.guidance_resolution,
                             train_resolution=gen.train_resolution,
-                            weights=inf.meta.get("weights"),
+                            weights=inf.weights,
                             prompts=args.prompts, n_prompts=len(prompts) if prompts else None,
-                            autoencoder=inf.meta.get("autoencoder"),
+                            autoencoder=inf.meta.autoencoder,
                             features=extractor.name if extractor else None, clip=args.clip if clip_scorer else None,
                             ref_shards={k: v for k, v in (("train", args.ref_train), ("val", args.ref_val)) if v},
                             ref_n={k: r.n for k, r in (refs or {}).items()}, wall_s=round(time.time() - t_start, 2),
                             **lpips_settings)
             m = manifest.Manifest(
                 checkpoint=str(ckpt), checkpoint_hash=manifest.checkpoint_hash(ckpt), sampler=spec.sampler,
-                steps=spec.steps, guidance=spec.guidance, control_guidance=spec.control_guidance,
-                size_cond=gen.size_mode if gen.size_mode != "fixed" else spec.size_cond,
-                n=spec.n if needs_samples else 0, seed=spec.seed,
+                steps=spec.steps, guidance=gen.guidance, control_guidance=spec.control_guidance,
+                size_cond=str(gen.size_cond), n=args.n if needs_samples else 0, seed=spec.seed,
                 resolution=gen.resolution, metrics=metrics, reference={k: r.key for k, r in (refs or {}).items()},
                 settings=settings, world_size=dist.world, command=" ".join(["condiff eval", *argv]))
             manifest.save(m, out_dir)
             shown = sorted((p for part in grid_parts for p in part), key=lambda p: p[0])
             if shown:
-                manifest.save_grid(torch.stack([img for _, img in shown]), out_dir / "grid.png", nrow=nrow)
+                save_grid(torch.stack([img for _, img in shown]), out_dir / "grid.png", nrow=nrow,
+                          record={**gen.record(), "indices": [i for i, _ in shown]})
             _log(dist, "results: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
             _log(dist, f"wrote {out_dir / 'manifest.json'}, report.md{', grid.png' if shown else ''}")
     except (ValueError, FileNotFoundError) as e:  # bad input: one line naming what is wrong, exit status 2
@@ -332,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 def _save_pngs(save_dir: Path, idx: list[int], images: torch.Tensor) -> None:
     from PIL import Image
 
-    from condiff.eval.fid import to_uint8
+    from condiff.io.images import to_uint8
 
     save_dir.mkdir(parents=True, exist_ok=True)
     for i, u8 in zip(idx, to_uint8(images)):
@@ -343,7 +325,7 @@ def _lpips(args, gen, dist: Dist) -> tuple[float | None, dict, list]:
     """LPIPS size-diversity over args.lpips_prompts prompts, split across ranks (prompt i on rank i % W).
     Returns (mean on rank 0 else None, settings, [(order key, image)] of the first 4 prompts' size sweeps)."""
     from condiff.eval import lpips_size
-    from condiff.eval.generate import rank_indices
+    from condiff.inference.generate import rank_indices
 
     if not gen.has_control:
         raise ValueError("--metrics lpips measures size conditioning, but this model has no control conditioning")

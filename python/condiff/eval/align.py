@@ -45,7 +45,7 @@ import numpy as np
 from torch import Tensor
 
 from condiff.data import shapes
-from condiff.eval.fid import to_uint8
+from condiff.io.images import to_uint8
 
 METRICS = ("colour", "shape", "relation", "relation_given_found", "count", "overall")
 
@@ -264,14 +264,14 @@ def validate(preset: str = "default", resolution: int | None = 64, n: int = 400,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m condiff.eval.align [--preset P] [--resolution R|0] [--n N] [--seed S]`: one Markdown row
+    """`condiff align [--preset P] [--resolution R|0] [--n N] [--seed S]`: one Markdown row
     of `validate` (colour / shape / relation / overall per column; mirrored = relation_given_found)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m condiff.eval.align", description=validate.__doc__)
+    p = argparse.ArgumentParser(prog="condiff align", description=validate.__doc__)
     p.add_argument("--preset", default="default")
     p.add_argument("--resolution", type=int, default=64, help="0: the original sizes")
-    p.add_argument("--n", type=int, default=400)
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=400, help="rendered images")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     r = validate(a.preset, a.resolution or None, a.n, a.seed)

@@ -21,7 +21,6 @@ ImageNet FID, then clean-resized like the samples.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
@@ -37,10 +36,13 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from condiff.io.atomic import atomic_path, atomic_write_bytes
+from condiff.io.images import IMAGE_EXTS, to_uint8
+from condiff.io.shards import expand_shards
+
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_ENV = "CONDIFF_INCEPTION"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
 
 def default_cache_dir() -> Path:
@@ -53,17 +55,6 @@ def default_cache_dir() -> Path:
 # ----------------------------------------------------------------------------------------------------
 # Images -> extractor input
 # ----------------------------------------------------------------------------------------------------
-
-
-def to_uint8(images: Tensor | np.ndarray) -> np.ndarray:
-    """(B, 3, H, W) float in [-1, 1] or uint8 -> (B, H, W, 3) uint8 numpy (PNG quantisation)."""
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images: expected (B, 3, H, W) in [-1, 1] or uint8, got {tuple(images.shape)}")
-    if images.dtype != torch.uint8:
-        images = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
 
 
 @dataclass(frozen=True)
@@ -231,27 +222,6 @@ def fid_from_features(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
-def expand_shards(spec: str | Iterable[str]) -> list[str]:
-    """Brace lists (`data-{000..009}.tar`), globs and comma/space separated lists -> sorted existing files."""
-    import braceexpand
-
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    out: list[str] = []
-    for s in specs:
-        for part in s.replace(",", " ").split():
-            for p in braceexpand.braceexpand(part):
-                hits = sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else [p]
-                if not hits:
-                    raise FileNotFoundError(f"reference shards: pattern {p!r} matches no file")
-                for h in hits:
-                    if not os.path.isfile(h):
-                        raise FileNotFoundError(f"reference shards: {h} is not a file")
-                out += hits
-    if not out:
-        raise ValueError(f"reference shards: {spec!r} names no shard")
-    return sorted(set(out))
-
-
 def _file_sha256(path: str, memo: dict) -> str:
     """sha256 of a file's bytes, memoised by (absolute path, size, mtime_ns) so re-lookups are instant."""
     st = os.stat(path)
@@ -277,14 +247,8 @@ def reference_key(shards: list[str], extractor: FeatureExtractor, resolution: in
                "max_images": max_images, "crop": "adm-center"}
     h.update(json.dumps(setting, sort_keys=True).encode())
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(memo_path, json.dumps(memo, indent=0).encode())
+    atomic_write_bytes(memo_path, json.dumps(memo, indent=0).encode())
     return h.hexdigest()[:32]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
@@ -408,7 +372,7 @@ def reference_stats(shards: str | Iterable[str], extractor: FeatureExtractor, re
     Distributed: rank r reads shards r, r + W, ...; `gather(obj) -> list of every rank's obj` (all ranks)
     merges the moments; every rank returns the same statistics. `max_images` caps the count: per rank
     ceil(max_images / W) when distributed."""
-    files = expand_shards(shards)
+    files = sorted(expand_shards(shards))  # the key hashes the set, whatever order it was named in
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     key = reference_key(files, extractor, resolution, max_images, cache)
     path = cache / "fid_ref" / f"{key}.npz"
@@ -432,11 +396,10 @@ def reference_stats(shards: str | Iterable[str], extractor: FeatureExtractor, re
     ref = moments.stats(key)
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, mu=ref.mu, sigma=ref.sigma, n=ref.n,
-                 meta=json.dumps({"shards": files, "extractor": extractor.name, "resolution": resolution,
-                                  "skipped": stats.skipped}))
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, mu=ref.mu, sigma=ref.sigma, n=ref.n,
+                     meta=json.dumps({"shards": files, "extractor": extractor.name, "resolution": resolution,
+                                      "skipped": stats.skipped}))
     log(f"FID reference: {ref.n} images from {len(files)} shards ({stats.skipped} skipped) in "
         f"{time.time() - t0:.1f} s -> {path}")
     return ref

@@ -2,7 +2,7 @@
 
 Written by `save(manifest, out_dir)` as `manifest.json` (the record; `load` reads it back, and
 `load(save(m)) == m`) plus `report.md` (a human-readable Markdown table). The image grid of the first
-samples is written beside them by `save_grid` (`grid.png`).
+samples is written beside them by `condiff.inference.grid.save_grid` (`grid.png` + `grid.png.json`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from torch import Tensor
+
+from condiff.io.atomic import atomic_write_text
 
 LIBRARIES = ("condiff", "torch", "torchvision", "numpy", "clean-fid", "lpips", "transformers", "scipy", "pillow")
 
@@ -57,8 +58,8 @@ def checkpoint_hash(path: str | os.PathLike) -> str:
 
 @dataclass
 class Manifest:
-    """One evaluation run. Units: `resolution` in pixels; `guidance` is lambda and `control_guidance` is
-    beta of Eq. 2; `size_cond` is the inference-time size conditioning (e.g. "fixed:256", "train-dist")."""
+    """One evaluation run. Units: `resolution` in pixels; `guidance` is the lambda of Eq. 2 actually used
+    (after Eq. 4; what was given is in settings) and `control_guidance` is beta of Eq. 2; `size_cond` is the inference-time size conditioning (e.g. "fixed:256", "train-dist")."""
 
     checkpoint: str
     checkpoint_hash: str
@@ -119,9 +120,7 @@ def save(manifest: Manifest, out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("manifest.json", json.dumps(manifest.to_dict(), indent=2) + "\n"),
                        ("report.md", manifest.to_markdown())):
-        tmp = out / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text)
     return out / "manifest.json"
 
 
@@ -134,16 +133,3 @@ def load(path: str | os.PathLike) -> Manifest:
         return Manifest.from_dict(json.loads(p.read_text()))
     except json.JSONDecodeError as exn:
         raise ValueError(f"manifest {p}: not valid JSON ({exn})") from exn
-
-
-def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
-    """Save (B, 3, H, W) images in [-1, 1] (or uint8) as one PNG grid, `nrow` per row (default ~sqrt(B))."""
-    from torchvision.utils import save_image
-
-    if images.dtype == torch.uint8:
-        images = images.float() / 127.5 - 1.0
-    nrow = nrow or max(1, int(round(images.shape[0] ** 0.5)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image((images.float().cpu() + 1) / 2, path, nrow=nrow, padding=2)
-    return path

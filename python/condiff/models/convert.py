@@ -640,7 +640,7 @@ def to_diffusers(model: nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# CLI (cli-level: it may import the checkpoint writer of condiff.train, lazily)
+# CLI (interop layer, condiff.layers: it writes checkpoints through condiff.io)
 # ---------------------------------------------------------------------------------------------------------------
 
 # The DDPM schedule each source was trained with (condiff.diffusion.Schedule fields); SD3 is a rectified-flow
@@ -683,15 +683,14 @@ def read_diffusers_dir(path: str | Path) -> tuple[str, dict, dict[str, Tensor]]:
 
 def _write_condiff(out: Path, model: nn.Module, source: str, schedule: dict | None) -> Path:
     from condiff.diffusion import Schedule
-    from condiff.train.checkpoint import save_checkpoint
+    from condiff.io.checkpoint import CheckpointMeta, save_checkpoint
 
     sched = Schedule(**schedule) if schedule else Schedule()
     note = ("DDPM schedule of the source" if schedule else
             "the source is not a DDPM model (rectified flow); the stored schedule is condiff's default")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    meta = dict(model=model.config, schedule=sched.to_dict(), text_encoder=None, autoencoder=None,
-                base_size=model.config.get("base_size"), train_sizes=[], data_position=None, config=None,
-                transfer=None, converted_from=dict(source=source, schedule_note=note))
+    meta = CheckpointMeta(model=model.config, schedule=sched.to_dict(), base_size=model.config.get("base_size"),
+                          converted_from=dict(source=source, schedule_note=note))
     return save_checkpoint(out, 0, model_state=state, ema_state=state, meta=meta)
 
 
@@ -728,20 +727,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="run directory to write (step_00000000/ inside)")
     p.add_argument("--keep-sigma", action="store_true", help="keep the learned-sigma channels (learn_sigma=True)")
     p.add_argument("--num-heads", type=int, default=None, help="heads, if the width is not one of DiT's configs")
-    p.add_argument("--no-ema", action="store_true", help="training checkpoints: load 'model' instead of 'ema'")
+    p.add_argument("--raw-weights", action="store_true", help="training checkpoints: load 'model' instead of 'ema'")
+    p.add_argument("--no-ema", dest="raw_weights", action="store_true", help=argparse.SUPPRESS)  # old spelling
     p = sub.add_parser("from-diffusers", help="diffusers model directory -> condiff checkpoint")
     p.add_argument("model_dir", type=Path)
     p.add_argument("out", type=Path, help="run directory to write (step_00000000/ inside)")
     p = sub.add_parser("to-diffusers", help="condiff checkpoint (or run directory) -> diffusers model directory")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("out", type=Path, help="directory to write (config.json + diffusion_pytorch_model.safetensors)")
-    p.add_argument("--raw", action="store_true", help="convert the raw weights instead of the EMA weights")
+    p.add_argument("--raw-weights", action="store_true", help="convert the raw weights instead of the EMA weights")
+    p.add_argument("--raw", dest="raw_weights", action="store_true", help=argparse.SUPPRESS)  # old spelling
     args = parser.parse_args(argv)
     from condiff.models import create
 
     try:
         if args.command == "dit-original":
-            model = load_facebook_dit(args.checkpoint, args.keep_sigma, args.num_heads, use_ema=not args.no_ema)
+            model = load_facebook_dit(args.checkpoint, args.keep_sigma, args.num_heads, use_ema=not args.raw_weights)
             ckpt = _write_condiff(args.out, model, "facebookresearch/DiT", SOURCE_SCHEDULES["facebookresearch/DiT"])
         elif args.command == "from-diffusers":
             class_name, cfg, state = read_diffusers_dir(args.model_dir)
@@ -750,12 +751,9 @@ def main(argv: list[str] | None = None) -> int:
             model.load_state_dict(sd)
             ckpt = _write_condiff(args.out, model, class_name, SOURCE_SCHEDULES.get(class_name))
         else:
-            from condiff.train.checkpoint import build_model_from_meta, load_weights, read_meta, resolve_checkpoint
+            from condiff.io.checkpoint import load_model, resolve_checkpoint
 
-            src = resolve_checkpoint(args.checkpoint)
-            model = build_model_from_meta(read_meta(src))
-            which = "model" if args.raw or not (src / "ema.safetensors").is_file() else "ema"
-            model.load_state_dict(load_weights(src, which))
+            model = load_model(resolve_checkpoint(args.checkpoint), "model" if args.raw_weights else "ema")[0]
             class_name, cfg, state = condiff_to_diffusers(model)
             ckpt = _write_diffusers_dir(args.out, class_name, cfg, state)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:

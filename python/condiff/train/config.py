@@ -103,7 +103,10 @@ class LogConfig:
     sample_prompts: list = field(default_factory=list)  # text-cond grid prompts
     sample_labels: list = field(default_factory=list)  # class-cond grid labels
     sample_steps: int = 25  # DDIM steps for grids
-    sample_guidance: float = 3.0  # classifier-free guidance scale lambda for grids (Eq. 2)
+    sample_guidance: float = 3.0  # lambda of Eq. 2 for grids, at the model's base resolution (Eq. 4 elsewhere),
+    # exactly as `condiff sample --guidance`
+    sample_size_cond: str = "auto"  # size conditioning of grids, `condiff sample --size-cond` syntax (Table 2b):
+    # auto | train-dist | output | fixed:H[xW] | uniform:LO-HI
     sample_per_prompt: int = 4  # images per prompt / label in a grid
 
 
@@ -129,7 +132,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     max_nonfinite: int = 20  # stop after this many consecutive non-finite steps
-    init_from: str = ""  # checkpoint (or run dir) to initialise from (condiff.transfer; its schedule, rescaled)
+    init_from: str = ""  # checkpoint (or run dir) to initialise from (condiff.train.transfer; its schedule, rescaled)
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu) | "cpu" | "cuda"
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -24,7 +24,7 @@ from condiff.train.config import DataConfig
 
 def dataset_info(shards: str) -> dict:
     """`dataset.json` written by `condiff make-shards` next to the shards ({} when absent)."""
-    from condiff.data.loader import expand_shards
+    from condiff.io.shards import expand_shards
 
     try:
         first = Path(expand_shards(shards)[0])

@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from condiff.conditioning.cond import Cond
-from condiff.train import checkpoint as ckpt
+from condiff.inference.grid import save_grid
+from condiff.io import checkpoint as ckpt
 from condiff.train import distributed as D
 from condiff.train.config import TrainConfig, dump_config
 from condiff.train.data import TrainStream, dataset_info, merge_positions
@@ -179,19 +180,19 @@ class Trainer:
         self.data = TrainStream(cfg.data, conditioning=cfg.model.conditioning, batch_size=self.micro_batch,
                                 rank=self.info.rank, world_size=world, seed=cfg.seed, num_classes=self.num_classes,
                                 null_text=self._null_text())
-        if meta is not None and meta.get("data_position"):
-            self.data.load_state_dict(meta["data_position"])
-        self.train_sizes: list[list[int]] = list(meta.get("train_sizes", [])) if meta else []
+        if meta is not None and meta.data_position:
+            self.data.load_state_dict(meta.data_position)
+        self.train_sizes: list[list[int]] = list(meta.train_sizes) if meta else []
         self.transfer_info: dict[str, Any] | None = None
 
         if meta is not None:  # resume: the architecture and schedule are the checkpoint's
             self.model = ckpt.build_model_from_meta(meta)
             from condiff.diffusion import Schedule
 
-            self.schedule = Schedule.from_dict(meta["schedule"])
-            self.transfer_info = meta.get("transfer")
+            self.schedule = Schedule.from_dict(meta.schedule)
+            self.transfer_info = meta.transfer
         elif cfg.init_from:
-            from condiff.transfer import transfer_init
+            from condiff.train.transfer import transfer_init
 
             kwargs = model_kwargs(cfg, self.num_classes)
             self.model, self.schedule, self.transfer_info = transfer_init(cfg, kwargs, log=self.log_text)
@@ -252,8 +253,8 @@ class Trainer:
         elif rng is not None:
             self.log_text(f"resume: checkpoint has RNG states for {len(rng)} ranks, this run has "
                           f"{self.info.world_size}: RNG streams restart from the seed (not bit-exact)")
-        self.step = int(meta["step"])
-        counters = meta.get("counters", {})
+        self.step = int(meta.step)
+        counters = meta.counters
         self.nonfinite_total = int(counters.get("nonfinite_total", 0))
         self.images_seen = int(counters.get("images_seen", 0))
         self.log_text(f"resumed from {path} at step {self.step}")
@@ -270,19 +271,13 @@ class Trainer:
         positions = merge_positions(D.all_gather_object(self.data.state_dict()))
         path = None
         if self.info.is_main:
-            meta = {
-                "model": self.model_config,
-                "schedule": self.schedule.to_dict(),
-                "text_encoder": getattr(self.text_encoder, "config", None),
-                "autoencoder": self.autoencoder.config,
-                "base_size": getattr(self.model, "base_size", None),
-                "train_sizes": ckpt.cap_sizes(self.train_sizes),
-                "data_position": positions,
-                "world_size": self.info.world_size,
-                "config": self.cfg.to_dict(),
-                "transfer": self.transfer_info,
-                "counters": {"nonfinite_total": self.nonfinite_total, "images_seen": self.images_seen},
-            }
+            meta = ckpt.CheckpointMeta(
+                model=self.model_config, schedule=self.schedule.to_dict(),
+                text_encoder=getattr(self.text_encoder, "config", None), autoencoder=self.autoencoder.config,
+                base_size=getattr(self.model, "base_size", None), train_sizes=ckpt.cap_sizes(self.train_sizes),
+                data_position=positions, world_size=self.info.world_size, config=self.cfg.to_dict(),
+                transfer=self.transfer_info,
+                counters={"nonfinite_total": self.nonfinite_total, "images_seen": self.images_seen})
             keep = self.cfg.keep_last if self.cfg.keep_last > 0 else None
             path = ckpt.save_checkpoint(self.run_dir, self.step, model_state=model_state, ema_state=ema_state,
                                         meta=meta, optim_state=optim_state, rng_state=rng, keep_last=keep)
@@ -434,78 +429,28 @@ class Trainer:
             model = create(**self.model_config)
         model.load_state_dict(ema_state)
         model.to(self.device).eval()
-        text_encoder = self.text_encoder
-        images = sample_images(model, self.schedule, self.cfg, text_encoder=text_encoder, autoencoder=self.autoencoder,
-                               train_sizes=self.train_sizes, num_classes=self.num_classes, device=self.device)
-        save_grid(images, path, nrow=self.cfg.log.sample_per_prompt)
-        return path
+        gen = preview_generator(model, self.schedule, self.cfg, text_encoder=self.text_encoder,
+                                autoencoder=self.autoencoder, train_sizes=self.train_sizes, device=self.device)
+        return save_grid(gen.generate(), path, nrow=self.cfg.log.sample_per_prompt, min_cell=64,
+                         record={**gen.record(), "step": self.step})
 
 
-def _condition_rows(cfg: TrainConfig, text_encoder: Any, n_per: int, train_sizes: list, num_classes: int,
-                    device) -> tuple[Cond, Cond]:
-    """(cond, null cond) for the grid: each prompt / label repeated n_per times; control metadata =
-    a full-image view of the most common training size (Tab. 2b: condition on the training sizes)."""
-    if cfg.model.conditioning == "text":
-        prompts = [p for p in cfg.log.sample_prompts for _ in range(n_per)]
-        enc = text_encoder.encode(prompts)
-        null = text_encoder.encode([""] * len(prompts))
-        cond = Cond(text=enc.states, text_lengths=enc.lengths, pooled=getattr(enc, "pooled", None))
-        null_cond = Cond(text=null.states, text_lengths=null.lengths, pooled=getattr(null, "pooled", None))
-    else:
-        labels = torch.tensor([int(l) for l in cfg.log.sample_labels for _ in range(n_per)])
-        cond = Cond(labels=labels)
-        null_cond = Cond(labels=torch.full_like(labels, num_classes))
-    b = cond.batch_size
-    if train_sizes:
-        sizes = torch.tensor(train_sizes, dtype=torch.float32)
-        h, w = torch.median(sizes[:, 0]).item(), torch.median(sizes[:, 1]).item()
-    else:
-        h = w = float(cfg.data.resolution)
-    side = min(h, w)
-    control_h = torch.tensor([[(h - side) / 2, (w - side) / 2, side, side, 1.0, 0.0]]).repeat(b, 1)
-    control_l = torch.tensor([[h, w]]).repeat(b, 1)
-    for c in (cond, null_cond):
-        c.control_h, c.control_l = control_h, control_l
-    return cond.to(device), null_cond.to(device)
+def preview_generator(model: nn.Module, schedule: Any, cfg: TrainConfig, *, text_encoder=None, autoencoder=None,
+                      train_sizes=(), device="cpu", seed: int = 1234):
+    """The `condiff.inference.generate.Generator` of a training grid: rows = prompts (or labels) x
+    sample_per_prompt, DDIM over log.sample_steps, lambda = log.sample_guidance and size conditioning
+    log.sample_size_cond read exactly as `condiff sample` reads --guidance and --size-cond."""
+    from condiff.inference.generate import Generator
+    from condiff.inference.pipeline import Pipeline
+    from condiff.inference.spec import SamplingSpec
 
-
-@torch.no_grad()
-def sample_images(model: nn.Module, schedule: Any, cfg: TrainConfig, *, text_encoder=None, autoencoder=None,
-                  train_sizes=(), num_classes: int = 0, device="cpu", seed: int = 1234) -> Tensor:
-    """DDIM + classifier-free guidance (Eq. 2 with beta = 1: lam * eps(c,s) + (1 - lam) * eps(0,0)).
-    Returns images (N, 3, H, W) in [-1, 1]; N = prompts (or labels) x sample_per_prompt."""
-    from condiff.diffusion.guidance import ControlGuidance
-    from condiff.diffusion.sampling import ddim, spaced_timesteps
-
-    n_per = cfg.log.sample_per_prompt
-    cond, null_cond = _condition_rows(cfg, text_encoder, n_per, list(train_sizes), num_classes, device)
-    b = cond.batch_size
-    gen = torch.Generator().manual_seed(seed)
-    channels = int(model.config.get("in_channels", 3))
-    res = cfg.data.resolution // int(getattr(autoencoder, "downsample", 1))
-    x_T = torch.randn(b, channels, res, res, generator=gen).to(device)
-    model_fn = ControlGuidance(model, null_cond, lam=cfg.log.sample_guidance, beta=1.0)
-    ts = spaced_timesteps(cfg.log.sample_steps, schedule.num_timesteps)
-    x0 = ddim(model_fn, x_T, ts, cond, schedule=schedule)  # deterministic (eta = 0)
-    if autoencoder is not None:
-        x0 = autoencoder.decode(x0)  # identity for pixel-space models
-    return x0.clamp(-1, 1).cpu()
-
-
-def save_grid(images: Tensor, path: Path, nrow: int, upscale: int = 0) -> None:
-    """Save (N, 3, H, W) in [-1, 1] as a PNG grid with `nrow` images per row (nearest upscaling of
-    tiny images to >= 64 px per cell so they are visible)."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h = images.shape[-1]
-    factor = upscale or max(1, 64 // h)
-    if factor > 1:
-        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
-    grid = make_grid((images + 1) / 2, nrow=nrow, padding=2, pad_value=0.5)
-    arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(arr).save(path)
+    items = cfg.log.sample_prompts if cfg.model.conditioning == "text" else [int(x) for x in cfg.log.sample_labels]
+    rows = [x for x in items for _ in range(cfg.log.sample_per_prompt)]
+    meta = ckpt.CheckpointMeta(model=dict(model.config), schedule=schedule.to_dict(), train_sizes=list(train_sizes))
+    pipe = Pipeline(model, schedule, text_encoder, autoencoder, meta, source="training preview", weights="ema")
+    spec = SamplingSpec(seed=seed, sampler="ddim", steps=cfg.log.sample_steps, guidance=cfg.log.sample_guidance,
+                        size_cond=cfg.log.sample_size_cond, batch_size=max(1, len(rows)))
+    return Generator(pipe, spec, rows, device=device)
 
 
 class MetricsLogger:

@@ -71,19 +71,22 @@ def captioned_grid(images: torch.Tensor, captions: list[str], per_row: int, path
     labelled with its caption on the left."""
     from PIL import Image, ImageDraw
 
+    from condiff.io.atomic import atomic_path
+    from condiff.io.images import to_uint8
+
     n_rows = len(captions)
     label_w = 320
     grid = Image.new("RGB", (label_w + per_row * (cell + 4), n_rows * (cell + 4)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    u8 = to_uint8(images)  # (N, h, w, 3)
     for r, caption in enumerate(captions):
         y = r * (cell + 4)
         draw.text((6, y + cell // 2 - 6), caption, fill=(0, 0, 0))
         for c in range(per_row):
             tile = Image.fromarray(u8[r * per_row + c]).resize((cell, cell), Image.NEAREST)
             grid.paste(tile, (label_w + c * (cell + 4), y + 2))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        grid.save(tmp, format="PNG")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from condiff.data.make_shards import write_shapes
     from condiff.train.config import load_config
-    from condiff.train.loop import Trainer, plot_loss_curve, sample_images
+    from condiff.train.loop import Trainer, plot_loss_curve, preview_generator
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -141,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     model = create(**trainer.model_config)
     model.load_state_dict(trainer.ema.state_dict(trainer.model))
     model.eval()
-    images = sample_images(model, trainer.schedule, cfg, text_encoder=trainer.text_encoder,
-                           autoencoder=trainer.autoencoder, train_sizes=trainer.train_sizes, seed=args.seed + 1)
+    gen = preview_generator(model, trainer.schedule, cfg, text_encoder=trainer.text_encoder,
+                            autoencoder=trainer.autoencoder, train_sizes=trainer.train_sizes, seed=args.seed + 1)
+    images = gen.generate()
     captions = [c for c in prompts for _ in range(args.per_prompt)]
     captioned_grid(images, prompts, args.per_prompt, out / "samples.png")
     plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "alignment": scores,
         "alignment_of_real_images": real_scores,
         "prompts": prompts,
-        "sampler": {"name": "ddim", "steps": cfg.log.sample_steps, "guidance": cfg.log.sample_guidance},
+        "sampler": gen.record(),
         "files": {"grid": str(out / "samples.png"), "loss_curve": str(out / "loss.png"),
                   "checkpoint": str(out / "latest")},
     }

@@ -14,19 +14,21 @@ Layout of a run directory::
 Atomicity (a process killed at any instant never leaves `latest` pointing to a broken checkpoint):
   1. every file is written into a hidden temporary directory `.tmp-step_XXXXXXXX-<pid>/` and fsync'ed;
   2. the temporary directory is renamed to `step_XXXXXXXX/` (a POSIX rename is atomic);
-  3. `latest` is rewritten through `latest.tmp` + fsync + `os.replace` (atomic too);
+  3. `latest` is rewritten through a temporary file + fsync + `os.replace` (`condiff.io.atomic`);
   4. the run directory is fsync'ed after each rename so the renames survive a power loss.
 A kill before (2) leaves only a `.tmp-*` directory, which readers ignore and the next save removes;
 a kill between (2) and (3) leaves `latest` on the previous complete checkpoint. `meta.json` is written
 last inside the temporary directory, so a directory with a `meta.json` is complete.
 
-meta.json keys (all JSON):
+meta.json is `CheckpointMeta.to_dict()`; its keys (all JSON):
   step, model (the `model.config` dict: `create(**model)` rebuilds the architecture), schedule
   (`Schedule.to_dict()`, with any Eq. 3 rescaling), text_encoder (its `.config` or null), autoencoder
   (its config or null: null = pixel-space model), base_size (App. C positional grid anchor),
   train_sizes (list of [h, w] original image sizes seen in training, capped; sampling draws size
   conditions from it, Tab. 2b), data_position (per-rank position in the data stream), config (the
-  resolved training config), transfer (what `init_from` changed, if anything), format (version).
+  resolved training config), transfer (what `init_from` changed, if anything), format (version),
+  world_size, counters, converted_from (`condiff convert`: the source format). Keys written by other
+  versions are kept in `CheckpointMeta.extra` and written back unchanged.
 
 Loading never unpickles arbitrary code: weights come from safetensors and the `.pt` files are read
 with `torch.load(weights_only=True)` (tensors, numbers, strings, lists and dicts only).
@@ -37,13 +39,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from condiff.io.atomic import atomic_write_text, fsync_dir, fsync_file
 
 FORMAT_VERSION = 1
 PREFIX = "step_"
@@ -52,36 +56,46 @@ TMP_PREFIX = ".tmp-"
 TRAIN_SIZES_CAP = 4096  # at most this many [h, w] pairs are stored in meta.json
 
 
+@dataclass
+class CheckpointMeta:
+    """The typed content of meta.json (the one place its keys are defined)."""
+
+    model: dict[str, Any] | None = None  # `model.config`: `condiff.models.create(**model)` rebuilds it
+    schedule: dict[str, Any] | None = None  # `Schedule.to_dict()` (Eq. 3 rescaling included)
+    text_encoder: dict[str, Any] | None = None  # `TextEncoder.config`; None: class-conditional
+    autoencoder: dict[str, Any] | None = None  # autoencoder config; None: pixel space
+    base_size: int | None = None  # App. C positional-grid anchor
+    train_sizes: list[list[int]] = field(default_factory=list)  # [h, w] original sizes seen in training (capped)
+    data_position: Any = None  # merged `ShardLoader.state_dict()`
+    world_size: int = 1
+    config: dict[str, Any] | None = None  # the resolved `TrainConfig`
+    transfer: dict[str, Any] | None = None  # what `init_from` loaded / dropped / rescaled
+    counters: dict[str, Any] = field(default_factory=dict)
+    converted_from: dict[str, Any] | None = None  # `condiff convert`: source format and schedule note
+    step: int = 0
+    format: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "meta") -> "CheckpointMeta":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        for key in ("model", "schedule", "text_encoder", "autoencoder", "config", "transfer"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ValueError(f"{where}: {key!r} must be an object or null, got {type(d[key]).__name__}")
+        known = {k: v for k, v in d.items() if k in names}
+        if known.get("train_sizes") is None:
+            known.pop("train_sizes", None)
+        return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+
+
 def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _tensors_for_safetensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -109,7 +123,7 @@ def save_checkpoint(
     *,
     model_state: dict[str, Tensor],
     ema_state: dict[str, Tensor] | None,
-    meta: dict[str, Any],
+    meta: CheckpointMeta | dict[str, Any],
     optim_state: dict | None = None,
     rng_state: Any = None,
     keep_last: int | None = None,
@@ -117,8 +131,8 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step_XXXXXXXX` atomically into `run_dir` and point `latest` at it.
 
-    Called on ONE process (rank 0) with full (gathered) state dicts. `meta` must be JSON-serialisable;
-    `step` and `format` are added. `keep_last` deletes older complete checkpoints beyond the newest N
+    Called on ONE process (rank 0) with full (gathered) state dicts. `meta`: a `CheckpointMeta` (a dict is
+    read with `CheckpointMeta.from_dict`); `step` and `format` are set here. `keep_last` deletes older complete checkpoints beyond the newest N
     (None keeps all). `_fail_after` (tests only) raises right after writing the named file, to simulate
     a process killed mid-save. Returns the final checkpoint directory.
     """
@@ -132,7 +146,7 @@ def save_checkpoint(
     tmp.mkdir()
 
     def written(path: Path) -> None:
-        _fsync_file(path)
+        fsync_file(path)
         if _fail_after == path.name:
             raise RuntimeError(f"simulated failure after writing {path.name}")
 
@@ -147,13 +161,15 @@ def save_checkpoint(
     if rng_state is not None:
         torch.save(rng_state, tmp / "rng.pt")
         written(tmp / "rng.pt")
-    full_meta = {"format": FORMAT_VERSION, **meta, "step": int(step)}
+    if isinstance(meta, dict):
+        meta = CheckpointMeta.from_dict(meta)
+    full_meta = replace(meta, step=int(step), format=FORMAT_VERSION).to_dict()
     with open(tmp / "meta.json", "w") as f:
         json.dump(full_meta, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     written(tmp / "meta.json")
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
     if final.exists():  # re-saving the same step (e.g. final save after a periodic one): swap it out
         trash = run_dir / f"{TMP_PREFIX}old-{name}-{os.getpid()}"
@@ -162,10 +178,10 @@ def save_checkpoint(
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     if _fail_after == "rename":
         raise RuntimeError("simulated failure after the rename, before updating `latest`")
-    _write_text_atomic(run_dir / LATEST, name + "\n")
+    atomic_write_text(run_dir / LATEST, name + "\n")
 
     if keep_last is not None and keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
@@ -209,7 +225,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
 
 
-def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+def read_meta(ckpt_dir: str | os.PathLike) -> CheckpointMeta:
     path = Path(ckpt_dir) / "meta.json"
     try:
         with open(path) as f:
@@ -218,7 +234,7 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(meta, dict) or "step" not in meta:
         raise ValueError(f"{path}: expected a JSON object with a 'step' key")
-    return meta
+    return CheckpointMeta.from_dict(meta, where=str(path))
 
 
 def load_weights(ckpt_dir: str | os.PathLike, which: str = "ema", device: str | torch.device = "cpu") -> dict[str, Tensor]:
@@ -239,63 +255,28 @@ def load_pt(ckpt_dir: str | os.PathLike, name: str) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@dataclass
-class Inference:
-    """What sampling and evaluation need from a run. text_encoder / autoencoder are None for class-
-    conditional and pixel-space models respectively."""
-
-    model: torch.nn.Module
-    schedule: Any  # condiff.diffusion.Schedule
-    text_encoder: Any
-    autoencoder: Any
-    meta: dict[str, Any]
-
-
-def build_model_from_meta(meta: dict[str, Any]) -> torch.nn.Module:
+def build_model_from_meta(meta: CheckpointMeta, where: str = "meta.json") -> torch.nn.Module:
+    """The architecture meta.json describes (`condiff.models.create(**meta.model)`), randomly initialised."""
     from condiff.models import create
 
-    cfg = dict(meta["model"])
-    return create(**cfg)
+    if not meta.model:
+        raise ValueError(f"{where}: missing required key 'model'")
+    return create(**meta.model)
 
 
-def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True) -> Inference:
-    """Rebuild a trained model for sampling/evaluation from a checkpoint or run directory.
-
-    use_ema=True loads the EMA weights (the default for sampling); falls back to the raw weights only
-    if the checkpoint has no EMA file. The model is returned in eval mode on `device`.
-    """
-    from condiff.diffusion import Schedule
-
-    ckpt = resolve_checkpoint(path)
+def load_model(ckpt_dir: str | os.PathLike, which: str = "ema", device: str | torch.device = "cpu"
+               ) -> tuple[torch.nn.Module, CheckpointMeta, str]:
+    """(model with the checkpoint's weights, in eval mode on `device`, its meta, which weights were loaded).
+    which="ema" falls back to the raw weights when the checkpoint has no EMA file."""
+    ckpt = Path(ckpt_dir)
     meta = read_meta(ckpt)
-    for key in ("model", "schedule"):
-        if key not in meta:
-            raise ValueError(f"{ckpt / 'meta.json'}: missing required key {key!r}")
-    model = build_model_from_meta(meta)
-    which = "ema" if use_ema and (ckpt / "ema.safetensors").is_file() else "model"
-    state = load_weights(ckpt, which)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    model = build_model_from_meta(meta, str(ckpt / "meta.json"))
+    which = "ema" if which == "ema" and (ckpt / "ema.safetensors").is_file() else "model"
+    missing, unexpected = model.load_state_dict(load_weights(ckpt, which), strict=False)
     if missing or unexpected:
         raise ValueError(f"{ckpt / (which + '.safetensors')}: weights do not match the model in meta.json "
                          f"(missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]})")
-    model.to(device).eval().requires_grad_(False)
-    schedule = Schedule.from_dict(meta["schedule"])
-    text_encoder = None
-    if meta.get("text_encoder"):
-        from condiff.conditioning.text import build_text_encoder
-
-        text_encoder = build_text_encoder(meta["text_encoder"])
-        if hasattr(text_encoder, "to"):
-            text_encoder = text_encoder.to(device)
-    autoencoder = None
-    if meta.get("autoencoder"):
-        from condiff.data.autoencoder import build_autoencoder
-
-        autoencoder = build_autoencoder(meta["autoencoder"])
-        if hasattr(autoencoder, "to"):
-            autoencoder = autoencoder.to(device)
-    meta = dict(meta, weights=which, checkpoint=str(ckpt))
-    return Inference(model=model, schedule=schedule, text_encoder=text_encoder, autoencoder=autoencoder, meta=meta)
+    return model.to(device).eval().requires_grad_(False), meta, which
 
 
 def cap_sizes(sizes: list[list[int]], cap: int = TRAIN_SIZES_CAP) -> list[list[int]]:

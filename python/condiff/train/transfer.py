@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from condiff.train import checkpoint as ckpt
+from condiff.io import checkpoint as ckpt
 
 
 def match_state(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -60,14 +60,14 @@ def transfer_init(cfg, model_kwargs: dict[str, Any], log: Callable[[str], None] 
     src_dir = ckpt.resolve_checkpoint(cfg.init_from)
     src_meta = ckpt.read_meta(src_dir)
     for key in ("model", "schedule"):
-        if key not in src_meta:
+        if not getattr(src_meta, key):
             raise ValueError(f"init_from={cfg.init_from}: {src_dir / 'meta.json'} has no {key!r} entry")
-    src_cfg = src_meta.get("config") or {}
+    src_cfg = src_meta.config or {}
     src_res = (src_cfg.get("data") or {}).get("resolution")
     new_res = cfg.data.resolution
 
     kwargs = dict(model_kwargs)
-    base_size = src_meta.get("base_size")
+    base_size = src_meta.base_size
     if cfg.transfer.keep_base_size and base_size is not None and "base_size" not in cfg.model.kwargs:
         kwargs["base_size"] = base_size  # App. C: the grid keeps spanning [0, source grid size]
     model = create(cfg.model.name, conditioning=cfg.model.conditioning, **kwargs)
@@ -75,7 +75,7 @@ def transfer_init(cfg, model_kwargs: dict[str, Any], log: Callable[[str], None] 
     which = "ema" if cfg.transfer.use_ema and (src_dir / "ema.safetensors").is_file() else "model"
     report = load_matching(model, ckpt.load_weights(src_dir, which))
     n_src = len(report["loaded"]) + len(report["dropped"]) + len(report["mismatched"])
-    log(f"init_from {src_dir} ({which} weights, step {src_meta['step']}): loaded {len(report['loaded'])}/{n_src} "
+    log(f"init_from {src_dir} ({which} weights, step {src_meta.step}): loaded {len(report['loaded'])}/{n_src} "
         f"source tensors; new {len(report['new'])}: {_short(report['new'])}; dropped {len(report['dropped'])}: "
         f"{_short(report['dropped'])}; shape-mismatched {len(report['mismatched'])}: {_short(list(report['mismatched']))}")
     if cfg.transfer.strict_shapes and (report["mismatched"] or report["dropped"]):
@@ -85,25 +85,25 @@ def transfer_init(cfg, model_kwargs: dict[str, Any], log: Callable[[str], None] 
         raise ValueError(f"init_from={cfg.init_from}: no tensor of the source matches the new model "
                          f"({cfg.model.name}); is it the same backbone?")
 
-    schedule = Schedule.from_dict(src_meta["schedule"])
+    schedule = Schedule.from_dict(src_meta.schedule)
     rescaled = False
     if cfg.transfer.rescale_schedule and src_res and src_res != new_res:
         schedule = schedule.at_resolution(float(new_res), base_resolution=float(src_res))  # Eq. 3
         rescaled = True
         log(f"schedule rescaled for {src_res} -> {new_res} px (Eq. 3): sigma_max "
-            f"{Schedule.from_dict(src_meta['schedule']).sigma_max:.2f} -> {schedule.sigma_max:.2f}")
+            f"{Schedule.from_dict(src_meta.schedule).sigma_max:.2f} -> {schedule.sigma_max:.2f}")
     info = {
         "source": str(src_dir),
-        "source_step": int(src_meta["step"]),
+        "source_step": int(src_meta.step),
         "weights": which,
-        "source_model": src_meta["model"],
+        "source_model": src_meta.model,
         "resolution": [src_res, new_res],
         "base_size": getattr(model, "base_size", kwargs.get("base_size")),
         "source_base_size": base_size,
         "schedule_rescaled": rescaled,
-        "source_schedule": src_meta["schedule"],
+        "source_schedule": src_meta.schedule,
         "crop": [(src_cfg.get("data") or {}).get("crop"), cfg.data.crop],
-        "conditioning": [src_meta["model"].get("conditioning"), cfg.model.conditioning],
+        "conditioning": [src_meta.model.get("conditioning"), cfg.model.conditioning],
         **report,
     }
     return model, schedule, info

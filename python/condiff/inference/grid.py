@@ -1,0 +1,39 @@
+"""`save_grid`: the PNG grid every command writes (`condiff sample`, `condiff eval`'s grid.png, training
+previews, the demo), with an optional JSON record beside it (`<name>.png.json`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from condiff.io.atomic import atomic_path, atomic_write_text
+from condiff.io.images import to_uint8
+
+
+def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None, *, min_cell: int = 0,
+              record: dict[str, Any] | None = None) -> Path:
+    """(N, 3, H, W) in [-1, 1] (or uint8) -> one PNG grid, `nrow` images per row (default ~sqrt(N)),
+    2 px grey padding, each image nearest-upscaled by the integer factor min_cell // H when that is > 1 (tiny
+    previews stay visible). Written atomically; `record` (JSON-able) goes to `<path>.json`."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"save_grid: expected images (N, 3, H, W), got {tuple(images.shape)}")
+    images = images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float().cpu()
+    factor = max(1, min_cell // images.shape[-1])
+    if factor > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+    nrow = nrow or max(1, round(images.shape[0] ** 0.5))
+    grid = make_grid(images.clamp(-1, 1), nrow=nrow, padding=2, pad_value=0.0)  # (3, H', W'), grey padding
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(to_uint8(grid)).save(tmp, format="PNG")
+    if record is not None:
+        atomic_write_text(path.with_name(path.name + ".json"), json.dumps(record, indent=1))
+    return path

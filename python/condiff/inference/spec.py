@@ -1,0 +1,168 @@
+"""The sampling specification and the one place its defaults are resolved against a model.
+
+Guidance (Eq. 2 and Eq. 4): `guidance` is lambda at `guidance_resolution`, which defaults to the model's
+BASE resolution (`condiff.diffusion.guidance.guidance_base_resolution`: the schedule's Eq. 3 base, else
+the positional-grid anchor, else the training resolution). At any other output resolution the lambda
+actually used is Eq. 4's lambda'(s) = 1 + s (lambda - 1), s = output / guidance_resolution, unless
+`guidance_law` is False (then lambda is used as given). `Resolved.guidance` is the lambda actually used;
+every record (grid JSON, eval manifest) writes it.
+
+Size conditioning phi_l (Table 2b), one syntax for every command and config (`parse_size_cond`):
+  auto            train-dist when the checkpoint stores training sizes, else output (the default)
+  train-dist      drawn from the training sizes stored in the checkpoint
+  output          the output size
+  fixed:H[xW]     one size for every sample, e.g. fixed:512 or fixed:384x512
+  uniform:LO-HI   square sizes s ~ U([LO, HI]), e.g. uniform:512-1024 (Table 2b)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from condiff.diffusion.guidance import guidance_base_resolution, guidance_scale_for_resolution
+from condiff.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, SPACINGS, spaced_timesteps
+from condiff.diffusion.schedule import Schedule
+from condiff.diffusion.size_cond import size_distribution_from_meta
+
+SIZE_COND_SYNTAX = "auto | train-dist | output | fixed:H[xW] | uniform:LO-HI"
+PRECISIONS = ("fp32", "bf16")
+DEFAULT_GUIDANCE = 1.5  # lambda at the base resolution: the paper's FID setting at 256 px (App. B)
+
+
+@dataclass
+class SamplingSpec:
+    """Everything that shapes a generated image (recorded with every grid and manifest)."""
+
+    seed: int = 0
+    sampler: str = "ddim"
+    steps: int = 50
+    spacing: str | None = None  # None: the sampler's DEFAULT_SPACING
+    eta: float = 0.0  # DDIM only
+    guidance: float = DEFAULT_GUIDANCE  # lambda of Eq. 2 at `guidance_resolution`; 1 = no guidance
+    guidance_resolution: float | None = None  # pixels lambda is given at; None: the model's base resolution
+    guidance_law: bool = True  # Eq. 4 at an output resolution other than guidance_resolution
+    control_guidance: float = 1.0  # beta of Eq. 2; 1 = plain CFG
+    size_cond: str = "auto"  # SIZE_COND_SYNTAX
+    resolution: int | None = None  # output pixels (square); None: the training resolution
+    rescale_schedule: bool = False  # Eq. 3 for the sampling resolution (zero-shot resolution change)
+    batch_size: int = 16
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the model forward)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SizeCond:
+    """A parsed size-conditioning mode; `size` for fixed, `range` for uniform."""
+
+    mode: str  # auto | train-dist | output | fixed | uniform
+    size: tuple[float, float] | None = None
+    range: tuple[float, float] | None = None
+
+    def __str__(self) -> str:
+        if self.mode == "fixed":
+            h, w = self.size
+            return f"fixed:{h:g}" if h == w else f"fixed:{h:g}x{w:g}"
+        if self.mode == "uniform":
+            return f"uniform:{self.range[0]:g}-{self.range[1]:g}"
+        return self.mode
+
+
+def parse_size_cond(text: str, where: str = "size conditioning") -> SizeCond:
+    """Parse SIZE_COND_SYNTAX; a ValueError names `where` and the accepted forms."""
+    text = str(text).strip().lower()
+    if text in ("auto", "train-dist", "output"):
+        return SizeCond(text)
+    kind, _, arg = text.partition(":")
+    try:
+        if kind == "fixed":
+            vals = [float(v) for v in arg.split("x")]
+            if len(vals) in (1, 2) and all(v > 0 for v in vals):
+                return SizeCond("fixed", size=(vals[0], vals[-1]))
+        elif kind == "uniform":
+            lo, hi = (float(v) for v in arg.split("-"))
+            if 0 < lo <= hi:
+                return SizeCond("uniform", range=(lo, hi))
+    except ValueError:
+        pass
+    raise ValueError(f"{where} {text!r}: expected {SIZE_COND_SYNTAX} (e.g. fixed:512, fixed:384x512, uniform:512-1024)")
+
+
+@dataclass
+class Resolved:
+    """A spec resolved against one pipeline: what sampling actually runs."""
+
+    channels: int
+    ae_factor: int
+    train_resolution: int
+    resolution: int
+    latent_size: int
+    guidance_given: float  # the spec's lambda, at guidance_resolution
+    guidance_resolution: float
+    guidance_scale_s: float  # s of Eq. 4
+    guidance: float  # the lambda actually used (Eq. 4 applied)
+    schedule: Schedule
+    spacing: str
+    timesteps: torch.Tensor  # (steps,) strictly decreasing
+    size_cond: SizeCond  # never "auto"
+    size_distribution: list[list[float]] | None  # for train-dist
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-able record (the schedule as its dict, timesteps as a list)."""
+        out = {k: v for k, v in vars(self).items() if k not in ("schedule", "timesteps", "size_cond", "size_distribution")}
+        return {**out, "size_cond": str(self.size_cond), "schedule": self.schedule.to_dict(),
+                "timesteps": self.timesteps.tolist()}
+
+
+def resolve(pipeline, spec: SamplingSpec) -> Resolved:
+    """Resolve `spec` against `pipeline` (`condiff.inference.pipeline.Pipeline`); every bad value raises a
+    ValueError naming the setting."""
+    cfg = pipeline.model.config
+    factor = pipeline.ae_factor
+    channels = int(cfg.get("in_channels", 3))
+    if pipeline.autoencoder is None and channels != 3:
+        raise ValueError(f"the model has {channels} input channels but no autoencoder to decode them "
+                         "(meta.json 'autoencoder' is null, e.g. a converted checkpoint): give --autoencoder DIR "
+                         "(a local diffusers AutoencoderKL folder)")
+    train_res = int(cfg.get("input_size", 32)) * factor
+    res = int(spec.resolution or train_res)
+    if res <= 0 or res % factor:
+        raise ValueError(f"--resolution {res}: must be a positive multiple of the autoencoder factor {factor}")
+    patch = int(cfg.get("patch_size", 1))
+    if (res // factor) % patch:
+        raise ValueError(f"--resolution {res}: the latent size {res // factor} must be a multiple of the "
+                         f"patch size {patch}")
+    if spec.sampler not in SAMPLERS:
+        raise ValueError(f"--sampler {spec.sampler!r}: choose one of {sorted(SAMPLERS)}")
+    if spec.spacing is not None and spec.spacing not in SPACINGS:
+        raise ValueError(f"--spacing {spec.spacing!r}: choose one of {SPACINGS}")
+    if spec.eta and spec.sampler != "ddim":
+        raise ValueError(f"--eta applies to ddim only (sampler {spec.sampler!r} is deterministic)")
+    if spec.precision not in PRECISIONS:
+        raise ValueError(f"--precision {spec.precision!r}: expected one of {PRECISIONS}")
+    if spec.steps < 1 or spec.batch_size < 1:
+        raise ValueError("--steps and --batch-size must be >= 1")
+    guidance_res = float(spec.guidance_resolution or guidance_base_resolution(pipeline.schedule.config, cfg, factor))
+    if not guidance_res > 0:
+        raise ValueError(f"--guidance-resolution must be > 0, got {spec.guidance_resolution}")
+    s = res / guidance_res
+    lam = guidance_scale_for_resolution(spec.guidance, s) if (spec.guidance_law and s != 1) else float(spec.guidance)
+    schedule = pipeline.schedule
+    if spec.rescale_schedule and res != train_res:
+        schedule = schedule.at_resolution(res, base_resolution=None if schedule.config.base_resolution else train_res)
+    spacing = spec.spacing or DEFAULT_SPACING[spec.sampler]
+    sizes = size_distribution_from_meta(pipeline.meta.to_dict())
+    size_cond = parse_size_cond(spec.size_cond, "--size-cond")
+    if size_cond.mode == "auto":
+        size_cond = SizeCond("train-dist" if sizes else "output")
+    if size_cond.mode == "train-dist" and not sizes:
+        raise ValueError("--size-cond train-dist: the checkpoint stores no training sizes (meta.json 'train_sizes')")
+    return Resolved(channels=channels, ae_factor=factor, train_resolution=train_res, resolution=res,
+                    latent_size=res // factor, guidance_given=float(spec.guidance), guidance_resolution=guidance_res,
+                    guidance_scale_s=s, guidance=lam, schedule=schedule, spacing=spacing,
+                    timesteps=spaced_timesteps(spec.steps, schedule.num_timesteps, spacing), size_cond=size_cond,
+                    size_distribution=sizes if size_cond.mode == "train-dist" else None)
