@@ -384,7 +384,7 @@ def test_cli_diffusers_directory_round_trip(tmp_path):
 def test_unet_matches_diffusers_unet2dcondition_both_ways():
     """Our SDXL-style UNet IS diffusers' UNet2DConditionModel (SDXL block types, linear projections, GEGLU,
     projection class embedding for the pooled vector): identical outputs both ways, exact round trip."""
-    ours = create("unet-sdxl", "text", model_channels=32, head_channels=16, context_dim=24, adm_dim=20,
+    ours = create("unet-sdxl", "text", model_channels=32, head_channels=16, text_dim=24, pooled_dim=20,
                   norm_groups=8, control="none")  # the paper's text layout (3 levels, depths 0/3/3 + 3), narrow
     _randomize(ours)
     ours.eval()

@@ -118,9 +118,8 @@ def measure(name: str, conditioning: str, resolutions=RESOLUTIONS, build: Callab
             model: nn.Module | None = None) -> tuple[int, dict[int, int]]:
     """Count `name` (built on the meta device unless `model` is given) -> (trainable params, {resolution: FLOPs})."""
     model = build_meta(name, conditioning, build) if model is None else model
-    cfg = model.config  # text widths: transformers' text_dim / pooled_dim, the UNet's context_dim / adm_dim
-    dims = dict(text_dim=cfg.get("text_dim", cfg.get("context_dim", TEXT_DIM)),
-                pooled_dim=cfg.get("pooled_dim", cfg.get("adm_dim", POOLED_DIM)))
+    cfg = model.config  # every family names its text widths text_dim / pooled_dim
+    dims = dict(text_dim=cfg.get("text_dim", TEXT_DIM), pooled_dim=cfg.get("pooled_dim", POOLED_DIM))
     flops = {r: count_flops(model, *example_inputs(conditioning, r, **dims)) for r in resolutions}
     return count_params(model), flops
 

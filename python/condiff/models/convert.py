@@ -537,7 +537,7 @@ def _unet_from_diffusers(cfg: dict, sd: dict[str, Tensor]) -> tuple[str, str, di
     kwargs = dict(in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], model_channels=ch,
                   channel_mult=[w // ch for w in widths], num_res_blocks=cfg["layers_per_block"],
                   transformer_depth=depth, transformer_depth_middle=depth_cfg[-1], head_channels=head_ch.pop(),
-                  context_dim=cfg["cross_attention_dim"], adm_dim=cfg["projection_class_embeddings_input_dim"],
+                  text_dim=cfg["cross_attention_dim"], pooled_dim=cfg["projection_class_embeddings_input_dim"],
                   norm_groups=cfg["norm_num_groups"], control="none", text_padding="zero",
                   input_size=cfg.get("sample_size") or 32)
     return "unet-sdxl", "text", kwargs, ours
@@ -557,8 +557,8 @@ def _unet_to_diffusers(model: nn.Module) -> tuple[str, dict, dict[str, Tensor]]:
                down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth],
                up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depth)],
                transformer_layers_per_block=[d or c["transformer_depth_middle"] for d in depth],
-               attention_head_dim=[w // c["head_channels"] for w in widths], cross_attention_dim=c["context_dim"],
-               projection_class_embeddings_input_dim=c["adm_dim"], norm_num_groups=c["norm_groups"])
+               attention_head_dim=[w // c["head_channels"] for w in widths], cross_attention_dim=c["text_dim"],
+               projection_class_embeddings_input_dim=c["pooled_dim"], norm_num_groups=c["norm_groups"])
     sd = invert_rules(_unet_rules(levels, c["num_res_blocks"], depth, c["transformer_depth_middle"]),
                       model.state_dict(), "UNet2DConditionModel")
     return "UNet2DConditionModel", cfg, sd
