@@ -30,7 +30,7 @@ Conditioning (our reading, documented because the paper gives only the parameter
 
 Faithfulness: with `control="none"` (text) the model computes exactly diffusers' `UNet2DConditionModel` built
 with SDXL's block types, linear projections and a "projection" class embedding of the pooled vector
-(`condiff.models.convert`, tests/test_convert.py checks outputs and a round trip of the weights).
+(`condiff.interop.diffusers_unet`, tests/test_convert.py checks outputs and a round trip of the weights).
 
 Zero-init (ADM/SDXL): the last conv of every ResBlock, the output projection of every SpatialTransformer and
 conv_out are zero, so an untrained model predicts exactly 0 and every block starts as the identity.
