@@ -14,7 +14,8 @@ from torch import nn
 
 from condiff.conditioning.cond import Cond
 from condiff.models import create
-from condiff.models import convert
+from condiff import interop
+from condiff.interop import cli as convert_cli
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -179,18 +180,18 @@ def test_facebook_dit_state_dict_loads_and_matches(tmp_path):
     expected = ref(x, t, y)  # (3, 8, 8, 8): eps | sigma
     path = tmp_path / "DiT-tiny.pt"
     torch.save(ref.state_dict(), path)
-    ours = convert.load_facebook_dit(path, num_heads=4)  # width 64 is none of DiT's configs: heads given
+    ours = interop.load_facebook_dit(path, num_heads=4)  # width 64 is none of DiT's configs: heads given
     assert ours.config["pos_grid"] == "arange" and ours.config["num_classes"] == 10
     assert ours.final_layer.linear.out_features == 2 * 2 * 4  # only the epsilon half is kept
     torch.testing.assert_close(ours(x, t, Cond(labels=y)), expected[:, :4], **TOL)
     # keep_sigma: same eps; the full 8-channel head is kept
-    full = convert.load_facebook_dit(ref.state_dict(), keep_sigma=True, num_heads=4)
+    full = interop.load_facebook_dit(ref.state_dict(), keep_sigma=True, num_heads=4)
     assert full.config["learn_sigma"] and full.final_layer.linear.out_features == 2 * 2 * 8
     torch.testing.assert_close(full(x, t, Cond(labels=y)), expected[:, :4], **TOL)
     # a training checkpoint {"model", "ema", ...}: the EMA weights are taken
     ema = {k: v + 1.0 if k.endswith("bias") else v for k, v in ref.state_dict().items()}
     torch.save({"model": ref.state_dict(), "ema": ema, "args": None}, tmp_path / "0100000.pt")
-    got = convert.load_facebook_dit(tmp_path / "0100000.pt", num_heads=4)
+    got = interop.load_facebook_dit(tmp_path / "0100000.pt", num_heads=4)
     assert torch.equal(got.blocks[0].attn.qkv.bias, ema["blocks.0.attn.qkv.bias"])
 
 
@@ -198,15 +199,15 @@ def test_facebook_dit_errors(tmp_path):
     ref = RefDiT()
     sd = ref.state_dict()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        convert.load_facebook_dit(tmp_path / "missing.pt")
+        interop.load_facebook_dit(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="not one of DiT's configs"):
-        convert.load_facebook_dit(sd)  # width 64 has no DiT head count
+        interop.load_facebook_dit(sd)  # width 64 has no DiT head count
     bad = dict(sd, pos_embed=sd["pos_embed"] * 2)
     with pytest.raises(ValueError, match="positional table differs"):
-        convert.load_facebook_dit(bad, num_heads=4)
+        interop.load_facebook_dit(bad, num_heads=4)
     extra = dict(sd, **{"blocks.0.attn.q_norm.weight": torch.ones(16)})
     with pytest.raises(KeyError, match="unexpected keys"):
-        convert.load_facebook_dit(extra, num_heads=4)
+        interop.load_facebook_dit(extra, num_heads=4)
 
 
 def test_cli_dit_original_writes_a_loadable_checkpoint(tmp_path):
@@ -215,12 +216,12 @@ def test_cli_dit_original_writes_a_loadable_checkpoint(tmp_path):
     ref = RefDiT()
     _randomize_ref(ref)
     torch.save(ref.state_dict(), tmp_path / "dit.pt")
-    assert convert.main(["dit-original", str(tmp_path / "dit.pt"), str(tmp_path / "run"), "--num-heads", "4"]) == 0
+    assert convert_cli.main(["dit-original", str(tmp_path / "dit.pt"), str(tmp_path / "run"), "--num-heads", "4"]) == 0
     inf = Pipeline.from_checkpoint(tmp_path / "run")
     assert inf.schedule.to_dict()["beta_schedule"] == "linear"
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5.0, 600.0]), torch.tensor([2, 3])
     torch.testing.assert_close(inf.model(x, t, Cond(labels=y)), ref(x, t, y)[:, :4], **TOL)
-    assert convert.main(["dit-original", str(tmp_path / "nope.pt"), str(tmp_path / "run2")]) == 1
+    assert convert_cli.main(["dit-original", str(tmp_path / "nope.pt"), str(tmp_path / "run2")]) == 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -244,18 +245,18 @@ def test_diffusers_dit_parity_and_round_trip():
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 870.0]), torch.tensor([4, 10])
     with torch.no_grad():
         expected = theirs(x, timestep=t, class_labels=y).sample
-        ours = convert.from_diffusers(theirs)
+        ours = interop.from_diffusers(theirs)
         assert ours.config["t_freq_shift"] == 1.0 and ours.config["pos_grid"] == "scaled"
         torch.testing.assert_close(ours(x, t, Cond(labels=y)), expected[:, :4], **TOL)
         x2 = torch.randn(1, 4, 12, 12)  # another size (diffusers DiT is square-only): positions re-gridded alike
         torch.testing.assert_close(ours(x2, t[:1], Cond(labels=y[:1])),
                                    theirs(x2, timestep=t[:1], class_labels=y[:1]).sample[:, :4], **TOL)
-        back = convert.to_diffusers(ours)  # 4 output channels (the sigma half was dropped)
+        back = interop.to_diffusers(ours)  # 4 output channels (the sigma half was dropped)
         torch.testing.assert_close(back(x, timestep=t, class_labels=y).sample, expected[:, :4], **TOL)
-        again = convert.from_diffusers(back)
+        again = interop.from_diffusers(back)
     _assert_same_state(again.state_dict(), ours.state_dict())
     four = _diffusers_dit(out_channels=4)  # without learned sigma the round trip is exact on their side too
-    _assert_same_state(convert.to_diffusers(convert.from_diffusers(four)).state_dict(), four.state_dict())
+    _assert_same_state(interop.to_diffusers(interop.from_diffusers(four)).state_dict(), four.state_dict())
 
 
 def test_diffusers_dit_norm_eps_deviation_is_small():
@@ -264,7 +265,7 @@ def test_diffusers_dit_norm_eps_deviation_is_small():
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 870.0]), torch.tensor([4, 1])
     with torch.no_grad():
         expected = theirs(x, timestep=t, class_labels=y).sample[:, :4]
-        got = convert.from_diffusers(theirs)(x, t, Cond(labels=y))
+        got = interop.from_diffusers(theirs)(x, t, Cond(labels=y))
     rel = ((got - expected).norm() / expected.norm()).item()
     assert 0 < rel < 1e-3
 
@@ -274,7 +275,7 @@ def test_diffusers_dit_untied_embedders_are_refused():
     with torch.no_grad():
         m.transformer_blocks[1].norm1.emb.class_embedder.embedding_table.weight.add_(1.0)
     with pytest.raises(ValueError, match="per-block copies must be identical"):
-        convert.from_diffusers(m)
+        interop.from_diffusers(m)
 
 
 @pytest.mark.parametrize("interpolation_scale", [None, 2])
@@ -289,10 +290,10 @@ def test_diffusers_pixart_parity_and_round_trip(interpolation_scale):
     kw = dict(added_cond_kwargs={"resolution": None, "aspect_ratio": None})
     with torch.no_grad():
         expected = theirs(x, encoder_hidden_states=text, timestep=t, **kw).sample
-        ours = convert.from_diffusers(theirs)
+        ours = interop.from_diffusers(theirs)
         assert ours.config["pos_interp_scale"] == float(interpolation_scale or 1)
         torch.testing.assert_close(ours(x, t, Cond(text=text)), expected[:, :4], **TOL)
-        back = convert.to_diffusers(ours)
+        back = interop.to_diffusers(ours)
         torch.testing.assert_close(back(x, encoder_hidden_states=text, timestep=t, **kw).sample, expected[:, :4],
                                    **TOL)
         # other resolutions, square and not: both re-grid their sin-cos positions the same way
@@ -304,7 +305,7 @@ def test_diffusers_pixart_parity_and_round_trip(interpolation_scale):
         torch.testing.assert_close(ours(x2, t[:1], Cond(text=text[:1])),
                                    theirs(x2, encoder_hidden_states=text[:1], timestep=t[:1], **kw).sample[:, :4],
                                    **TOL)
-    _assert_same_state(convert.from_diffusers(back).state_dict(), ours.state_dict())
+    _assert_same_state(interop.from_diffusers(back).state_dict(), ours.state_dict())
 
 
 @pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
@@ -319,7 +320,7 @@ def test_diffusers_sd3_parity_and_round_trip(qk_norm):
     text, pooled = torch.randn(2, 5, 12), torch.randn(2, 10)
     with torch.no_grad():
         expected = theirs(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t).sample
-        ours = convert.from_diffusers(theirs)
+        ours = interop.from_diffusers(theirs)
         assert ours.config["context_stream"] == "full" and ours.config["pos_grid"] == "sd3"
         torch.testing.assert_close(ours(x, t, Cond(text=text, pooled=pooled)), expected, **TOL)
         # a non-square latent: SD3 crops its position table around the centre, per axis
@@ -327,7 +328,7 @@ def test_diffusers_sd3_parity_and_round_trip(qk_norm):
         want = theirs(hidden_states=x2, encoder_hidden_states=text[:1], pooled_projections=pooled[:1],
                       timestep=t[:1]).sample
         torch.testing.assert_close(ours(x2, t[:1], Cond(text=text[:1], pooled=pooled[:1])), want, **TOL)
-        back = convert.to_diffusers(ours)
+        back = interop.to_diffusers(ours)
         torch.testing.assert_close(back(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
                                         timestep=t).sample, expected, **TOL)
     want_state = theirs.state_dict()
@@ -347,59 +348,59 @@ def test_condiff_native_models_convert_both_ways():
     x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 500.0]), Cond(text=torch.randn(2, 6, 12),
                                                                           pooled=torch.randn(2, 10))
     with torch.no_grad():
-        theirs = convert.to_diffusers(ours)
+        theirs = interop.to_diffusers(ours)
         want = theirs(hidden_states=x, encoder_hidden_states=cond.text, pooled_projections=cond.pooled,
                       timestep=t).sample
         torch.testing.assert_close(ours(x, t, cond), want, **TOL)
-    _assert_same_state(convert.from_diffusers(theirs).state_dict(), ours.state_dict())
+    _assert_same_state(interop.from_diffusers(theirs).state_dict(), ours.state_dict())
 
 
 def test_unconvertible_models_are_refused_with_reasons():
     with pytest.raises(ValueError, match="'control': 'additive'"):
-        convert.condiff_to_diffusers(create("dit-tiny", "class", pos_grid="scaled", t_freq_shift=1.0,
+        interop.condiff_to_diffusers(create("dit-tiny", "class", pos_grid="scaled", t_freq_shift=1.0,
                                             base_size=16, input_size=32))
     with pytest.raises(ValueError, match="no diffusers counterpart"):
-        convert.condiff_to_diffusers(create("dit-tiny", "class", control="none"))  # rectified grid
+        interop.condiff_to_diffusers(create("dit-tiny", "class", control="none"))  # rectified grid
     with pytest.raises(ValueError, match="no diffusers counterpart"):
-        convert.condiff_to_diffusers(create("unet-sdxl-tiny", "class"))
+        interop.condiff_to_diffusers(create("unet-sdxl-tiny", "class"))
     with pytest.raises(ValueError, match="not supported"):
-        convert.diffusers_to_condiff("FluxTransformer2DModel", {}, {})
+        interop.diffusers_to_condiff("FluxTransformer2DModel", {}, {})
     cfg = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=1, sample_size=128,
                patch_size=2, caption_channels=12, cross_attention_dim=32)
     with pytest.raises(ValueError, match="use_additional_conditions"):
-        convert.diffusers_to_condiff("PixArtTransformer2DModel", cfg, {})
+        interop.diffusers_to_condiff("PixArtTransformer2DModel", cfg, {})
 
 
 def test_cli_diffusers_directory_round_trip(tmp_path):
     theirs = _diffusers_dit(out_channels=4)
     theirs.save_pretrained(tmp_path / "dit_diffusers")
-    assert convert.main(["from-diffusers", str(tmp_path / "dit_diffusers"), str(tmp_path / "run")]) == 0
-    assert convert.main(["to-diffusers", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
+    assert convert_cli.main(["from-diffusers", str(tmp_path / "dit_diffusers"), str(tmp_path / "run")]) == 0
+    assert convert_cli.main(["to-diffusers", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
     back = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "back")
     _assert_same_state(back.state_dict(), theirs.state_dict())
-    assert convert.main(["to-diffusers", str(tmp_path / "run"), str(tmp_path / "back")]) == 1  # not empty
-    assert convert.main(["from-diffusers", str(tmp_path / "run"), str(tmp_path / "x")]) == 1  # no config.json
+    assert convert_cli.main(["to-diffusers", str(tmp_path / "run"), str(tmp_path / "back")]) == 1  # not empty
+    assert convert_cli.main(["from-diffusers", str(tmp_path / "run"), str(tmp_path / "x")]) == 1  # no config.json
 
 
 def test_unet_matches_diffusers_unet2dcondition_both_ways():
     """Our SDXL-style UNet IS diffusers' UNet2DConditionModel (SDXL block types, linear projections, GEGLU,
     projection class embedding for the pooled vector): identical outputs both ways, exact round trip."""
-    ours = create("unet-sdxl", "text", model_channels=32, head_channels=16, context_dim=24, adm_dim=20,
+    ours = create("unet-sdxl", "text", model_channels=32, head_channels=16, text_dim=24, pooled_dim=20,
                   norm_groups=8, control="none")  # the paper's text layout (3 levels, depths 0/3/3 + 3), narrow
     _randomize(ours)
     ours.eval()
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([3.0, 700.0])
     text, pooled = torch.randn(2, 5, 24), torch.randn(2, 20)
     with torch.no_grad():
-        theirs = convert.to_diffusers(ours)
+        theirs = interop.to_diffusers(ours)
         assert list(theirs.config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
         want = theirs(x, t, encoder_hidden_states=text, class_labels=pooled).sample
         torch.testing.assert_close(ours(x, t, Cond(text=text, pooled=pooled)), want, **TOL)
-        again = convert.from_diffusers(theirs)
+        again = interop.from_diffusers(theirs)
     _assert_same_state(again.state_dict(), ours.state_dict())
     assert again.config == ours.config
     with pytest.raises(ValueError, match="no diffusers counterpart"):
-        convert.condiff_to_diffusers(create("unet-sdxl-tiny", "text"))  # control embedder
+        interop.condiff_to_diffusers(create("unet-sdxl-tiny", "text"))  # control embedder
 
 
 def test_read_diffusers_dir_sharded_and_variants(tmp_path):
@@ -408,7 +409,27 @@ def test_read_diffusers_dir_sharded_and_variants(tmp_path):
     theirs.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
     theirs.half().save_pretrained(tmp_path / "sharded", variant="fp16")
-    name, cfg, state = convert.read_diffusers_dir(tmp_path / "sharded")
+    name, cfg, state = interop.read_diffusers_dir(tmp_path / "sharded")
     assert name == "DiTTransformer2DModel" and cfg["num_layers"] == 2
     want = _diffusers_dit(out_channels=4).state_dict()
     _assert_same_state(state, want)  # the float32 weights, not the fp16 variant
+
+
+def test_interop_layers_only_the_cli_writes_checkpoints():
+    """The rule engine and the format modules import condiff.models only (and no upper layer, even lazily); the
+    checkpoint writer (condiff.train) is reached from `condiff.interop.cli` alone."""
+    import ast
+    from pathlib import Path
+
+    package = Path(interop.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+        layers = {m.split(".")[1] for m in imported if m.startswith("condiff.") and m.count(".") >= 1}
+        allowed = {"interop", "models"} | ({"train", "diffusion"} if path.name == "cli.py" else set())
+        assert layers <= allowed, f"{path.name} imports {sorted(layers - allowed)}"
+    assert (package / "rules.py").is_file() and (package / "dit_original.py").is_file()

@@ -11,6 +11,7 @@ from torch import nn
 
 from condiff import flops
 from condiff.models import create
+from condiff.reports import table_a1
 
 
 class _Toy(nn.Module):
@@ -61,7 +62,7 @@ def table_json():
     """`condiff flops --json`, run once (all backbones on the meta device)."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert flops.main(["--json"]) == 0
+        assert table_a1.main(["--json"]) == 0
     return json.loads(buf.getvalue())
 
 
@@ -107,19 +108,23 @@ def test_footnotes_carry_the_arithmetic(table_json):
                 configs[(name, cond)] = flops.build_meta(name, cond).config
             except ValueError:
                 pass
-    notes = flops.footnotes(records, configs)
-    text = "\n".join(notes)
+    figs = flops.footnote_figures(records, configs)
     # notes/table-a1.md: a 143 GFLOPs fixed part vs a 122.7 bound; 28(3d^2+3d) = 111.6M; 28(4d^2+4d) = 148.8M;
     # PixArt's text-minus-class +39.5 / -60; q and o projections 38.0 at N = 256
-    for number in ("143.2", "122.7", "111.57M", "148.76M", "+39.5", "-60.0", "38.1"):
-        assert number in text, number
-    table = flops.format_table(records, notes)
-    assert sum(line.rstrip().endswith("*") for line in table.splitlines()) == 8 and "[4]" in table
-
+    mm, px, att = figs["mmdit_text"], figs["pixart_text"], figs["dit_att_text"]
+    assert mm["fixed_needed"] == pytest.approx(143.2, abs=0.05) and mm["fixed_bound"] == pytest.approx(122.7, abs=0.05)
+    assert mm["fixed_needed"] > mm["fixed_bound"]  # the inconsistency the note states
+    assert mm["context_stream_params"] == pytest.approx(111.57, abs=0.005)
+    assert att["cross_attn_params"] == pytest.approx(148.76, abs=0.005)
+    assert px["paper_gap"] == pytest.approx((39.5, -60.0), abs=0.05) and min(px["our_gap"]) > 0
+    assert att["qo_gflops"] == pytest.approx(38.05, abs=0.05)
+    notes = table_a1.footnotes(figs)
+    table = table_a1.format_table(records, notes)
+    assert sum(line.rstrip().endswith("*") for line in table.splitlines()) == 8 and "[5]" in table
 
 
 def test_any_zoo_model_can_be_counted(capsys):
-    assert flops.main(["--json", "--models", "unet-sdxl-tiny"]) == 0
+    assert table_a1.main(["--json", "--models", "unet-sdxl-tiny"]) == 0
     recs = json.loads(capsys.readouterr().out)
     assert {(r["dataset"], r["resolution"]) for r in recs} == {(d, s) for d in ("imagenet", "cc12m") for s in (256, 512)}
     assert all(r["paper_gflops"] is None and r["rel_diff_gflops"] is None for r in recs)
@@ -127,4 +132,4 @@ def test_any_zoo_model_can_be_counted(capsys):
     by = {(r["dataset"], r["resolution"]): r["gflops"] for r in recs}
     assert by[("imagenet", 512)] > 4 * by[("imagenet", 256)]
     with pytest.raises(SystemExit):
-        flops.main(["--models", "resnet-50"])
+        table_a1.main(["--models", "resnet-50"])

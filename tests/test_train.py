@@ -54,6 +54,36 @@ def test_config_rejects_unknown_and_ill_typed_keys():
         load_config(overrides=["steps"])
 
 
+def test_config_checks_the_model_section_against_its_family(tmp_path):
+    """A wrong model key, type or width is a ConfigError at load time naming the file and the key, not a
+    failure at the first forward."""
+    recipe = tmp_path / "r.yaml"
+
+    def load(kwargs: str, name: str = "unet-sdxl-tiny", extra: str = ""):
+        recipe.write_text(f"model: {{name: {name}, conditioning: text, kwargs: {kwargs}}}\n"
+                          f"text: {{encoder: {{kind: tiny-clip, dim: 32}}}}\n{extra}")
+        return load_config(recipe)
+
+    assert load("{in_channels: 3, out_channels: 3, text_dim: 32, pooled_dim: 32}").model.kwargs["text_dim"] == 32
+    with pytest.raises(ConfigError, match=rf"{recipe}: model.kwargs.context_width: not an option of unet-sdxl"):
+        load("{context_width: 32}")
+    with pytest.raises(ConfigError, match=rf"{recipe}: model.kwargs.text_dim: the model is 48 wide but the text "
+                                          "encoder gives 32"):
+        load("{text_dim: 48}")
+    with pytest.raises(ConfigError, match=rf"{recipe}: model.kwargs.in_channels: the model is 4 wide but the "
+                                          "autoencoder gives 3"):
+        load("{in_channels: 4}", name="mmdit-tiny")
+    with pytest.raises(ConfigError, match=rf"{recipe}: model.kwargs.hidden_size: expected int, got str"):
+        load("{hidden_size: big}", name="mmdit-tiny")
+    with pytest.raises(ConfigError, match=rf"{recipe}: model.kwargs: .*hidden_size 100 must be a multiple of "
+                                          "num_heads"):
+        load("{hidden_size: 100}", name="mmdit-tiny")
+    with pytest.raises(ConfigError, match=rf"{recipe}: model.name: unknown model size 'huge'"):
+        load("{}", name="mmdit-huge")
+    with pytest.raises(ConfigError, match=r"<config data>: model.kwargs: .*gamma must be one of"):
+        load_config(overrides=["model.kwargs.gamma=cosine"])
+
+
 def test_config_yaml_base_and_overrides(tmp_path):
     (tmp_path / "base.yaml").write_text("steps: 10\noptim: {lr: 1e-4, betas: [0.9, 0.95]}\nmodel: {kwargs: {depth: 2}}\n")
     (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {warmup_steps: 5}\nmodel: {kwargs: {hidden_size: 64}}\n")

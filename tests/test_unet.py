@@ -1,11 +1,13 @@
 """SDXL-style UNet: structure, Table A1 sizes, zero-init, conditioning paths, gradients, compile."""
 
 import json
+from dataclasses import fields
 
 import pytest
 import torch
 
 from condiff.conditioning.cond import Cond
+from condiff.models import create
 from condiff.models.unet import UNet, build_unet
 
 
@@ -126,9 +128,64 @@ def test_example_inputs_run(conditioning):
 def test_config_is_json_and_rebuilds():
     model = build_unet("unet-sdxl-tiny", "text")
     config = json.loads(json.dumps(model.config))
-    rebuilt = UNet(**config)
+    rebuilt = create(**config)
     assert rebuilt.config == model.config
     assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in model.parameters()]
+
+
+def test_config_shares_the_transformers_field_names():
+    """One model-spec contract: the text widths and the control / gamma_c fields have the transformers' names,
+    and the UNet's config is the shared `ModelConfig` extended."""
+    from condiff.models.base import ModelConfig
+    from condiff.models.unet import UNetConfig
+
+    shared = {f.name for f in fields(ModelConfig)}
+    assert {"text_dim", "pooled_dim", "control", "gamma", "gamma_alpha", "gamma_k", "text_padding"} <= shared
+    assert issubclass(UNetConfig, ModelConfig)
+    unet = create("unet-sdxl-tiny", "text", text_dim=24, pooled_dim=20, control="disentangled", gamma="linear",
+                  gamma_alpha=2.0)
+    dit = create("mmdit-tiny", "text", text_dim=24, pooled_dim=20, control="disentangled", gamma="linear",
+                 gamma_alpha=2.0)
+    for key in shared - {"name"}:
+        if key not in ("input_size", "in_channels"):
+            assert unet.config[key] == dit.config[key], key
+    assert unet.control_embed.gamma == "linear" and unet.control_embed.alpha == 2.0
+    assert unet.down[-1].attn.blocks[0].attn2.to_k.in_features == 24  # text states are the context
+    assert unet.label_emb[0].in_features == 20  # the pooled vector is the adm vector
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['width'\]"):
+        create("unet-sdxl-tiny", "text", width=3)
+
+
+def test_configs_written_with_the_old_field_names_still_build():
+    """meta.json of runs saved before the shared names (context_dim / adm_dim / control_kwargs) rebuilds the
+    same architecture."""
+    old = dict(name="unet-sdxl-tiny", conditioning="text", context_dim=24, adm_dim=20,
+               control_kwargs=dict(gamma="linear", alpha=2.0, k=1.0, freq_dim=128))
+    model = create(**old)
+    assert (model.cfg.text_dim, model.cfg.pooled_dim, model.cfg.gamma_alpha, model.cfg.control_freq_dim) == (
+        24, 20, 2.0, 128)
+    assert create("unet-sdxl-tiny", "class", context_dim=48, adm_dim=48).cfg.class_dim == 48
+    with pytest.raises(ValueError, match="must equal the class width"):
+        create("unet-sdxl-tiny", "class", context_dim=48, adm_dim=32)
+
+
+def test_meta_init_then_to_empty_and_initialize_weights():
+    """The UNet has one `initialize_weights` like the transformers: after building on meta and `to_empty`, it
+    restores the zero-init (a fresh model predicts 0) and the default scales of every layer."""
+    with torch.device("meta"):
+        model = build_unet("unet-sdxl-tiny", "class", num_classes=10, control="disentangled", gamma="step")
+    model.to_empty(device="cpu")
+    model.initialize_weights()
+    fresh = build_unet("unet-sdxl-tiny", "class", num_classes=10, control="disentangled", gamma="step")
+    for (n, b), (_, ref) in zip(model.named_buffers(), fresh.named_buffers()):
+        torch.testing.assert_close(b, ref, msg=n)
+    for (n, p), (_, ref) in zip(model.named_parameters(), fresh.named_parameters()):
+        if ref.numel() > 1 and ref.std() > 0:
+            assert 0.5 < (p.std() / ref.std()).item() < 2.0, n
+        else:
+            assert torch.equal(p, ref), n
+    x, t, cond = model.example_inputs(2, input_size=8)
+    assert torch.equal(model(x, t, cond), torch.zeros(2, 4, 8, 8))
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -17,7 +17,7 @@
    torch.compile(mode="reduce-overhead"), grids with B > 65535 and N > 4.2M, q/k-norm backward above 48 KB
    of shared memory (and the rejection beyond the device limit), replicate-pad offsets past 2^31.
 5. Train-step throughput (issue 6): DiT-XL/2 and mmDiT-XL/2 at 256 px (SD-VAE latents 32x32x4), bf16
-   autocast, batch 32: img/s and model FLOPs utilisation (condiff.train.throughput; skip with --no-train).
+   autocast, batch 32: img/s and model FLOPs utilisation (tools/throughput.py; skip with --no-train).
 The short tables are printed last. Targets (issue 2): memory-bound ops >= 80% of copy bandwidth;
 joint_attention no slower than the unfused eager RMSNorm + cat + SDPA.
 """
@@ -233,7 +233,7 @@ def targets(rows: list[dict], copy_gbps: float) -> list[str]:
 
 def train_timings(batch: int) -> list[dict]:
     """Issue 6's GPU figures: train-step img/s and MFU of the XL/2 transformers at 256 px in bf16."""
-    from condiff.train.throughput import train_step_throughput
+    from throughput import train_step_throughput  # tools/throughput.py (the directory of this script is on sys.path)
 
     rows = []
     for name in ("dit-xl/2", "mmdit-xl/2", "mmdit-ours-xl/2"):

@@ -13,8 +13,8 @@ import sys
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "ops-info": ("condiff.ops.info:main", "which fused-op backends are live on this machine"),
-    "flops": ("condiff.flops:main", "params and GFLOPs of every backbone beside the paper's Table A1"),
-    "convert": ("condiff.models.convert:main", "convert DiT / diffusers checkpoints to and from condiff"),
+    "flops": ("condiff.reports.table_a1:main", "params and GFLOPs of every backbone beside the paper's Table A1"),
+    "convert": ("condiff.interop.cli:main", "convert DiT / diffusers checkpoints to and from condiff"),
     "sample": ("condiff.sample:main", "sample a PNG grid from a checkpoint or a zoo name"),
     "make-shards": ("condiff.data.make_shards:main", "write webdataset shards (image folder, CSV/JSONL, shapes)"),
     "precompute": ("condiff.data.precompute:main", "encode shards into latent (and text-state) shards"),

@@ -1,4 +1,5 @@
-"""`condiff flops`: parameters and GFLOPs of every backbone beside the paper's Table A1.
+"""Parameters and GFLOPs of every backbone beside the paper's Table A1 (numbers only; `condiff flops`, which
+prints them with the notes, is `condiff.reports.table_a1`).
 
 Protocol (Table A1's caption and App. "Computational costs"): batch 1; SD-VAE latents of 4 channels at
 32 x 32 (256 px) and 64 x 64 (512 px); FLOPs = 2 x multiply-accumulates of every matmul and convolution,
@@ -15,10 +16,6 @@ Parameters: trainable parameters (`requires_grad`), i.e. fixed sin-cos position 
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -118,9 +115,8 @@ def measure(name: str, conditioning: str, resolutions=RESOLUTIONS, build: Callab
             model: nn.Module | None = None) -> tuple[int, dict[int, int]]:
     """Count `name` (built on the meta device unless `model` is given) -> (trainable params, {resolution: FLOPs})."""
     model = build_meta(name, conditioning, build) if model is None else model
-    cfg = model.config  # text widths: transformers' text_dim / pooled_dim, the UNet's context_dim / adm_dim
-    dims = dict(text_dim=cfg.get("text_dim", cfg.get("context_dim", TEXT_DIM)),
-                pooled_dim=cfg.get("pooled_dim", cfg.get("adm_dim", POOLED_DIM)))
+    cfg = model.config  # every family names its text widths text_dim / pooled_dim
+    dims = dict(text_dim=cfg.get("text_dim", TEXT_DIM), pooled_dim=cfg.get("pooled_dim", POOLED_DIM))
     flops = {r: count_flops(model, *example_inputs(conditioning, r, **dims)) for r in resolutions}
     return count_params(model), flops
 
@@ -187,11 +183,13 @@ def _tokens(resolution: int, patch: int = 2) -> int:
     return (resolution // VAE_FACTOR // patch) ** 2
 
 
-def footnotes(records: list[Record], configs: dict, build=_create) -> list[str]:
-    """The arithmetic behind the inconsistent cells (notes/table-a1.md), recomputed with our own models."""
-    notes = []
+def footnote_figures(records: list[Record], configs: dict, build=_create) -> dict[str, dict]:
+    """The arithmetic behind the inconsistent cells (notes/table-a1.md), recomputed with our own models: one dict
+    of named numbers per note (GFLOPs, M params); `condiff flops` words them (`condiff.reports.table_a1`)."""
+    figs: dict[str, dict] = {}
     P = PAPER_TABLE_A1
     n256, n512 = _tokens(256), _tokens(512)
+    m = TEXT_TOKENS
 
     mm_t256, mm_c256 = _cell(records, "mmdit-xl/2", "text", 256), _cell(records, "mmdit-xl/2", "class", 256)
     if mm_t256 and mm_c256:
@@ -200,77 +198,50 @@ def footnotes(records: list[Record], configs: dict, build=_create) -> list[str]:
         # our own F(N) = a + b N + c N^2 fitted on three resolutions (128 / 256 / 512 px)
         _, f = measure("mmdit-xl/2", "text", resolutions=(128,), build=build)
         f.update({r: _cell(records, "mmdit-xl/2", "text", r).gflops * 1e9 for r in RESOLUTIONS})
-        ns = [_tokens(r) for r in (128, 256, 512)]
-        a, b, c = _fit_quadratic(ns, [f[r] / 1e9 for r in (128, 256, 512)])
+        a, b, c = _fit_quadratic([_tokens(r) for r in (128, 256, 512)], [f[r] / 1e9 for r in (128, 256, 512)])
         # the paper's two cells with our N^2 coefficient: solve a, b
         p256, p512 = P["mmdit"]["text"][1:]
         bp = ((p512 - c * n512**2) - (p256 - c * n256**2)) / (n512 - n256)
-        ap = p256 - c * n256**2 - bp * n256
-        m = TEXT_TOKENS
-        bound = 2 * m * P["mmdit"]["text"][0] * 1e6 / 1e9 + 4 * m * m * d * L / 1e9
-        notes.append(
-            f"mmDiT text FLOPs: params {mm_t256.params_m:.2f}M = class {mm_c256.params_m:.2f}M + "
-            f"{mm_t256.params_m - mm_c256.params_m:.2f}M; a context stream with its own q,k,v per block costs "
-            f"L(3d^2+3d) = {L * (3 * d * d + 3 * d) / 1e6:.2f}M "
-            f"(paper: +{P['mmdit']['text'][0] - P['mmdit']['class'][0]:.2f}M), "
-            f"so params agree. FLOPs: ours F(N) = {a:.1f} + {b:.4f} N + {c:.3e} N^2 GFLOPs (N image tokens). With our "
-            f"N^2 term, the paper's {p256} / {p512} need a resolution-independent part of {ap:.1f} GFLOPs, more "
-            f"than {m} tokens through all {P['mmdit']['text'][0]}M parameters can cost (2 x {m} x params + their "
-            f"attention = {bound:.1f}): no design with {m} text tokens reaches both cells.")
+        figs["mmdit_text"] = dict(
+            params_text=mm_t256.params_m, params_class=mm_c256.params_m,
+            context_stream_params=L * (3 * d * d + 3 * d) / 1e6,
+            paper_params_gap=P["mmdit"]["text"][0] - P["mmdit"]["class"][0], fit=(a, b, c),
+            paper_gflops=(p256, p512), paper_params=P["mmdit"]["text"][0], text_tokens=m,
+            fixed_needed=p256 - c * n256**2 - bp * n256,
+            fixed_bound=2 * m * P["mmdit"]["text"][0] * 1e6 / 1e9 + 4 * m * m * d * L / 1e9)
     px_t = [_cell(records, "pixart-alpha-xl/2", "text", r) for r in RESOLUTIONS]
     px_c = [_cell(records, "pixart-alpha-xl/2", "class", r) for r in RESOLUTIONS]
     if all(px_t) and all(px_c):
         pt, pc = P["pixart-alpha"]["text"], P["pixart-alpha"]["class"]
-        notes.append(
-            f"PixArt-alpha text FLOPs: the paper's text-minus-class difference is {pt[1] - pc[1]:+.1f} GFLOPs at "
-            f"256 but "
-            f"{pt[2] - pc[2]:+.1f} at 512; adding {TEXT_TOKENS} cross-attention tokens can only add FLOPs (ours: "
-            f"{px_t[0].gflops - px_c[0].gflops:+.1f} / {px_t[1].gflops - px_c[1].gflops:+.1f}), and the paper's "
-            f"{pt[2]:.0f} at 512 is below its own class-cond PixArt ({pc[2]:.0f}; ours {px_c[1].gflops:.1f}). Params "
-            f"agree ({px_t[0].params_m:.2f}M vs {pt[0]}M).")
+        figs["pixart_text"] = dict(
+            paper_gap=(pt[1] - pc[1], pt[2] - pc[2]), our_gap=tuple(t.gflops - c.gflops for t, c in zip(px_t, px_c)),
+            text_tokens=m, paper_text_512=pt[2], paper_class_512=pc[2], our_class_512=px_c[1].gflops,
+            params=px_t[0].params_m, paper_params=pt[0])
     if ("dit-att-xl/2", "class") in configs:
         cfg = configs[("dit-att-xl/2", "class")]
-        d, L, m = cfg["hidden_size"], cfg["depth"], TEXT_TOKENS
+        d, L = cfg["hidden_size"], cfg["depth"]
         pa, pm = P["dit-att"]["text"], P["mmdit"]["text"]
-        qo = 2 * 2 * n256 * d * d * L / 1e9  # q and o projections of one cross-attention per block at N = 256
-        growth = (4 * d * d + 4 * m * d) * L * (n512 - n256) / 1e9  # its N-dependent part, 256 -> 512 px
         at = [_cell(records, "dit-att-xl/2", "text", r) for r in RESOLUTIONS]
         mm = [_cell(records, "mmdit-xl/2", "text", r) for r in RESOLUTIONS]
-        ours = ""
-        if all(at) and all(mm):
-            g256, g512 = at[0].gflops - mm[0].gflops, at[1].gflops - mm[1].gflops
-            ours = f" (ours: {g256:+.1f} / {g512:+.1f}, grows by {g512 - g256:.1f})"
-        notes.append(
-            f"Att-DiT text FLOPs: its params exceed mmDiT text by {pa[0] - pm[0]:.2f}M = L(4d^2+4d) = "
-            f"{L * (4 * d * d + 4 * d) / 1e6:.2f}M: one cross-attention layer per block. Such a layer adds "
-            f"(4d^2 + 4Md) L FLOPs per image token (M = {m} text tokens), so the Att-DiT minus mmDiT gap grows by "
-            f"{growth:.1f} GFLOPs from 256 to 512 px; the paper's gap is {pa[1] - pm[1]:+.1f} / {pa[2] - pm[2]:+.1f}, "
-            f"growing by {(pa[2] - pm[2]) - (pa[1] - pm[1]):.1f}{ours}. Its 256 gap is also below the {qo:.1f} "
-            f"GFLOPs of that cross-attention's q and o projections alone (possible only if the text tokens skip "
-            f"other work: ours skip the MLP).")
+        figs["dit_att_text"] = dict(
+            paper_params_gap=pa[0] - pm[0], cross_attn_params=L * (4 * d * d + 4 * d) / 1e6, text_tokens=m,
+            gap_growth=(4 * d * d + 4 * m * d) * L * (n512 - n256) / 1e9,  # N-dependent part, 256 -> 512 px
+            paper_gap=(pa[1] - pm[1], pa[2] - pm[2]),
+            our_gap=(at[0].gflops - mm[0].gflops, at[1].gflops - mm[1].gflops) if all(at) and all(mm) else None,
+            qo_gflops=2 * 2 * n256 * d * d * L / 1e9)  # q and o projections of one cross-attention per block, N 256
     if mm_t256 and all(px_t):
-        mm_t512 = _cell(records, "mmdit-xl/2", "text", 512)
-        pt = P["pixart-alpha"]["text"]
-        notes.append(
-            f"Observation: the paper's PixArt text FLOPs ({pt[1]} / {pt[2]:.0f}) equal our mmDiT text "
-            f"({mm_t256.gflops:.1f} / {mm_t512.gflops:.1f}, {_rel(mm_t256.gflops, pt[1]):+.1%} / "
-            f"{_rel(mm_t512.gflops, pt[2]):+.1%}): the text-column FLOPs may be mis-assigned between rows.")
+        figs["pixart_equals_mmdit"] = dict(
+            paper=P["pixart-alpha"]["text"][1:],
+            ours=(mm_t256.gflops, _cell(records, "mmdit-xl/2", "text", 512).gflops))
     un = [_cell(records, "unet-sdxl", "text", r) for r in RESOLUTIONS]
     if all(un):
         # the nearest standard alternative (SD-2-like width 320, depth-2 transformers), counted here too
         alt_kw = dict(model_channels=320, transformer_depth=[0, 2, 2], transformer_depth_middle=2)
         a_params, a_flops = measure("unet-sdxl", "text", build=lambda n, c: build(n, c, **alt_kw))
-        pu = P["unet-sdxl"]["text"]
-        rel = lambda o, q: f"{_rel(o, q):+.1%}"  # noqa: E731
-        notes.append(
-            "UNet text (consistent, but no standard width fits all three cells): ch 320 with depth-2 transformers "
-            f"gives {a_params / 1e6:.1f}M ({rel(a_params / 1e6, pu[0])}), {a_flops[256] / 1e9:.1f} "
-            f"({rel(a_flops[256] / 1e9, pu[1])}) / {a_flops[512] / 1e9:.1f} ({rel(a_flops[512] / 1e9, pu[2])}) "
-            f"GFLOPs; our default, ch 288 with depth-3 transformers at levels 2-3 and in the middle, CLIP-L context "
-            f"and pooled adm 768, gives {un[0].params_m:.1f}M ({rel(un[0].params_m, pu[0])}), {un[0].gflops:.1f} "
-            f"({rel(un[0].gflops, pu[1])}) / {un[1].gflops:.1f} ({rel(un[1].gflops, pu[2])}): the closest design "
-            "on all three cells.")
-    return notes
+        figs["unet_text"] = dict(
+            paper=P["unet-sdxl"]["text"], alternative=(a_params / 1e6, a_flops[256] / 1e9, a_flops[512] / 1e9),
+            ours=(un[0].params_m, un[0].gflops, un[1].gflops))
+    return figs
 
 
 def _fit_quadratic(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
@@ -280,64 +251,7 @@ def _fit_quadratic(xs: list[float], ys: list[float]) -> tuple[float, float, floa
     return a, b, c
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_table(records: list[Record], notes: list[str], markdown: bool = False) -> str:
-    """Human-readable table (plain text or Markdown): ours, paper, relative difference, footnote marks."""
-    head = ["model", "dataset", "res", "params M", "paper", "diff", "GFLOPs", "paper", "diff", ""]
-    rows = []
-    for r in records:
-        mark = "" if r.consistent else "*"
-        rows.append([r.model, r.dataset, str(r.resolution), f"{r.params_m:.2f}", _fmt(r.paper_params_m, ".2f"),
-                     _fmt(r.rel_diff_params, "+.1%"), f"{r.gflops:.2f}", _fmt(r.paper_gflops, ".2f"),
-                     _fmt(r.rel_diff_gflops, "+.1%"), mark])
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-    else:
-        widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head] + rows]
-    lines.append("")
-    star = "\\*" if markdown else "*"
-    lines.append(f"{star} the paper's cell is internally inconsistent (see the notes); not held to the 5% goal.")
-    for i, n in enumerate(notes):
-        lines += [""] * markdown + [f"[{i + 1}] {n}"]  # Markdown: one paragraph per note
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="condiff flops", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", action="store_true", help="print a JSON list of records instead of the table")
-    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    parser.add_argument("--models", nargs="+", metavar="NAME",
-                        help=f"zoo names to measure (default, the Table A1 rows: {' '.join(n for n, _ in ROWS)}); "
-                             "other zoo names (e.g. dit-b/2) are counted without paper values")
-    args = parser.parse_args(argv)
-    rows = ROWS
-    if args.models:
-        from condiff.models.zoo import FAMILIES, _family_of
-
-        for m in args.models:
-            try:
-                _family_of(m, FAMILIES)
-            except ValueError as e:
-                parser.error(f"--models: {e}")
-        known = dict(ROWS)
-        rows = tuple((m, known.get(m, "")) for m in args.models)
-    start = time.perf_counter()
-    records, configs = collect(rows)
-    if args.json:
-        print(json.dumps([_record_dict(r) for r in records], indent=1))
-        return 0
-    print(format_table(records, footnotes(records, configs), markdown=args.markdown))
-    print(f"\n(counted on the meta device in {time.perf_counter() - start:.1f} s; torch {torch.__version__})",
-          file=sys.stderr)
-    return 0
-
-
-def _record_dict(r: Record) -> dict:
+def record_dict(r: Record) -> dict:
     d = asdict(r)
     for k in ("params_m", "gflops", "rel_diff_params", "rel_diff_gflops"):
         if d[k] is not None:

@@ -14,10 +14,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("conditioning", "models", "diffusion", "flops")),  # flops: counts model FLOPs, imports models only
     ("data", ("data",)),
     ("io", ("io",)),
-    ("interop", ("interop", "models.convert")),  # checkpoint conversion: reads models, writes through io
+    ("interop", ("interop",)),  # checkpoint conversion: reads models, writes through io
     ("inference", ("inference",)),
     ("apps", ("train", "eval", "repro")),
-    ("cli", ("cli", "sample", "demo", "__main__", "layers")),
+    ("cli", ("cli", "sample", "demo", "reports", "__main__", "layers")),
 ]
 
 # leaf modules that import nothing from condiff: any layer may use them

@@ -6,6 +6,6 @@ attention matmuls (FLOP counting).
 """
 
 from condiff.models.layers import attention_impl
-from condiff.models.zoo import FAMILIES, available, create, register_family
+from condiff.models.zoo import FAMILIES, available, create, family_of, model_config, register_family
 
-__all__ = ["create", "available", "register_family", "FAMILIES", "attention_impl"]
+__all__ = ["create", "model_config", "family_of", "available", "register_family", "FAMILIES", "attention_impl"]

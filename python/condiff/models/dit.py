@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from condiff.conditioning.cond import Cond
 from condiff.conditioning.labels import LabelEmbedder
-from condiff.models.layers import (Attention, Backbone, BackboneConfig, CrossAttention, FinalLayer, Mlp, gated,
-                                   modulate)
+from condiff.models.layers import Attention, CrossAttention, FinalLayer, Mlp, gated, modulate
+from condiff.models.transformer import Backbone, BackboneConfig
 
 
 class DiTBlock(nn.Module):
@@ -95,6 +95,7 @@ class DiT(Backbone):
     """DiT with adaLN-Zero: c = t_emb + y_emb (+ control) modulates every block. forward(x_t, t, cond) -> eps."""
 
     config_cls = DiTConfig
+    class_in_adaln = True
 
     def __init__(self, cfg: DiTConfig):
         super().__init__(cfg)
@@ -104,15 +105,11 @@ class DiT(Backbone):
         self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
         self.initialize_weights()
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        t = self.check_inputs(x, t, cond)
-        B, impl, backend = x.shape[0], self.attn_impl, self.cfg.ops_backend
-        x, (gh, gw) = self.embed_input(x)  # (B, N, D)
-        c = self.embed_time(t, cond, B) + self.y_embedder(self.labels(cond, B))  # (B, D)
+    def run_blocks(self, x: Tensor, c: Tensor, cond: Cond, grid: tuple[int, int]) -> Tensor:
+        """x (B, N, D), c = t_emb + control + y_emb (B, D) -> (B, N, D)."""
         for block in self.blocks:
-            x, _ = block(x, c, impl=impl, backend=backend)
-        x = self.final_layer(x, c, backend)  # (B, N, p*p*C_out)
-        return self.unpatchify(x, gh, gw)  # (B, C, H, W)
+            x, _ = block(x, c, **self.run)
+        return x
 
 
 @dataclass
@@ -140,15 +137,11 @@ class AttDiT(Backbone):
         self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
         self.initialize_weights()
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        t = self.check_inputs(x, t, cond)
-        B, impl, backend = x.shape[0], self.attn_impl, self.cfg.ops_backend
-        x, (gh, gw) = self.embed_input(x)  # (B, N, D)
-        c = self.embed_time(t, cond, B)  # (B, D): no class in adaLN
-        ctx = self.context_tokens(cond, B).to(x.dtype)  # (B, M, D)
+    def run_blocks(self, x: Tensor, c: Tensor, cond: Cond, grid: tuple[int, int]) -> Tensor:
+        """x (B, N, D), c = t_emb + control (B, D) (no class in adaLN) -> (B, N, D)."""
+        ctx = self.context_tokens(cond, x.shape[0]).to(x.dtype)  # (B, M, D)
         cross = ctx if self.cfg.conditioning == "text" else None
         for block in self.blocks:
-            x, ctx = block(x, c, ctx, cross=cross, impl=impl, backend=backend)
-        x = self.final_layer(x, c, backend)
-        return self.unpatchify(x, gh, gw)
+            x, ctx = block(x, c, ctx, cross=cross, **self.run)
+        return x
 

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from condiff.conditioning.cond import Cond
 from condiff.conditioning.labels import LabelEmbedder
 from condiff.models.dit import DiTBlock
-from condiff.models.layers import Backbone, BackboneConfig, FinalLayer
+from condiff.models.layers import FinalLayer
+from condiff.models.transformer import Backbone, BackboneConfig
 
 
 class RelativePositionBias(nn.Module):
@@ -111,6 +112,7 @@ class MDTv2(Backbone):
     """mDT-v2. forward(x_t, t, cond, mask_ratio=None, generator=None) -> eps (B, C, H, W)."""
 
     config_cls = MDTConfig
+    class_in_adaln = True
 
     def __init__(self, cfg: MDTConfig):
         super().__init__(cfg)
@@ -150,13 +152,10 @@ class MDTv2(Backbone):
     def _bias(self, block: DiTBlock, index: Tensor | None) -> Tensor | None:
         return None if index is None else block.attn.rel_pos_bias(index)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond, *, mask_ratio: float | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
-        t = self.check_inputs(x, t, cond)
-        B, impl, backend = x.shape[0], self.attn_impl, self.cfg.ops_backend
-        run = dict(impl=impl, backend=backend)
-        x, (gh, gw) = self.embed_input(x)  # (B, N, D)
-        c = self.embed_time(t, cond, B) + self.y_embedder(self.labels(cond, B))  # (B, D)
+    def run_blocks(self, x: Tensor, c: Tensor, cond: Cond, grid: tuple[int, int], *,
+                   mask_ratio: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """x (B, N, D), c = t_emb + control + y_emb (B, D) -> (B, N, D); `mask_ratio` runs the masked pass."""
+        (gh, gw), run = grid, self.run
         input_skip = x
         index_full = self.en_inblocks[0].attn.rel_pos_bias.index(gh, gw, x.device) if self.cfg.rel_pos_bias else None
         index = index_full
@@ -184,8 +183,7 @@ class MDTv2(Backbone):
             x = x + pos
         for blk in self.de_blocks:
             x, _ = blk(x, c, skip=input_skip, attn_bias=self._bias(blk, index_full), **run)
-        x = self.final_layer(x, c, backend)  # (B, N, p*p*C_out)
-        return self.unpatchify(x, gh, gw)
+        return x
 
     def side_interpolater(self, x: Tensor, c: Tensor, mask: Tensor, ids_restore: Tensor, pos: Tensor,
                           index: Tensor | None, run: dict) -> Tensor:

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from condiff.conditioning.cond import Cond
 from condiff.conditioning.labels import LabelEmbedder
 from condiff.models.dit import DiTBlock
-from condiff.models.layers import Attention, Backbone, BackboneConfig, FinalLayer, Mlp, gated, modulate
+from condiff.models.layers import Attention, FinalLayer, Mlp, gated, modulate
+from condiff.models.transformer import Backbone, BackboneConfig
 
 CONTEXT_STREAMS = ("auto", "shared", "light", "full")
 
@@ -117,20 +118,15 @@ class MMDiT(Backbone):
         self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
         self.initialize_weights()
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        t = self.check_inputs(x, t, cond)
-        B, impl, backend = x.shape[0], self.attn_impl, self.cfg.ops_backend
-        x, (gh, gw) = self.embed_input(x)  # (B, N, D)
-        c = self.embed_time(t, cond, B)  # (B, D)
-        ctx = self.context_tokens(cond, B).to(x.dtype)  # (B, M, D)
+    def run_blocks(self, x: Tensor, c: Tensor, cond: Cond, grid: tuple[int, int]) -> Tensor:
+        """x (B, N, D), c = t_emb + control [+ pooled] (B, D) -> (B, N, D)."""
+        ctx = self.context_tokens(cond, x.shape[0]).to(x.dtype)  # (B, M, D)
         if self.cfg.context_stream == "shared":
             N = x.shape[1]
             h = torch.cat([x, ctx], dim=1)  # (B, N + M, D): context tokens are ordinary tokens
             for block in self.blocks:
-                h, _ = block(h, c, impl=impl, backend=backend)
-            x = h[:, :N]
-        else:
-            for block in self.blocks:
-                x, ctx = block(x, c, ctx, impl=impl, backend=backend)
-        x = self.final_layer(x, c, backend)  # (B, N, p*p*C_out)
-        return self.unpatchify(x, gh, gw)  # (B, C, H, W)
+                h, _ = block(h, c, **self.run)
+            return h[:, :N]
+        for block in self.blocks:
+            x, ctx = block(x, c, ctx, **self.run)
+        return x

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from condiff.conditioning.cond import Cond
 from condiff.conditioning.labels import LabelEmbedder
-from condiff.models.layers import Attention, Backbone, BackboneConfig, CrossAttention, Mlp, gated, modulate
+from condiff.models.layers import Attention, CrossAttention, Mlp, gated, modulate
+from condiff.models.transformer import Backbone, BackboneConfig
 
 
 class PixArtBlock(nn.Module):
@@ -115,14 +116,10 @@ class PixArtAlpha(Backbone):
             return self.y_embedder(self.labels(cond, batch_size))[:, None]  # (B, 1, D)
         return self.y_embedder(self.text_states(cond, batch_size))  # (B, T, D)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        t = self.check_inputs(x, t, cond)
-        B, impl, backend = x.shape[0], self.attn_impl, self.cfg.ops_backend
-        x, (gh, gw) = self.embed_input(x)  # (B, N, D)
-        c = self.embed_time(t, cond, B)  # (B, D)
+    def run_blocks(self, x: Tensor, c: Tensor, cond: Cond, grid: tuple[int, int]) -> Tensor:
+        """x (B, N, D), c = t_emb + control (B, D) -> (B, N, D)."""
         t6 = self.t_block(c)  # (B, 6D) adaLN-single
-        y = self.condition_tokens(cond, B).to(x.dtype)  # (B, M, D)
+        y = self.condition_tokens(cond, x.shape[0]).to(x.dtype)  # (B, M, D)
         for block in self.blocks:
-            x = block(x, t6, y, impl=impl, backend=backend)
-        x = self.final_layer(x, c, backend)
-        return self.unpatchify(x, gh, gw)
+            x = block(x, t6, y, **self.run)
+        return x

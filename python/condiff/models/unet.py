@@ -16,12 +16,11 @@ paper's footnote 1: no refiner):
   "vector conditioning" (`num_classes="sequential"`, `adm_in_channels`).
 
 Conditioning (our reading, documented because the paper gives only the parameter counts of Table A1):
-* class: a table of `num_classes + 1` embeddings of width `context_dim` (the last row is the null class, see
-  `Cond`); the class embedding is the single cross-attention token AND the adm vector (so `adm_dim ==
-  context_dim`). The class-cond default (ch 256, mult [1,2,4], attention at levels 2-3, depth 1, context and adm
-  1024) gives 398.1M params, 95.3 / 390.3 GFLOPs at 256 / 512 px, against the paper's 401.75M, 95.38 / 390.
-* text: the text-encoder states (B, T, context_dim), padded by the model's padding mode, are the
-  cross-attention context; the pooled vector (B, adm_dim) is the adm vector. No standard width fits the paper's
+* class: a table of `num_classes + 1` embeddings of width `class_dim` (the last row is the null class, see
+  `Cond`); the class embedding is the single cross-attention token AND the adm vector. The class-cond default
+  (ch 256, mult [1,2,4], attention at levels 2-3, depth 1, class width 1024) gives 398.1M params, 95.3 / 390.3 GFLOPs at 256 / 512 px, against the paper's 401.75M, 95.38 / 390.
+* text: the text-encoder states (B, T, text_dim), padded by the model's padding mode, are the
+  cross-attention context; the pooled vector (B, pooled_dim) is the adm vector. No standard width fits the paper's
   three text cells (notes/table-a1.md); the default (ch 288, attention at levels 2-3 with depth 3, middle 3, CLIP-L
   context 768, pooled 768) is the closest on all three: 875.8M (+1.3%; 872.6M without the control embedder),
   197.5 (+4.1%) / 800.3 (-2.4%) GFLOPs against 864.31M, 189.78 / 819.56.
@@ -31,7 +30,7 @@ Conditioning (our reading, documented because the paper gives only the parameter
 
 Faithfulness: with `control="none"` (text) the model computes exactly diffusers' `UNet2DConditionModel` built
 with SDXL's block types, linear projections and a "projection" class embedding of the pooled vector
-(`condiff.models.convert`, tests/test_convert.py checks outputs and a round trip of the weights).
+(`condiff.interop.diffusers_unet`, tests/test_convert.py checks outputs and a round trip of the weights).
 
 Zero-init (ADM/SDXL): the last conv of every ResBlock, the output projection of every SpatialTransformer and
 conv_out are zero, so an untrained model predicts exactly 0 and every block starts as the identity.
@@ -39,30 +38,31 @@ conv_out are zero, so an untrained model predicts exactly 0 and every block star
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from condiff.conditioning.cond import Cond
-from condiff.conditioning.control import ControlEmbedder
-from condiff.conditioning.labels import LabelEmbedder, check_labels
-from condiff.conditioning.padding import pad_text
-from condiff.models.layers import attention, resolve_attn_impl, timestep_embedding
+from condiff.conditioning.labels import LabelEmbedder
+from condiff.models.base import DiffusionModel, ModelConfig
+from condiff.models.layers import attention, timestep_embedding
 
 UNET_CONFIGS: dict[str, dict[str, dict]] = {
     # name -> conditioning -> architecture. "unet-sdxl" is the paper's Table A1 model.
     "unet-sdxl": {
         "class": dict(model_channels=256, channel_mult=(1, 2, 4), num_res_blocks=2, transformer_depth=(0, 1, 1),
-                      transformer_depth_middle=1, head_channels=64, context_dim=1024, adm_dim=1024),
+                      transformer_depth_middle=1, head_channels=64, class_dim=1024),
         "text": dict(model_channels=288, channel_mult=(1, 2, 4), num_res_blocks=2, transformer_depth=(0, 3, 3),
-                     transformer_depth_middle=3, head_channels=64, context_dim=768, adm_dim=768),
+                     transformer_depth_middle=3, head_channels=64, text_dim=768, pooled_dim=768),
     },
     # CPU-sized (about 1M params): same structure, two levels.
     "unet-sdxl-tiny": {
         "class": dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 1),
-                      transformer_depth_middle=1, head_channels=16, context_dim=64, adm_dim=64, norm_groups=8),
+                      transformer_depth_middle=1, head_channels=16, class_dim=64, norm_groups=8),
         "text": dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 1),
-                     transformer_depth_middle=1, head_channels=16, context_dim=64, adm_dim=64, norm_groups=8),
+                     transformer_depth_middle=1, head_channels=16, text_dim=64, pooled_dim=64, norm_groups=8),
     },
 }
 
@@ -85,9 +85,12 @@ class ResBlock(nn.Module):
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(norm_groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
-            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def zero_init(self) -> None:
+        zero_module(self.out_layers[-1])  # the block starts as its skip path
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # x (B, C, H, W), emb (B, E)
         h = self.in_layers(x)  # (B, C', H, W)
@@ -158,7 +161,10 @@ class SpatialTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             TransformerBlock(channels, context_dim, channels // head_channels, head_channels) for _ in range(depth)
         )
-        self.proj_out = zero_module(nn.Linear(channels, channels))
+        self.proj_out = nn.Linear(channels, channels)
+
+    def zero_init(self) -> None:
+        zero_module(self.proj_out)  # the block starts as the identity
 
     def forward(self, x: Tensor, context: Tensor, impl: str = "sdpa") -> Tensor:  # x (B, C, H, W)
         b, c, h, w = x.shape
@@ -208,167 +214,156 @@ class UNetStage(nn.Module):
         return x
 
 
-class UNet(nn.Module):
-    """SDXL-style UNet, called as `model(x_t, t, cond) -> eps` (see the module docstring).
+@dataclass
+class UNetConfig(ModelConfig):
+    """The UNet's fields on top of `ModelConfig` (saved in `model.config`; `create(**model.config)` rebuilds).
 
-    Args (all saved in `self.config`, which rebuilds the model through `condiff.models.create(**config)`):
-      conditioning: "class" or "text". num_classes: class count (class-cond; +1 null row).
-      in_channels/out_channels: latent channels. model_channels: width of level 1; channel_mult: per level.
-      num_res_blocks: ResBlocks per encoder level (decoder: +1). transformer_depth: per level (0 = no attention);
-      transformer_depth_middle. head_channels: channels per attention head. context_dim: cross-attention
-      context width (class embedding or text states). adm_dim: width of the vector conditioning.
-      text_padding / text_noise_beta: padding mode of the text states (`condiff.conditioning.padding`).
-      control: "none", "additive" (SDXL) or "disentangled" (Eq. 1): the control embedding added to the timestep
-      embedding; control_kwargs: the other `ControlEmbedder` options (gamma, alpha, k, freq_dim).
-      norm_groups: GroupNorm groups. dropout: ResBlock dropout. attn_impl: None (module default) | "sdpa" |
-      "math" (explicit matmuls), see `condiff.models.layers.attention_impl`. input_size: training resolution in
-      latent cells (32 = 256 px SD-VAE latents); the UNet has no positional grid, so this only tells samplers
-      the default size and the guidance law (Eq. 4) its base resolution, as for the transformers.
+    out_channels: predicted channels. model_channels: width of level 1; channel_mult: per level. num_res_blocks:
+    ResBlocks per encoder level (decoder: +1). transformer_depth: per level (0 = no attention);
+    transformer_depth_middle. head_channels: channels per attention head. class_dim: width of the class
+    embedding (class-cond: the cross-attention token and the adm vector). Text-cond: the cross-attention
+    context is the text states (text_dim wide), the adm vector the pooled vector (pooled_dim wide).
+    norm_groups: GroupNorm groups. dropout: ResBlock dropout. input_size: the UNet has no positional grid, so
+    this only tells samplers the default size and the guidance law (Eq. 4) its base resolution.
     """
 
-    def __init__(
-        self,
-        conditioning: str = "class",
-        num_classes: int = 1000,
-        in_channels: int = 4,
-        out_channels: int = 4,
-        model_channels: int = 256,
-        channel_mult: tuple[int, ...] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        transformer_depth: tuple[int, ...] = (0, 1, 1),
-        transformer_depth_middle: int = 1,
-        head_channels: int = 64,
-        context_dim: int = 1024,
-        adm_dim: int = 1024,
-        text_padding: str = "zero",
-        text_noise_beta: float = 0.0,
-        control: str = "additive",
-        control_kwargs: dict | None = None,
-        norm_groups: int = 32,
-        dropout: float = 0.0,
-        attn_impl: str | None = None,
-        input_size: int = 32,
-        name: str = "unet-sdxl",
-    ):
-        super().__init__()
-        if conditioning not in ("class", "text"):
-            raise ValueError(f"UNet: conditioning must be 'class' or 'text', got {conditioning!r}")
-        if len(transformer_depth) != len(channel_mult):
-            raise ValueError(
-                f"UNet: transformer_depth {list(transformer_depth)} needs one entry per level of channel_mult "
-                f"{list(channel_mult)}"
-            )
-        if conditioning == "class" and adm_dim != context_dim:
-            raise ValueError(f"UNet: class conditioning uses the class embedding as context and adm vector, so "
-                             f"adm_dim ({adm_dim}) must equal context_dim ({context_dim})")
-        self.config = dict(
-            name=name, conditioning=conditioning, num_classes=num_classes, in_channels=in_channels,
-            out_channels=out_channels, model_channels=model_channels, channel_mult=list(channel_mult),
-            num_res_blocks=num_res_blocks, transformer_depth=list(transformer_depth),
-            transformer_depth_middle=transformer_depth_middle, head_channels=head_channels,
-            context_dim=context_dim, adm_dim=adm_dim, text_padding=text_padding, text_noise_beta=text_noise_beta,
-            control=control, control_kwargs=dict(control_kwargs or {}), norm_groups=norm_groups, dropout=dropout,
-            attn_impl=attn_impl, input_size=input_size,
-        )
-        self.conditioning, self.num_classes = conditioning, num_classes
-        self.in_channels, self.out_channels, self.model_channels = in_channels, out_channels, model_channels
-        self.text_padding, self.text_noise_beta, self.attn_impl = text_padding, text_noise_beta, attn_impl
-        emb_dim = 4 * model_channels
+    name: str = "unet-sdxl"
+    out_channels: int = 4
+    model_channels: int = 256
+    channel_mult: list = field(default_factory=lambda: [1, 2, 4])
+    num_res_blocks: int = 2
+    transformer_depth: list = field(default_factory=lambda: [0, 1, 1])
+    transformer_depth_middle: int = 1
+    head_channels: int = 64
+    class_dim: int = 1024
+    norm_groups: int = 32
+    dropout: float = 0.0
 
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Sequential(nn.Linear(adm_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.class_embed = LabelEmbedder(num_classes, context_dim) if conditioning == "class" else None
-        self.control_embed = ControlEmbedder(emb_dim, control, **(control_kwargs or {})) if control != "none" else None
+    def __post_init__(self):
+        super().__post_init__()
+        self.channel_mult, self.transformer_depth = list(self.channel_mult), list(self.transformer_depth)
+        self.check_positive("out_channels", "model_channels", "num_res_blocks", "head_channels", "class_dim",
+                            "norm_groups")
+        if len(self.transformer_depth) != len(self.channel_mult):
+            raise ValueError(f"{self.name}: transformer_depth {self.transformer_depth} needs one entry per level of "
+                             f"channel_mult {self.channel_mult}")
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if self.input_size % factor:
+            raise ValueError(f"{self.name}: input_size {self.input_size} must be divisible by {factor}")
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the cross-attention context: the class embedding or the text states."""
+        return self.class_dim if self.conditioning == "class" else self.text_dim
+
+    @property
+    def adm_dim(self) -> int:
+        """Width of the vector conditioning (SDXL's adm): the class embedding or the pooled text vector."""
+        return self.class_dim if self.conditioning == "class" else self.pooled_dim
+
+
+class UNet(DiffusionModel):
+    """SDXL-style UNet, called as `model(x_t, t, cond) -> eps` (see the module docstring); config `UNetConfig`.
+
+    The shared preamble (`DiffusionModel.forward`) gives emb = MLP(sinusoidal(t)) + control + MLP(adm vector).
+    """
+
+    config_cls = UNetConfig
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg)
+        mc, groups = cfg.model_channels, cfg.norm_groups
+        self.out_channels = cfg.out_channels
+        emb_dim = 4 * mc
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Sequential(nn.Linear(cfg.adm_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_embed = LabelEmbedder(cfg.num_classes, cfg.class_dim) if cfg.conditioning == "class" else None
+        self.control_embed = self.make_control_embedder(emb_dim)
 
         def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, emb_dim, cout, norm_groups, dropout)
+            return ResBlock(cin, emb_dim, cout, groups, cfg.dropout)
 
         def attn(ch: int, depth: int) -> SpatialTransformer | None:
-            return SpatialTransformer(ch, context_dim, depth, head_channels, norm_groups) if depth else None
+            return SpatialTransformer(ch, cfg.context_dim, depth, cfg.head_channels, groups) if depth else None
 
-        self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
         self.down = nn.ModuleList()
-        skip_channels, ch = [model_channels], model_channels
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                self.down.append(UNetStage(res(ch, mult * model_channels), attn(mult * model_channels,
-                                                                                transformer_depth[level]), None))
-                ch = mult * model_channels
+        skip_channels, ch = [mc], mc
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(UNetStage(res(ch, mult * mc), attn(mult * mc, cfg.transformer_depth[level]), None))
+                ch = mult * mc
                 skip_channels.append(ch)
-            if level != len(channel_mult) - 1:
+            if level != len(cfg.channel_mult) - 1:
                 self.down.append(UNetStage(None, None, Downsample(ch)))
                 skip_channels.append(ch)
         self.middle = nn.ModuleList([
-            UNetStage(res(ch, ch), attn(ch, transformer_depth_middle), None), UNetStage(res(ch, ch), None, None)
+            UNetStage(res(ch, ch), attn(ch, cfg.transformer_depth_middle), None), UNetStage(res(ch, ch), None, None)
         ])
         self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
-                cout = mult * model_channels
-                upsample = Upsample(cout) if level and i == num_res_blocks else None
-                self.up.append(UNetStage(res(ch + skip_channels.pop(), cout), attn(cout, transformer_depth[level]),
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                cout = mult * mc
+                upsample = Upsample(cout) if level and i == cfg.num_res_blocks else None
+                self.up.append(UNetStage(res(ch + skip_channels.pop(), cout), attn(cout, cfg.transformer_depth[level]),
                                          upsample))
                 ch = cout
-        self.out = nn.Sequential(
-            nn.GroupNorm(norm_groups, ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
-        )
-        self.downsample_factor = 2 ** (len(channel_mult) - 1)
-        if input_size % self.downsample_factor:
-            raise ValueError(f"UNet: input_size {input_size} must be divisible by {self.downsample_factor}")
+        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.downsample_factor = 2 ** (len(cfg.channel_mult) - 1)
+        self.initialize_weights()
 
-    def _context(self, cond: Cond, batch: int) -> tuple[Tensor, Tensor]:
-        """-> cross-attention context (B, M, context_dim), adm vector (B, adm_dim)."""
-        if self.conditioning == "class":
-            c = self.class_embed(check_labels(cond.labels, self.num_classes, batch))  # (B, context_dim)
-            return c[:, None, :], c
-        if cond.text is None or cond.pooled is None:
-            raise ValueError("UNet(conditioning='text'): cond.text (B, T, C) and cond.pooled (B, C_pool) are required")
-        if cond.text.shape[0] != batch or cond.text.shape[-1] != self.config["context_dim"]:
-            raise ValueError(f"UNet: cond.text must be ({batch}, T, {self.config['context_dim']}), "
-                             f"got {tuple(cond.text.shape)}")
-        if cond.pooled.shape != (batch, self.config["adm_dim"]):
-            raise ValueError(f"UNet: cond.pooled must be ({batch}, {self.config['adm_dim']}), "
-                             f"got {tuple(cond.pooled.shape)}")
-        text = cond.text
-        if cond.text_lengths is not None:
-            beta = self.text_noise_beta if self.training else 0.0  # the noise is a training-time regulariser
-            text = pad_text(text, cond.text_lengths, self.text_padding, beta)
-        return text, cond.pooled
-
-    def example_inputs(self, batch_size: int = 1, input_size: int | None = None, device=None,
-                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Cond]:
-        """Random (x_t, t, cond) of the right shapes (tests, FLOP counting, smoke runs), with control metadata."""
-        cfg, b = self.config, batch_size
-        device = device or next(self.parameters()).device
-        side = input_size or cfg["input_size"]
-        x = torch.randn(b, self.in_channels, side, side, generator=generator).to(device)
-        t = (torch.rand(b, generator=generator) * 999).to(device)
-        size = float(side * 8)
-        control = dict(control_h=torch.tensor([[0.0, 0.0, size, size, 1.0, 0.0]]).repeat(b, 1).to(device),
-                       control_l=torch.tensor([[size, size]]).repeat(b, 1).to(device))
-        if self.conditioning == "class":
-            labels = torch.randint(0, self.num_classes, (b,), generator=generator).to(device)
-            return x, t, Cond(labels=labels, **control)
-        text = torch.randn(b, 77, cfg["context_dim"], generator=generator).to(device)
-        pooled = torch.randn(b, cfg["adm_dim"], generator=generator).to(device)
-        lengths = torch.randint(1, 78, (b,), generator=generator).to(device)
-        return x, t, Cond(text=text, text_lengths=lengths, pooled=pooled, **control)
-
-    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        """x (B, C, H, W) noisy latents, H and W divisible by 2^(levels-1); t (B,) float DDPM timesteps in
-        [0, T); cond: `Cond`. -> eps prediction (B, C, H, W)."""
-        b, c, h, w = x.shape
-        if c != self.in_channels or h % self.downsample_factor or w % self.downsample_factor:
-            raise ValueError(f"UNet: x must be (B, {self.in_channels}, H, W) with H, W divisible by "
-                             f"{self.downsample_factor}, got {tuple(x.shape)}")
-        t = t.expand(b) if t.dim() == 0 else t
-        context, adm = self._context(cond, b)
-        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))  # (B, E)
-        emb = emb + self.label_emb(adm.to(emb.dtype))
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """(Re-)initialise every parameter and computed buffer: PyTorch's default init of every layer, N(0, 0.02)
+        class table, zero-output control embedder, then ADM/SDXL's zero-init (last conv of every ResBlock, output
+        projection of every SpatialTransformer, conv_out), so a fresh model predicts exactly 0. Called by the
+        constructor; call it again after `model.to_empty(device=...)` of a meta-device model."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)):
+                m.reset_parameters()
+        if self.class_embed is not None:
+            nn.init.normal_(self.class_embed.embedding_table.weight, std=0.02)
         if self.control_embed is not None:
-            emb = emb + self.control_embed(t, cond, b).to(emb.dtype)
-        context, impl = context.to(x.dtype), resolve_attn_impl(self.attn_impl)
+            self.control_embed.reset_parameters()
+        for m in self.modules():
+            if isinstance(m, (ResBlock, SpatialTransformer)):
+                m.zero_init()
+        zero_module(self.out[-1])
 
+    @property
+    def control_embedder(self):
+        """The control embedder (stored as `control_embed`, SDXL-style naming of the UNet's state dict)."""
+        return self.control_embed
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    def embed_timestep(self, t: Tensor) -> Tensor:
+        return self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.param_dtype))  # (B, E)
+
+    def class_vector(self, cond: Cond, batch_size: int) -> Tensor:
+        return self.class_embed(self.labels(cond, batch_size))  # (B, class_dim)
+
+    def vector_condition(self, cond: Cond, batch_size: int) -> Tensor:
+        """SDXL's vector conditioning MLP(adm): the class embedding or the pooled text vector -> (B, E)."""
+        adm = self.class_vector(cond, batch_size) if self.cfg.conditioning == "class" else self.pooled(cond, batch_size)
+        return self.label_emb(adm.to(self.param_dtype))
+
+    def context(self, cond: Cond, batch_size: int) -> Tensor:
+        """Cross-attention context (B, M, context_dim): the class token (M = 1) or the padded text states."""
+        if self.cfg.conditioning == "class":
+            return self.class_vector(cond, batch_size)[:, None, :]
+        return self.text_states(cond, batch_size)
+
+    def denoise(self, x: Tensor, emb: Tensor, cond: Cond) -> Tensor:
+        """x (B, C, H, W) noisy latents, H and W divisible by 2^(levels-1); emb (B, E) -> eps (B, C_out, H, W)."""
+        b, c, h, w = x.shape
+        if h % self.downsample_factor or w % self.downsample_factor:
+            raise ValueError(f"{self.cfg.name}: x must be (B, {c}, H, W) with H, W divisible by "
+                             f"{self.downsample_factor}, got {tuple(x.shape)}")
+        context, impl = self.context(cond, b).to(x.dtype), self.attn_impl
         hs = [self.conv_in(x)]  # skip activations
         for stage in self.down:
             hs.append(stage(hs[-1], emb, context, impl))
@@ -380,12 +375,46 @@ class UNet(nn.Module):
         return self.out(h)  # (B, C_out, H, W)
 
 
-def build_unet(name: str = "unet-sdxl", conditioning: str = "class", **overrides) -> UNet:
-    """Build a named UNet config (`UNET_CONFIGS`) for a conditioning, with keyword overrides."""
+_LEGACY_CONTROL_KEYS = {"gamma": "gamma", "alpha": "gamma_alpha", "k": "gamma_k", "freq_dim": "control_freq_dim"}
+
+
+def _legacy_kwargs(conditioning: str, kwargs: dict) -> dict:
+    """Configs written before the shared field names (context_dim / adm_dim / control_kwargs) -> current names."""
+    kwargs = dict(kwargs)
+    width = "class_dim" if conditioning == "class" else "text_dim"
+    if "context_dim" in kwargs:
+        kwargs.setdefault(width, kwargs.pop("context_dim"))
+    if "adm_dim" in kwargs:
+        adm = kwargs.pop("adm_dim")
+        if conditioning == "text":
+            kwargs.setdefault("pooled_dim", adm)
+        elif adm != kwargs.get("class_dim", adm):
+            raise ValueError(f"UNet: class conditioning uses the class embedding as context and adm vector, so "
+                             f"adm_dim ({adm}) must equal the class width ({kwargs['class_dim']})")
+    for key, value in (kwargs.pop("control_kwargs", None) or {}).items():
+        if key not in _LEGACY_CONTROL_KEYS:
+            raise ValueError(f"UNet: unknown control_kwargs key {key!r}; known: {sorted(_LEGACY_CONTROL_KEYS)}")
+        kwargs.setdefault(_LEGACY_CONTROL_KEYS[key], value)
+    return kwargs
+
+
+def unet_config(name: str = "unet-sdxl", conditioning: str = "class", **overrides) -> UNetConfig:
+    """Resolve a named UNet config (`UNET_CONFIGS`) for a conditioning, with keyword overrides (unknown keys raise
+    ValueError naming them)."""
     if name not in UNET_CONFIGS:
         raise ValueError(f"unknown UNet config {name!r}; known: {sorted(UNET_CONFIGS)}")
     if conditioning not in UNET_CONFIGS[name]:
         raise ValueError(f"UNet {name!r}: conditioning must be one of {sorted(UNET_CONFIGS[name])}, "
                          f"got {conditioning!r}")
-    kwargs = {**UNET_CONFIGS[name][conditioning], **overrides}
-    return UNet(conditioning=conditioning, name=name, **kwargs)
+    kwargs = {**UNET_CONFIGS[name][conditioning], **_legacy_kwargs(conditioning, overrides)}
+    kwargs["name"], kwargs["conditioning"] = name, conditioning
+    valid = {f.name for f in fields(UNetConfig)}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise ValueError(f"create({name!r}): unknown option(s) {unknown}; valid options: {sorted(valid)}")
+    return UNetConfig(**kwargs)
+
+
+def build_unet(name: str = "unet-sdxl", conditioning: str = "class", **overrides) -> UNet:
+    """Build a named UNet config (`UNET_CONFIGS`) for a conditioning, with keyword overrides."""
+    return UNet(unet_config(name, conditioning, **overrides))

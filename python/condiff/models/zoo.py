@@ -6,9 +6,10 @@ of the transformer families in `SIZES` (DiT's S/B/L/XL with patch 2, any `/p` pa
 < size preset < overrides. `model.config` holds every resolved field (name included), so
 `create(**model.config)` rebuilds the same architecture.
 
-Hook for other backbones: `register_family(name, builder)` where `builder(name, conditioning, **overrides)`
-returns the model (it parses its own size names); `create` dispatches to the longest registered family
-that prefixes the name.
+Hook for other backbones: `register_family(name, model_cls, config)` where `config(name, conditioning,
+**overrides)` returns the family's resolved config (it parses its own size names) and `model_cls(config)`
+builds the model; `create` dispatches to the longest registered family that prefixes the name, and
+`model_config` resolves (and validates) the config without building anything.
 
 Defaults chosen to reproduce Table A1 at XL/2 (shared/notes/table-a1.md; measured in tests/test_models.py):
 every backbone carries control embedders (the paper's counts run 3.6-5.8M above the reference codebases):
@@ -20,16 +21,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
-from torch import nn
-
+from condiff.models.base import DiffusionModel, ModelConfig
 from condiff.models.dit import AttDiT, DiT
-from condiff.models.layers import Backbone
 from condiff.models.mdt import MDTv2
 from condiff.models.mmdit import MMDiT
 from condiff.models.pixart import PixArtAlpha
-from condiff.models.unet import build_unet
+from condiff.models.transformer import Backbone, BackboneConfig
+from condiff.models.unet import UNet, unet_config
 
 SIZES: dict[str, dict] = {
     "tiny": dict(depth=4, hidden_size=128, num_heads=4),
@@ -75,8 +75,8 @@ def parse_size(size: str) -> dict:
     return {**SIZES[m.group(1)], "patch_size": int(m.group(2) or 2)}
 
 
-def build_transformer(name: str, conditioning: str = "class", **overrides) -> Backbone:
-    """Builder of the transformer families: resolves family defaults, size preset and overrides."""
+def transformer_config(name: str, conditioning: str = "class", **overrides) -> BackboneConfig:
+    """Config of a transformer-family name: family defaults < size preset < overrides (unknown keys raise)."""
     family = _family_of(name, TRANSFORMERS)
     size = name[len(family) + 1:] if len(name) > len(family) else DEFAULT_SIZE
     size_key = size.split("/")[0]
@@ -88,19 +88,28 @@ def build_transformer(name: str, conditioning: str = "class", **overrides) -> Ba
     unknown = sorted(set(kwargs) - valid)
     if unknown:
         raise ValueError(f"create({name!r}): unknown option(s) {unknown}; valid options: {sorted(valid)}")
-    return cls(cls.config_cls(**kwargs))
+    return cls.config_cls(**kwargs)
 
 
-FAMILIES: dict[str, Callable[..., nn.Module]] = {family: build_transformer for family in TRANSFORMERS}
-"""Registry: family name -> builder(name, conditioning, **overrides). `register_family` adds to it."""
+@dataclass(frozen=True)
+class Family:
+    """A registered backbone family: its model class (built as `model_cls(config)`) and the resolver
+    `config(name, conditioning, **overrides) -> ModelConfig` that parses the family's size names."""
+
+    model_cls: type[DiffusionModel]
+    config: Callable[..., ModelConfig]
 
 
-def register_family(family: str, builder: Callable[..., nn.Module]) -> None:
-    """Register a backbone family (e.g. 'unet-sdxl') whose builder parses its own size names."""
-    FAMILIES[family] = builder
+FAMILIES: dict[str, Family] = {family: Family(cls, transformer_config) for family, cls in TRANSFORMERS.items()}
+"""Registry: family name -> `Family`. `register_family` adds to it."""
 
 
-register_family("unet-sdxl", build_unet)  # models/unet.py: `unet-sdxl` (the paper's) and `unet-sdxl-tiny`
+def register_family(family: str, model_cls: type[DiffusionModel], config: Callable[..., ModelConfig]) -> None:
+    """Register a backbone family (e.g. 'unet-sdxl') whose `config` resolver parses its own size names."""
+    FAMILIES[family] = Family(model_cls, config)
+
+
+register_family("unet-sdxl", UNet, unet_config)  # models/unet.py: `unet-sdxl` (the paper's) and `unet-sdxl-tiny`
 
 
 def _family_of(name: str, registry) -> str:
@@ -110,15 +119,27 @@ def _family_of(name: str, registry) -> str:
     return max(matches, key=len)
 
 
-def create(name: str, conditioning: str = "class", **overrides) -> nn.Module:
+def family_of(name: str) -> str:
+    """The registered family a model name belongs to (the longest matching prefix)."""
+    return _family_of(name, FAMILIES)
+
+
+def model_config(name: str, conditioning: str = "class", **overrides) -> ModelConfig:
+    """The resolved, validated config `create(name, conditioning, **overrides)` would build, without building
+    the model (recipes are checked with it when they load). Raises ValueError naming a wrong key or value."""
+    if conditioning not in ("class", "text"):
+        raise ValueError(f"create({name!r}): conditioning must be 'class' or 'text', got {conditioning!r}")
+    return FAMILIES[family_of(name)].config(name, conditioning, **overrides)
+
+
+def create(name: str, conditioning: str = "class", **overrides) -> DiffusionModel:
     """Build a model by name, e.g. create("mmdit-ours-xl/2", conditioning="text", text_dim=384).
 
     Every model is called as `model(x_t, t, cond)` -> eps (B, C, H, W) and has a JSON-able `model.config`
     with `create(**model.config)` rebuilding it.
     """
-    if conditioning not in ("class", "text"):
-        raise ValueError(f"create({name!r}): conditioning must be 'class' or 'text', got {conditioning!r}")
-    return FAMILIES[_family_of(name, FAMILIES)](name, conditioning, **overrides)
+    cfg = model_config(name, conditioning, **overrides)
+    return FAMILIES[family_of(name)].model_cls(cfg)
 
 
 def available() -> list[str]:

@@ -5,7 +5,8 @@ A recipe is a YAML file whose nested mappings mirror `TrainConfig` below. Two ex
     the 512 fine-tunes and the transfers are a few lines over their 256 recipes);
   * command-line overrides `section.key=value`, the value parsed as YAML (`optim.betas=[0.9,0.95]`).
 Every key is checked: an unknown key, or a value of the wrong type, raises `ConfigError` naming the
-full dotted key and what was expected. The resolved config (`to_dict`) is saved with every run
+full dotted key and what was expected. The `model` section is checked against its family's config
+(`check_model`): a wrong `model.kwargs` key, type or width fails when the recipe loads, naming the file. The resolved config (`to_dict`) is saved with every run
 (`run_dir/config.yaml`) and in every checkpoint's meta.json.
 
 Paper defaults (App. C "Training", "Influence of momentum", "Scaling the training"):
@@ -23,13 +24,18 @@ Paper defaults (App. C "Training", "Influence of momentum", "Scaling the trainin
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+MINILM_WIDTH = 384  # sentence-transformers/all-MiniLM-L6-v2 (the default text encoder): states and pooled
 
 
 class ConfigError(ValueError):
@@ -315,7 +321,100 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         merged = _merge(merged, _nest(key, value))
     cfg = TrainConfig()
     _apply(cfg, merged)
-    return cfg.validate()
+    cfg.validate()
+    check_model(cfg, str(path) if path is not None else "<config data>")
+    return cfg
+
+
+def check_model(cfg: TrainConfig, source: str) -> None:
+    """Validate the recipe's `model` section against its family's config (`condiff.models.model_config`): every
+    `model.kwargs` key must be a field of that config with a value of its type, the resolved config must be
+    valid, and the text widths / input channels must match the text encoder / autoencoder when the recipe
+    states them. Raises ConfigError naming `source` (the recipe file) and the dotted key."""
+    from condiff.models import family_of, model_config
+
+    m = cfg.model
+    try:
+        family = family_of(m.name)
+        base = model_config(m.name, m.conditioning)
+    except ValueError as e:
+        raise ConfigError(f"{source}: model.name: {e}") from None
+    hints = typing.get_type_hints(type(base))
+    for key, value in m.kwargs.items():
+        if key not in hints or key in ("name", "conditioning"):
+            raise ConfigError(f"{source}: model.kwargs.{key}: not an option of {family} models (known: "
+                              f"{', '.join(sorted(set(hints) - {'name', 'conditioning'}))})")
+        _check_type(value, hints[key], f"{source}: model.kwargs.{key}")
+    kwargs = dict(m.kwargs)
+    if m.conditioning == "class" and cfg.data.num_classes:
+        kwargs.setdefault("num_classes", cfg.data.num_classes)
+    try:
+        resolved = model_config(m.name, m.conditioning, **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{source}: model.kwargs: {e}") from None
+    widths = {}
+    if m.conditioning == "text":
+        width = _text_encoder_width(cfg.text.encoder)
+        widths.update(text_dim=width, pooled_dim=width)
+    widths["in_channels"] = _autoencoder_channels(cfg.autoencoder.config)
+    if hasattr(resolved, "out_channels"):  # the UNet states its output channels separately
+        widths["out_channels"] = widths["in_channels"]
+    for key, expected in widths.items():  # the widths the recipe states (defaults are the paper's sizes)
+        if key in m.kwargs and expected is not None and getattr(resolved, key) != expected:
+            raise ConfigError(f"{source}: model.kwargs.{key}: the model is {getattr(resolved, key)} wide but the "
+                              f"{'text encoder' if key.endswith('_dim') else 'autoencoder'} gives {expected}; "
+                              f"set model.kwargs.{key}: {expected}")
+
+
+def _check_type(value: Any, tp: Any, key: str) -> None:
+    """ConfigError unless `value` fits the annotation `tp` (`X | None` accepts None)."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if value is None and type(None) in options:
+        return
+    errors = []
+    for option in (o for o in options if o is not type(None)):
+        try:
+            _coerce(value, option, key)
+            return
+        except ConfigError as e:
+            errors.append(e)
+    raise errors[0]
+
+
+def _json_field(path: str | None, *keys: str) -> int | None:
+    """An int field of `path/config.json` (first of `keys` found, dotted for nesting), None if unreadable."""
+    if not path:
+        return None
+    try:
+        data = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in keys:
+        node = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, int):
+            return node
+    return None
+
+
+def _text_encoder_width(encoder: dict) -> int | None:
+    """Width of the states and pooled vector of a text-encoder config, when knowable without loading it."""
+    kind = encoder.get("kind")
+    if kind == "tiny-clip":
+        return int(encoder.get("dim", 64))
+    if kind == "minilm" and not encoder.get("path"):
+        return MINILM_WIDTH
+    if kind in ("clip", "minilm"):
+        return _json_field(encoder.get("path"), "hidden_size", "text_config.hidden_size")
+    return None
+
+
+def _autoencoder_channels(config: dict) -> int | None:
+    """Channels the model sees: 3 in pixel space, the VAE's latent channels when its config.json is readable."""
+    if config.get("kind", "pixels") == "pixels":
+        return 3
+    return _json_field(config.get("path"), "latent_channels")
 
 
 def dump_config(cfg: TrainConfig, path: str | Path) -> None:

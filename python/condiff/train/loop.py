@@ -129,8 +129,8 @@ def build_autoencoder(cfg: TrainConfig):
 def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     """Keyword arguments for `condiff.models.create`: the recipe's `model.kwargs` plus, for class-
     conditional models, the class count of the data. Widths that depend on the text encoder or the
-    autoencoder (text/context dims, input channels) are stated in the recipe, where they are visible;
-    a mismatch fails at the first forward with the model's message."""
+    autoencoder (text widths, input channels) are stated in the recipe, where they are visible; a stated
+    width that contradicts them is a ConfigError when the recipe loads (`config.check_model`)."""
     kw: dict[str, Any] = {}
     if cfg.model.conditioning == "class" and num_classes:
         kw["num_classes"] = num_classes

@@ -1,4 +1,5 @@
-"""Train-step throughput and model FLOPs utilisation (MFU) of a zoo backbone.
+"""Train-step throughput and model FLOPs utilisation (MFU) of a zoo backbone (a measurement tool, used by
+tools/gpu_check.py; not part of the library).
 
 MFU = achieved model FLOP/s / the device's peak dense bf16 FLOP/s, with the model FLOPs of one train step
 taken as 3 x forward (backward = 2 x forward), the forward counted analytically by `condiff.flops` at

@@ -1,7 +1,7 @@
 import pytest
 
 from condiff.flops import measure
-from condiff.train.throughput import train_step_throughput
+from throughput import train_step_throughput  # tools/throughput.py, beside this test
 
 
 def test_train_step_throughput_accounts_three_forwards_per_step():
