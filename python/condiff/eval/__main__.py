@@ -197,7 +197,7 @@ def _log(dist: Dist, msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from condiff.eval import align, fid, manifest
+    from condiff.eval import align, features, manifest, reference, statistics
     from condiff.eval.generate import Generator, SamplingSpec
     from condiff.train.checkpoint import load_for_inference, resolve_checkpoint
 
@@ -226,11 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         extractor = refs = clip_scorer = None
         if "fid" in args.metrics:
             feat_spec = f"inception:{args.inception}" if args.features == "inception" and args.inception else args.features
-            extractor = fid.build_extractor(feat_spec, device=dist.device, batch_size=args.batch_size)
+            extractor = features.build_extractor(feat_spec, device=dist.device, batch_size=args.batch_size)
             refs = {}
             for split, shards in (("train", args.ref_train), ("val", args.ref_val)):
                 if shards:
-                    refs[split] = fid.reference_stats(shards, extractor, gen.resolution, cache_dir=args.cache_dir,
+                    refs[split] = reference.reference_stats(shards, extractor, gen.resolution, cache_dir=args.cache_dir,
                                                       max_images=args.ref_max, rank=dist.rank,
                                                       world_size=dist.world, gather=dist.all_gather,
                                                       log=lambda m: _log(dist, m))
@@ -274,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             parts = dist.gather(feats)
             if dist.rank == 0:
                 pairs = sorted((i, row) for part in parts for idx, f in part for i, row in zip(idx, f))
-                gen_stats = fid.FidStats.from_features(np.stack([row for _, row in pairs]))
+                gen_stats = statistics.FidStats.from_features(np.stack([row for _, row in pairs]))
                 for split, ref in refs.items():
-                    metrics[f"fid_{split}"] = fid.frechet_distance(gen_stats, ref)
+                    metrics[f"fid_{split}"] = statistics.frechet_distance(gen_stats, ref)
         if clip_scorer is not None:
             parts = dist.gather(clip_scores)
             if dist.rank == 0:
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 def _save_pngs(save_dir: Path, idx: list[int], images: torch.Tensor) -> None:
     from PIL import Image
 
-    from condiff.eval.fid import to_uint8
+    from condiff.eval.features import to_uint8
 
     save_dir.mkdir(parents=True, exist_ok=True)
     for i, u8 in zip(idx, to_uint8(images)):

@@ -45,7 +45,7 @@ import numpy as np
 from torch import Tensor
 
 from condiff.data import shapes
-from condiff.eval.fid import to_uint8
+from condiff.eval.features import to_uint8
 
 METRICS = ("colour", "shape", "relation", "relation_given_found", "count", "overall")
 
@@ -246,7 +246,7 @@ def validate(preset: str = "default", resolution: int | None = 64, n: int = 400,
     {"ground_truth", "shuffled" (each image against another image's caption), "oracle" (a perfect
     detector on the same shuffled pairs: the chance level), "mirrored" (horizontally flipped images
     with their left/right captions: relation should collapse)}."""
-    from condiff.eval.fid import center_crop_arr
+    from condiff.eval.reference import center_crop_arr
 
     imgs, caps = [], []
     for i in range(n):
