@@ -9,5 +9,8 @@ Modules (each importable on its own; heavy libraries load lazily):
   align       analytic shapes-alignment detector (colour, shape, left/right) - `align.score_images`
   generate    in-memory sampling split across ranks, deterministic per global sample index
   manifest    the record every result carries (JSON + Markdown + image grid)
-`condiff eval` / `torchrun -m condiff.eval` (`__main__.py`) ties them together.
+  metrics/    the metric protocol (update by sample index, state / merge across ranks, compute) and its
+              plug-ins: fid, clip, lpips, align (plus the run's image grid)
+`condiff eval` / `torchrun -m condiff.eval` (`__main__.py`) ties them together: set-up, one generation
+loop feeding every metric, one gather / merge, compute, report.
 """
