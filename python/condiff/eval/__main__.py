@@ -220,6 +220,11 @@ def load_generator(args: argparse.Namespace, device) -> tuple:
     return ckpt, inf, Generator(inf, spec, prompts, device=device), prompts
 
 
+def batch_samples(batch_size: int, stream) -> int:
+    """Samples per generated batch: `batch_size` images, or as many size sweeps as fit in it (at least one)."""
+    return batch_size if stream.sizes is None else max(1, batch_size // len(stream.sizes))
+
+
 def generate(gen, stream, rank: int, world: int) -> Iterator[tuple[list[int], torch.Tensor]]:
     """This rank's share of `stream` (`condiff.eval.metrics.Stream`): (global indices, images) batches,
     images (B, 3, H, W) in [-1, 1], or (B, K, 3, H, W) size sweeps (B prompts, K sizes per batch)."""
@@ -229,7 +234,8 @@ def generate(gen, stream, rank: int, world: int) -> Iterator[tuple[list[int], to
     if stream.sizes is None:
         yield from gen.batches(rank, world, stream.n)
         return
-    mine, k, per_batch = rank_indices(stream.n, rank, world), len(stream.sizes), batch_samples(gen.spec.batch_size, stream)
+    mine, k = rank_indices(stream.n, rank, world), len(stream.sizes)
+    per_batch = batch_samples(gen.spec.batch_size, stream)
     for start in range(0, len(mine), per_batch):
         idx = mine[start:start + per_batch]
         noise, sizes = size_sweep(torch.stack([gen.noise(i) for i in idx]), list(stream.sizes))  # (B K, C, h, w)
@@ -343,11 +349,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist.shutdown()
     return 0
-
-
-def batch_samples(batch_size: int, stream) -> int:
-    """Samples per generated batch: `batch_size` images, or as many size sweeps as fit in it (at least one)."""
-    return batch_size if stream.sizes is None else max(1, batch_size // len(stream.sizes))
 
 
 def _report(args, argv, world, ckpt, inf, gen, prompts, metrics: dict, values: dict, grid, out_dir: Path,
