@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from condiff.eval import align, fid
+from condiff.eval import align, features, reference
 from condiff.io.images import to_uint8
 
 N, RES = 128, 64
@@ -27,7 +27,7 @@ def images():
 @pytest.fixture(scope="module")
 def extractor():
     # clean-fid's real resize to 299 px; a small random network stands in for Inception (offline)
-    return fid.random_extractor(dim=64, size=299, batch_size=64)
+    return features.random_extractor(dim=64, size=299, batch_size=64)
 
 
 def test_bench_fid_features_in_memory(benchmark, images, extractor):
@@ -52,7 +52,7 @@ def test_bench_align_detector(benchmark):
     from condiff.data import shapes
 
     samples = [shapes.render(i, "demo", seed=0) for i in range(N)]
-    imgs = torch.from_numpy(np.stack([fid.center_crop_arr(s.image, 32) for s in samples])).permute(0, 3, 1, 2)
+    imgs = torch.from_numpy(np.stack([reference.center_crop_arr(s.image, 32) for s in samples])).permute(0, 3, 1, 2)
     caps = [s.caption for s in samples]
     r = benchmark.pedantic(align.score_images, args=(imgs, caps), rounds=3, iterations=1)
     assert r["overall"] > 0.95

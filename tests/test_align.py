@@ -9,7 +9,7 @@ import torch
 
 from condiff.data import shapes
 from condiff.eval import align as A
-from condiff.eval.fid import center_crop_arr
+from condiff.eval.reference import center_crop_arr
 
 
 @pytest.fixture(scope="module")

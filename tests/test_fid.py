@@ -1,4 +1,5 @@
-"""FID: parity with clean-fid (distance, features, end to end), sanity, reference-statistics cache."""
+"""FID features, statistics and reference sets: parity with clean-fid (distance, features, end to end),
+sanity, reference-statistics cache."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from condiff.eval import fid as F
+from condiff.eval import features, reference, statistics
 from condiff.io.images import to_uint8
 from condiff.io.shards import expand_shards
 
@@ -31,7 +32,7 @@ def test_frechet_distance_equals_cleanfid():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(200, 16)).astype(np.float32)
     b = (rng.normal(size=(150, 16)) * 1.3 + 0.4).astype(np.float32)
-    ours = F.fid_from_features(a, b)
+    ours = statistics.fid_from_features(a, b)
     ref = fid_from_feats(a, b)
     assert ours == pytest.approx(ref, rel=1e-10)
     # closed form for this case is far from 0: the check is not vacuous
@@ -39,10 +40,10 @@ def test_frechet_distance_equals_cleanfid():
 
 
 def test_fid_self_zero_and_grows_with_shift():
-    ext = F.random_extractor(dim=16, size=32)
+    ext = features.random_extractor(dim=16, size=32)
     base = ext.features(_images(64, 0))
-    assert F.fid_from_features(base, base) == pytest.approx(0.0, abs=1e-6)
-    fids = [F.fid_from_features(base, ext.features(_images(64, 1, shift=s))) for s in (0.0, 0.2, 0.5)]
+    assert statistics.fid_from_features(base, base) == pytest.approx(0.0, abs=1e-6)
+    fids = [statistics.fid_from_features(base, ext.features(_images(64, 1, shift=s))) for s in (0.0, 0.2, 0.5)]
     assert fids[0] < fids[1] < fids[2]
     assert fids[2] > 10 * fids[0]
 
@@ -51,7 +52,7 @@ def test_in_memory_features_match_cleanfid_folder_pipeline(tmp_path):
     """Our in-memory path (quantise, clean resize, extractor) == clean-fid reading the same PNGs."""
     from cleanfid import fid as cf
 
-    ext = F.random_extractor(dim=8, size=299)  # the real "clean" resize: PIL bicubic float to 299
+    ext = features.random_extractor(dim=8, size=299)  # the real "clean" resize: PIL bicubic float to 299
     imgs = _images(6, 3, size=40)
     for i, u8 in enumerate(to_uint8(imgs)):
         Image.fromarray(u8).save(tmp_path / f"{i:03d}.png")
@@ -64,7 +65,7 @@ def test_in_memory_features_match_cleanfid_folder_pipeline(tmp_path):
 def test_fid_equals_cleanfid_compute_fid(tmp_path):
     from cleanfid import fid as cf
 
-    ext = F.random_extractor(dim=8, size=48)
+    ext = features.random_extractor(dim=8, size=48)
     a, b = _images(20, 4), _images(20, 5, shift=0.3)
     for name, imgs in (("a", a), ("b", b)):
         (tmp_path / name).mkdir()
@@ -73,7 +74,7 @@ def test_fid_equals_cleanfid_compute_fid(tmp_path):
     theirs = cf.compute_fid(str(tmp_path / "a"), str(tmp_path / "b"), custom_feat_extractor=ext.fn,
                             custom_fn_resize=ext.resize.build(), num_workers=0, batch_size=8,
                             device=torch.device("cpu"), verbose=False)
-    ours = F.fid_from_features(ext.features(a), ext.features(b))
+    ours = statistics.fid_from_features(ext.features(a), ext.features(b))
     assert ours == pytest.approx(theirs, rel=1e-6)
 
 
@@ -95,58 +96,58 @@ def _write_shards(dirpath: Path, n_shards: int, per_shard: int, seed: int, corru
 def test_reference_stats_cached_under_content_hash(tmp_path, monkeypatch):
     (tmp_path / "shards").mkdir()
     spec = _write_shards(tmp_path / "shards", 2, 6, seed=7, corrupt=True)
-    ext = F.random_extractor(dim=8, size=32)
+    ext = features.random_extractor(dim=8, size=32)
     logs = []
-    ref = F.reference_stats(spec, ext, 16, cache_dir=tmp_path / "cache", log=logs.append)
+    ref = reference.reference_stats(spec, ext, 16, cache_dir=tmp_path / "cache", log=logs.append)
     assert ref.n == 12 and len(ref.key) == 32
     assert "2 skipped" in logs[0]
     assert (tmp_path / "cache" / "fid_ref" / f"{ref.key}.npz").is_file()
     # second call hits the cache: no image is read
-    monkeypatch.setattr(F, "shard_moments", lambda *a, **k: pytest.fail("cache miss"))
-    again = F.reference_stats(spec, ext, 16, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(reference, "shard_moments", lambda *a, **k: pytest.fail("cache miss"))
+    again = reference.reference_stats(spec, ext, 16, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(again.mu, ref.mu)
     assert again.key == ref.key
     # the key depends on the extractor, the resolution and the shard bytes
     files = expand_shards(spec)
-    other_ext = F.random_extractor(dim=8, size=32, seed=1)
-    assert F.reference_key(files, other_ext, 16, None, tmp_path / "cache") != ref.key
-    assert F.reference_key(files, ext, 20, None, tmp_path / "cache") != ref.key
+    other_ext = features.random_extractor(dim=8, size=32, seed=1)
+    assert reference.reference_key(files, other_ext, 16, None, tmp_path / "cache") != ref.key
+    assert reference.reference_key(files, ext, 20, None, tmp_path / "cache") != ref.key
     with open(files[0], "ab") as f:
         f.write(b"\0" * 512)
-    assert F.reference_key(files, ext, 16, None, tmp_path / "cache") != ref.key
+    assert reference.reference_key(files, ext, 16, None, tmp_path / "cache") != ref.key
 
 
 def test_reference_stats_match_direct_features(tmp_path):
     (tmp_path / "shards").mkdir()
     spec = _write_shards(tmp_path / "shards", 1, 8, seed=9)
-    ext = F.random_extractor(dim=8, size=32)
-    ref = F.reference_stats(spec, ext, 24, cache_dir=tmp_path / "cache", log=lambda s: None)
-    direct = F.FidStats.from_features(ext.features(_images(8, 9, size=24)))
+    ext = features.random_extractor(dim=8, size=32)
+    ref = reference.reference_stats(spec, ext, 24, cache_dir=tmp_path / "cache", log=lambda s: None)
+    direct = statistics.FidStats.from_features(ext.features(_images(8, 9, size=24)))
     np.testing.assert_allclose(ref.mu, direct.mu, rtol=1e-6, atol=1e-6)
 
 
 def test_missing_inception_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv(F.INCEPTION_ENV, raising=False)
-    if Path("/tmp", F.INCEPTION_FILE).exists():
+    monkeypatch.delenv(features.INCEPTION_ENV, raising=False)
+    if Path("/tmp", features.INCEPTION_FILE).exists():
         pytest.skip("an Inception file is installed in /tmp")
     with pytest.raises(FileNotFoundError) as err:
-        F.resolve_inception_path(tmp_path / "nowhere")
+        features.resolve_inception_path(tmp_path / "nowhere")
     msg = str(err.value)
-    assert F.INCEPTION_FILE in msg and F.INCEPTION_ENV in msg and "--inception" in msg
+    assert features.INCEPTION_FILE in msg and features.INCEPTION_ENV in msg and "--inception" in msg
 
 
 def test_bad_extractor_spec():
     with pytest.raises(ValueError, match="random"):
-        F.build_extractor("resnet")
+        features.build_extractor("resnet")
 
 
 def test_moments_equal_np_cov_and_merge():
     rng = np.random.default_rng(1)
     a = rng.normal(3.0, 0.5, size=(50, 6))
     b = rng.normal(2.0, 1.5, size=(70, 6))
-    direct = F.FidStats.from_features(np.concatenate([a, b]))
-    merged = F.Moments().update(a[:20]).update(a[20:]).merge(F.Moments().update(b)).stats()
+    direct = statistics.FidStats.from_features(np.concatenate([a, b]))
+    merged = statistics.Moments().update(a[:20]).update(a[20:]).merge(statistics.Moments().update(b)).stats()
     assert merged.n == 120
     np.testing.assert_allclose(merged.mu, direct.mu, rtol=1e-12)
     np.testing.assert_allclose(merged.sigma, direct.sigma, rtol=1e-10, atol=1e-12)

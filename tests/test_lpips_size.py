@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from condiff.eval import lpips_size as L
+from condiff.eval.metrics import Stream
+from condiff.eval.metrics.lpips import LpipsSize
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -27,33 +29,42 @@ def test_protocol_sizes():
         L.protocol_sizes([64, 128, 256], 256)
 
 
-def test_size_blind_sampler_scores_zero_and_gets_same_noise(net):
-    seen = []
-
-    def sample_fn(noise, prompts, sizes):
-        seen.append((noise, prompts, sizes))
-        return noise.tanh()  # ignores the size conditioning
-
-    sizes = L.protocol_sizes(L.default_sizes(32, k=4), 32)
-    mean, per_prompt = L.size_diversity(sample_fn, ["a", "b", "c"], _noise, sizes, net, prompts_per_batch=2)
-    assert mean == 0.0 and len(per_prompt) == 3
-    noise, prompts, size_t = seen[0]
+def _score(sample_fn, n_prompts: int, sizes: list[int], net, per_batch: int = 2) -> float:
+    """The protocol as `condiff eval` runs it: size sweeps of `per_batch` prompts -> sampler -> LpipsSize."""
+    metric = LpipsSize(Stream(n_prompts, tuple(sizes)), net)
     k = len(sizes)
-    assert noise.shape == (2 * k, 3, 32, 32) and prompts == ["a"] * k + ["b"] * k
+    for start in range(0, n_prompts, per_batch):
+        idx = list(range(start, min(start + per_batch, n_prompts)))
+        noise, size_t = L.size_sweep(torch.stack([_noise(i) for i in idx]), sizes)
+        images = sample_fn(noise, size_t)  # (P K, 3, H, W)
+        metric.update(images.reshape(len(idx), k, *images.shape[1:]), idx)
+    return metric.compute()["lpips_size"]
+
+
+def test_size_sweep_repeats_each_prompts_noise_over_its_sizes():
+    sizes = [32, 48, 64]
+    noise, size_t = L.size_sweep(torch.stack([_noise(0), _noise(1)]), sizes)
+    k = len(sizes)
+    assert noise.shape == (2 * k, 3, 32, 32) and size_t.shape == (2 * k, 2)
     assert torch.equal(noise[0], noise[k - 1]) and not torch.equal(noise[0], noise[k])  # same noise per prompt
-    assert size_t[:k, 0].tolist() == sizes and torch.equal(size_t[:, 0], size_t[:, 1])
+    assert torch.equal(noise[k], _noise(1))
+    assert size_t[:k, 0].tolist() == sizes and size_t[k:, 0].tolist() == sizes and torch.equal(size_t[:, 0], size_t[:, 1])
+
+
+def test_size_blind_sampler_scores_zero(net):
+    sizes = L.protocol_sizes(L.default_sizes(32, k=4), 32)
+    assert _score(lambda noise, size_t: noise.tanh(), 3, sizes, net) == 0.0  # ignores the size conditioning
 
 
 def test_size_dependent_sampler_scores_higher(net):
     def make(strength):
-        def sample_fn(noise, prompts, sizes):
+        def sample_fn(noise, sizes):
             ramp = torch.linspace(-1, 1, 32)[None, None, None, :]
             return (noise.tanh() * 0.5 + strength * (sizes[:, :1, None, None] / 128.0) * ramp).clamp(-1, 1)
         return sample_fn
 
     sizes = [32, 64, 128]
-    weak, _ = L.size_diversity(make(0.1), ["a", "b"], _noise, sizes, net)
-    strong, _ = L.size_diversity(make(0.8), ["a", "b"], _noise, sizes, net)
+    weak, strong = _score(make(0.1), 2, sizes, net), _score(make(0.8), 2, sizes, net)
     assert 0.0 < weak < strong
 
 

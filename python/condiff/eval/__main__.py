@@ -7,14 +7,18 @@ straight to the metrics, then write a manifest (JSON + Markdown table) and an im
     torchrun --nproc_per_node=8 -m condiff.eval runs/x ... --num-samples 50000 (same flags; --n is an
         ambiguous prefix for torchrun's own parser, so it is spelled --num-samples there)
 
-Flow: every rank generates its share of the n samples (indices r, r + W, ...; deterministic per global
-index: `condiff.inference.generate`); per batch it keeps Inception (or custom) features, CLIP scores and
-align flags, never the images (PNG files only with --save-images; the first --grid images are kept
-for the grid). Features and per-sample scores are gathered to rank 0, which computes
+Flow: set-up (load the checkpoint into a `Generator`, build the metrics of `--metrics`, which check
+their inputs and compute or load FID reference statistics before anything is sampled), then one
+generation loop: every rank generates its share of each stream of samples the metrics need (indices
+r, r + W, ...; deterministic per global index: `condiff.inference.generate`) and feeds every batch to every
+metric of that stream (`condiff.eval.metrics`: each keeps per-index features or scores, never the
+images; PNG files only with --save-images; the first --grid images are kept for the grid). Then one
+gather of every metric's state to rank 0, which merges them and computes
   fid_train / fid_val   FID against the cached statistics of --ref-train / --ref-val (clean-fid)
   clip                  mean CLIP score, 100 x cosine clipped at 0 (`condiff.eval.clip_score`)
   align/*               shapes alignment accuracies (`condiff.eval.align`; prompts in the shapes grammar)
-  lpips_size            LPIPS size-diversity protocol (`condiff.eval.lpips_size`) on --lpips-prompts prompts
+  lpips_size            LPIPS size-diversity protocol (`condiff.eval.lpips_size`) on --lpips-prompts
+                        prompts, fed size sweeps (one per prompt) instead of single samples
 and writes --out/manifest.json, report.md, grid.png.
 
 Presets (`--preset`, explicit flags win): the paper's protocols, see PRESETS. `--guidance` means what it
@@ -29,8 +33,8 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
-import numpy as np
 import torch
 
 from condiff.inference.cli_args import add_sampling_args, add_source_args, source_of, spec_of
@@ -183,132 +187,179 @@ def _log(dist: Dist, msg: str) -> None:
         print(f"[condiff eval] {msg}", flush=True)
 
 
+def load_generator(args: argparse.Namespace, device) -> tuple:
+    """Set-up of the sampler: (checkpoint directory, loaded `Pipeline`, `Generator`, prompts or None)."""
+    from condiff.inference.generate import Generator
+    from condiff.inference.pipeline import Pipeline
+
+    inf = Pipeline.from_checkpoint(args.checkpoint, device, "model" if args.raw_weights else "ema", args.autoencoder)
+    prompts = load_prompts(args.prompts)
+    text = inf.conditioning == "text"
+    gen = Generator(inf, spec_of(args), prompts if text else None, None if text else prompts, device=device)
+    return Path(inf.source), inf, gen, prompts
+
+
+def batch_samples(batch_size: int, stream) -> int:
+    """Samples per generated batch: `batch_size` images, or as many size sweeps as fit in it (at least one)."""
+    return batch_size if stream.sizes is None else max(1, batch_size // len(stream.sizes))
+
+
+def generate(gen, stream, rank: int, world: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """This rank's share of `stream` (`condiff.eval.metrics.Stream`): (global indices, images) batches,
+    images (B, 3, H, W) in [-1, 1], or (B, K, 3, H, W) size sweeps (B prompts, K sizes per batch)."""
+    from condiff.inference.generate import rank_indices
+    from condiff.eval.lpips_size import size_sweep
+
+    if stream.sizes is None:
+        yield from gen.batches(rank, world, stream.n)
+        return
+    mine, k = rank_indices(stream.n, rank, world), len(stream.sizes)
+    per_batch = batch_samples(gen.spec.batch_size, stream)
+    for start in range(0, len(mine), per_batch):
+        idx = mine[start:start + per_batch]
+        noise, sizes = size_sweep(torch.stack([gen.noise(i) for i in idx]), list(stream.sizes))  # (B K, C, h, w)
+        images = gen.sample(noise, gen.cond([i for i in idx for _ in range(k)], sizes), idx[0])  # (B K, 3, H, W)
+        yield idx, images.reshape(len(idx), k, *images.shape[1:])
+
+
+def build_metrics(args: argparse.Namespace, gen, prompts: list[str] | None, dist: Dist) -> dict:
+    """{name: `Metric`} for `args.metrics`, checked and set up before any sampling (reference statistics
+    are computed here, split across ranks)."""
+    from condiff.eval.metrics import Stream
+
+    samples = Stream(args.n)
+    metrics = {}
+    if "fid" in args.metrics:
+        from condiff.eval.features import build_extractor
+        from condiff.eval.metrics.fid import Fid
+        from condiff.eval.reference import reference_stats
+
+        feat_spec = f"inception:{args.inception}" if args.features == "inception" and args.inception else args.features
+        extractor = build_extractor(feat_spec, device=dist.device, batch_size=args.batch_size)
+        shards = {k: v for k, v in (("train", args.ref_train), ("val", args.ref_val)) if v}
+        refs = {split: reference_stats(spec, extractor, gen.resolution, cache_dir=args.cache_dir,
+                                       max_images=args.ref_max, rank=dist.rank, world_size=dist.world,
+                                       gather=dist.all_gather, log=lambda m: _log(dist, m))
+                for split, spec in shards.items()}
+        metrics["fid"] = Fid(samples, extractor, refs, shards)
+    if "clip" in args.metrics:
+        from condiff.eval.clip_score import ClipScorer
+        from condiff.eval.metrics.clip import ClipScore
+
+        if gen.conditioning != "text" and prompts is None:
+            raise ValueError("--metrics clip on a class model needs class names as --prompts")
+        scorer = ClipScorer(args.clip, device=dist.device, batch_size=args.batch_size)
+        metrics["clip"] = ClipScore(samples, scorer, gen.caption, source=args.clip)
+    if "align" in args.metrics:
+        from condiff.data.shapes import parse_caption
+        from condiff.eval.metrics.align import Align
+
+        if prompts is None:
+            raise ValueError("--metrics align needs shapes captions: --prompts shapes[:PRESET] (or a file of them)")
+        for prompt in prompts:  # fail before sampling, naming the first caption outside the grammar
+            parse_caption(prompt)
+        metrics["align"] = Align(samples, gen.caption)
+    if "lpips" in args.metrics:
+        from condiff.eval import lpips_size
+        from condiff.eval.metrics.lpips import LpipsSize
+
+        if not gen.has_control:
+            raise ValueError("--metrics lpips measures size conditioning, but this model has no control conditioning")
+        sizes = ([int(s) for s in args.lpips_sizes.split(",")] if args.lpips_sizes
+                 else lpips_size.default_sizes(gen.resolution))
+        sizes = lpips_size.protocol_sizes(sizes, gen.resolution, args.lpips_include_low)
+        net = lpips_size.lpips_model(args.lpips_net, args.lpips_backbone, args.lpips_random, device=dist.device)
+        record = {"lpips_net": args.lpips_net,
+                  "lpips_backbone": "random" if args.lpips_random else str(args.lpips_backbone or "default")}
+        metrics["lpips"] = LpipsSize(Stream(args.lpips_prompts, tuple(sizes)), net, record)
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from condiff.eval import align, fid, manifest
-    from condiff.inference.generate import Generator
-    from condiff.inference.grid import save_grid
-    from condiff.inference.pipeline import Pipeline
+    from condiff.eval.metrics.grid import Grid
 
     dist = Dist(args.device)
     t_start = time.time()
     try:
-        inf = Pipeline.from_checkpoint(args.checkpoint, dist.device, "model" if args.raw_weights else "ema",
-                                       args.autoencoder)
-        ckpt = Path(inf.source)
-        spec = spec_of(args)
-        prompts = load_prompts(args.prompts)
-        text = inf.conditioning == "text"
-        gen = Generator(inf, spec, prompts if text else None, None if text else prompts, device=dist.device)
+        # ---- set-up: sampler, metrics, grid ----
+        ckpt, inf, gen, prompts = load_generator(args, dist.device)
         out_dir = Path(args.out or ckpt / f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
         _log(dist, f"{ckpt} | {gen.conditioning}-conditioned at {gen.resolution} px | world {dist.world} | "
                    f"metrics {args.metrics}")
-
-        extractor = refs = clip_scorer = None
-        if "fid" in args.metrics:
-            feat_spec = f"inception:{args.inception}" if args.features == "inception" and args.inception else args.features
-            extractor = fid.build_extractor(feat_spec, device=dist.device, batch_size=args.batch_size)
-            refs = {}
-            for split, shards in (("train", args.ref_train), ("val", args.ref_val)):
-                if shards:
-                    refs[split] = fid.reference_stats(shards, extractor, gen.resolution, cache_dir=args.cache_dir,
-                                                      max_images=args.ref_max, rank=dist.rank,
-                                                      world_size=dist.world, gather=dist.all_gather,
-                                                      log=lambda m: _log(dist, m))
-        if "clip" in args.metrics:
-            from condiff.eval.clip_score import ClipScorer
-
-            if gen.conditioning != "text" and prompts is None:
-                raise ValueError("--metrics clip on a class model needs class names as --prompts")
-            clip_scorer = ClipScorer(args.clip, device=dist.device, batch_size=args.batch_size)
-        if "align" in args.metrics:
-            if prompts is None:
-                raise ValueError("--metrics align needs shapes captions: --prompts shapes[:PRESET] (or a file of them)")
-            from condiff.data.shapes import parse_caption
-
-            for prompt in prompts:  # fail before sampling, naming the first caption outside the grammar
-                parse_caption(prompt)
-
-        # ---- generation + per-batch metric inputs (this rank's share) ----
-        feats, clip_scores, align_flags, grid = [], [], [], []
+        metrics = build_metrics(args, gen, prompts, dist)
+        streams = list(dict.fromkeys(m.stream for m in metrics.values()))  # distinct, in metric order
+        consumers = list(metrics.values())
+        if args.grid > 0:  # the first samples, or (LPIPS-only run) the first 4 prompts' size sweeps
+            plain = [s for s in streams if s.sizes is None]
+            consumers.append(Grid(plain[0], args.grid) if plain else Grid(streams[0], 4))
         save_dir = Path(args.save_images) if args.save_images else None
-        needs_samples = any(m in args.metrics for m in ("fid", "clip", "align"))
-        n_batches = gen.num_batches(dist.rank, dist.world, args.n) if needs_samples else 0
-        t_gen = time.time()
-        for b, (idx, images) in enumerate(gen.batches(dist.rank, dist.world, args.n) if needs_samples else []):
-            captions = [gen.caption(i) for i in idx]
-            if extractor is not None:
-                feats.append((idx, extractor.features(images)))
-            if clip_scorer is not None:
-                clip_scores += list(zip(idx, clip_scorer(images, captions).tolist()))
-            if "align" in args.metrics:
-                align_flags += list(zip(idx, align.score_samples(images, captions)))
-            grid += [(i, img) for i, img in zip(idx, images.cpu()) if i < args.grid]
-            if save_dir is not None:
-                _save_pngs(save_dir, idx, images)
-            if dist.rank == 0 and (b + 1) % max(1, n_batches // 10) == 0:
-                rate = (b + 1) * args.batch_size * dist.world / (time.time() - t_gen)
-                _log(dist, f"batch {b + 1}/{n_batches} ({rate:.2f} img/s over all ranks)")
 
-        metrics: dict[str, float] = {}
-        if extractor is not None:
-            parts = dist.gather(feats)
-            if dist.rank == 0:
-                pairs = sorted((i, row) for part in parts for idx, f in part for i, row in zip(idx, f))
-                gen_stats = fid.FidStats.from_features(np.stack([row for _, row in pairs]))
-                for split, ref in refs.items():
-                    metrics[f"fid_{split}"] = fid.frechet_distance(gen_stats, ref)
-        if clip_scorer is not None:
-            parts = dist.gather(clip_scores)
-            if dist.rank == 0:
-                metrics["clip"] = float(np.mean([s for part in parts for _, s in part]))
-        if "align" in args.metrics:
-            parts = dist.gather(align_flags)
-            if dist.rank == 0:
-                flags = [f for _, f in sorted((p for part in parts for p in part), key=lambda p: p[0])]
-                metrics.update({f"align/{k}": v for k, v in align.aggregate(flags).items()})
-        lpips_settings, nrow = {}, None
-        if "lpips" in args.metrics:
-            lpips_value, lpips_settings, sweeps = _lpips(args, gen, dist)
-            if dist.rank == 0:
-                metrics["lpips_size"] = lpips_value
-            if not grid:  # an LPIPS-only run shows its first size sweeps: one row per prompt, one column per size
-                grid, nrow = sweeps, len(lpips_settings["lpips_sizes"])
-        grid_parts = dist.gather(grid)
+        # ---- one generation loop feeding every metric (this rank's share of each stream) ----
+        for stream in streams:
+            fed = [c for c in consumers if c.stream == stream]
+            t_gen, done = time.time(), 0
+            n_batches = -(-len(range(dist.rank, stream.n, dist.world)) // batch_samples(args.batch_size, stream))
+            for b, (idx, images) in enumerate(generate(gen, stream, dist.rank, dist.world)):
+                for consumer in fed:
+                    consumer.update(images, idx)
+                if save_dir is not None and stream.sizes is None:
+                    _save_pngs(save_dir, idx, images)
+                done += len(idx) * (len(stream.sizes) if stream.sizes else 1)
+                if dist.rank == 0 and (b + 1) % max(1, n_batches // 10) == 0:
+                    _log(dist, f"batch {b + 1}/{n_batches} ({done * dist.world / (time.time() - t_gen):.2f} img/s "
+                               "over all ranks)")
 
+        # ---- one gather, merge and compute on rank 0 ----
+        parts = dist.gather([c.state() for c in consumers])
         if dist.rank == 0:
-            settings = {k: v for k, v in spec.to_dict().items()
-                        if k not in ("sampler", "steps", "guidance", "control_guidance", "size_cond", "seed")}
-            settings.update(metrics=args.metrics, guidance_given=spec.guidance, spacing=gen.spacing,
-                            guidance_resolution=gen.resolved.guidance_resolution,
-                            train_resolution=gen.train_resolution,
-                            weights=inf.weights,
-                            prompts=args.prompts, n_prompts=len(prompts) if prompts else None,
-                            autoencoder=inf.meta.autoencoder,
-                            features=extractor.name if extractor else None, clip=args.clip if clip_scorer else None,
-                            ref_shards={k: v for k, v in (("train", args.ref_train), ("val", args.ref_val)) if v},
-                            ref_n={k: r.n for k, r in (refs or {}).items()}, wall_s=round(time.time() - t_start, 2),
-                            **lpips_settings)
-            m = manifest.Manifest(
-                checkpoint=str(ckpt), checkpoint_hash=manifest.checkpoint_hash(ckpt), sampler=spec.sampler,
-                steps=spec.steps, guidance=gen.guidance, control_guidance=spec.control_guidance,
-                size_cond=str(gen.size_cond), n=args.n if needs_samples else 0, seed=spec.seed,
-                resolution=gen.resolution, metrics=metrics, reference={k: r.key for k, r in (refs or {}).items()},
-                settings=settings, world_size=dist.world, command=" ".join(["condiff eval", *argv]))
-            manifest.save(m, out_dir)
-            shown = sorted((p for part in grid_parts for p in part), key=lambda p: p[0])
-            if shown:
-                save_grid(torch.stack([img for _, img in shown]), out_dir / "grid.png", nrow=nrow,
-                          record={**gen.record(), "indices": [i for i, _ in shown]})
-            _log(dist, "results: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            _log(dist, f"wrote {out_dir / 'manifest.json'}, report.md{', grid.png' if shown else ''}")
+            for j, consumer in enumerate(consumers):
+                consumer.merge(part[j] for part in parts)
+            values: dict[str, float] = {}
+            for metric in metrics.values():
+                values.update(metric.compute())
+            grid = next((c for c in consumers if isinstance(c, Grid)), None)
+            _report(args, argv, dist.world, ckpt, inf, gen, prompts, metrics, values, grid, out_dir,
+                    wall_s=time.time() - t_start)
     except (ValueError, FileNotFoundError) as e:  # bad input: one line naming what is wrong, exit status 2
         print(f"condiff eval: error: {e}", file=sys.stderr)
         return 2
     finally:
         dist.shutdown()
     return 0
+
+
+def _report(args, argv, world, ckpt, inf, gen, prompts, metrics: dict, values: dict, grid, out_dir: Path,
+            wall_s: float) -> None:
+    """Write manifest.json, report.md and grid.png (rank 0); log the results."""
+    from condiff.eval import manifest
+    from condiff.inference.grid import save_grid
+
+    spec = gen.spec
+    needs_samples = any(m.stream.sizes is None for m in metrics.values())
+    settings = {k: v for k, v in spec.to_dict().items()
+                if k not in ("sampler", "steps", "guidance", "control_guidance", "size_cond", "seed")}
+    settings.update(metrics=args.metrics, guidance_given=spec.guidance, spacing=gen.spacing,
+                    guidance_resolution=gen.resolved.guidance_resolution, train_resolution=gen.train_resolution,
+                    weights=inf.weights, prompts=args.prompts, n_prompts=len(prompts) if prompts else None,
+                    autoencoder=inf.meta.autoencoder, features=None, clip=None, ref_shards={}, ref_n={},
+                    wall_s=round(wall_s, 2))
+    for metric in metrics.values():
+        settings.update(metric.settings())
+    m = manifest.Manifest(
+        checkpoint=str(ckpt), checkpoint_hash=manifest.checkpoint_hash(ckpt), sampler=spec.sampler,
+        steps=spec.steps, guidance=gen.guidance, control_guidance=spec.control_guidance,
+        size_cond=str(gen.size_cond), n=args.n if needs_samples else 0, seed=spec.seed, resolution=gen.resolution,
+        metrics=values, reference=metrics["fid"].reference_keys() if "fid" in metrics else {},
+        settings=settings, world_size=world, command=" ".join(["condiff eval", *argv]))
+    manifest.save(m, out_dir)
+    shown = grid.images() if grid is not None else None
+    if shown is not None:
+        save_grid(shown, out_dir / "grid.png", nrow=grid.nrow, record={**gen.record(), "indices": [int(i) for i in grid.ordered()[0]]})
+    print("[condiff eval] results: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()), flush=True)
+    print(f"[condiff eval] wrote {out_dir / 'manifest.json'}, report.md{', grid.png' if shown is not None else ''}",
+          flush=True)
 
 
 def _save_pngs(save_dir: Path, idx: list[int], images: torch.Tensor) -> None:
@@ -319,39 +370,6 @@ def _save_pngs(save_dir: Path, idx: list[int], images: torch.Tensor) -> None:
     save_dir.mkdir(parents=True, exist_ok=True)
     for i, u8 in zip(idx, to_uint8(images)):
         Image.fromarray(u8).save(save_dir / f"{i:06d}.png")
-
-
-def _lpips(args, gen, dist: Dist) -> tuple[float | None, dict, list]:
-    """LPIPS size-diversity over args.lpips_prompts prompts, split across ranks (prompt i on rank i % W).
-    Returns (mean on rank 0 else None, settings, [(order key, image)] of the first 4 prompts' size sweeps)."""
-    from condiff.eval import lpips_size
-    from condiff.inference.generate import rank_indices
-
-    if not gen.has_control:
-        raise ValueError("--metrics lpips measures size conditioning, but this model has no control conditioning")
-    sizes = ([int(s) for s in args.lpips_sizes.split(",")] if args.lpips_sizes
-             else lpips_size.default_sizes(gen.resolution))
-    sizes = lpips_size.protocol_sizes(sizes, gen.resolution, args.lpips_include_low)
-    net = lpips_size.lpips_model(args.lpips_net, args.lpips_backbone, args.lpips_random, device=dist.device)
-    mine = rank_indices(args.lpips_prompts, dist.rank, dist.world)
-
-    sweeps = []
-
-    def sample_fn(noise, indices, size_t):  # "prompts" are global prompt indices: cond by index, sizes per row
-        images = gen.sample(noise, gen.cond(indices, size_t), indices[0])
-        k = len(sizes)
-        sweeps.extend(((i, r % k), img.cpu()) for r, (i, img) in enumerate(zip(indices, images)) if i < 4)
-        return images
-
-    _, per = lpips_size.size_diversity(sample_fn, mine, lambda p: gen.noise(mine[p]), sizes, net,
-                                       prompts_per_batch=max(1, args.batch_size // len(sizes)))
-    scores = list(zip(mine, per))
-    parts = dist.gather(scores)
-    settings = {"lpips_sizes": sizes, "lpips_prompts": args.lpips_prompts, "lpips_net": args.lpips_net,
-                "lpips_backbone": "random" if args.lpips_random else str(args.lpips_backbone or "default")}
-    if dist.rank != 0:
-        return None, settings, sweeps
-    return float(np.mean([s for part in parts for _, s in part])), settings, sweeps
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ def validate(preset: str = "default", resolution: int | None = 64, n: int = 400,
     {"ground_truth", "shuffled" (each image against another image's caption), "oracle" (a perfect
     detector on the same shuffled pairs: the chance level), "mirrored" (horizontally flipped images
     with their left/right captions: relation should collapse)}."""
-    from condiff.eval.fid import center_crop_arr
+    from condiff.eval.reference import center_crop_arr
 
     imgs, caps = [], []
     for i in range(n):

@@ -7,6 +7,8 @@ a different size conditioning phi_l = (size, size); sizes smaller than the targe
 [64, 128, 256, 512, 1024]). Score of a prompt = mean LPIPS over the K (K - 1) / 2 pairs; the reported
 number = mean over prompts (paper: 10k prompts). Lower = the size condition changes less of the image
 (better disentangled semantics and size: Tab. 2a, 0.04 with the power-cosine schedule vs 0.33 uniform).
+`size_sweep` builds the sampler inputs of a batch of prompts; `condiff.eval.metrics.lpips.LpipsSize`
+scores each sweep (`mean_pairwise_lpips`) and averages.
 
 Default sizes (the paper does not list its ten): `default_sizes(resolution)` = 10 sizes evenly spaced
 from the resolution to 4 x the resolution (256 -> 256 ... 1024, covering Tab. 2a's 256, 512, 1024).
@@ -23,8 +25,6 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -116,22 +116,10 @@ def mean_pairwise_lpips(images: Tensor, model) -> float:
     return float(model(images[i], images[j]).mean())
 
 
-# sample_fn(noise (B, C, h, w), prompts [B], sizes (B, 2) float (orig_height, orig_width)) -> (B, 3, H, W) in [-1, 1]
-SampleFn = Callable[[Tensor, list, Tensor], Tensor]
-
-
-def size_diversity(sample_fn: SampleFn, prompts: list, noise_fn: Callable[[int], Tensor], sizes: list[int],
-                   model, prompts_per_batch: int = 1) -> tuple[float, list[float]]:
-    """Run the protocol. `noise_fn(i)` is prompt i's initial noise (C, h, w) (same for all its sizes).
-    Returns (mean over prompts, per-prompt scores)."""
+def size_sweep(noise: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
+    """The protocol's sampler inputs for P prompts: noise (P, C, h, w) -> (noise (P K, C, h, w), sizes
+    (P K, 2) float (orig_height, orig_width)), each prompt's noise repeated for its K sizes (rows p K .. p K + K
+    - 1 belong to prompt p, in the order of `sizes`)."""
     k = len(sizes)
     size_t = torch.tensor([[s, s] for s in sizes], dtype=torch.float32)  # (K, 2)
-    scores: list[float] = []
-    for start in range(0, len(prompts), prompts_per_batch):
-        idx = list(range(start, min(start + prompts_per_batch, len(prompts))))
-        noise = torch.stack([noise_fn(i) for i in idx]).repeat_interleave(k, dim=0)  # (P K, C, h, w)
-        batch_prompts = [prompts[i] for i in idx for _ in range(k)]
-        images = sample_fn(noise, batch_prompts, size_t.repeat(len(idx), 1))  # (P K, 3, H, W)
-        for p in range(len(idx)):
-            scores.append(mean_pairwise_lpips(images[p * k:(p + 1) * k].float(), model))
-    return (float(np.mean(scores)) if scores else float("nan")), scores
+    return noise.repeat_interleave(k, dim=0), size_t.repeat(noise.shape[0], 1)
