@@ -11,7 +11,7 @@ and on rank 0:
 The state maps each global sample index to what the metric keeps of that sample (Inception features, a
 CLIP score, align flags, an LPIPS sweep score); `compute` reads it back in index order. So a result does
 not depend on the world size, the batch size, or the order of updates and merges: merging W ranks' states
-equals one pass over all samples. Ranks take disjoint indices (`condiff.eval.generate.rank_indices`), so
+equals one pass over all samples. Ranks take disjoint indices (`condiff.inference.generate.rank_indices`), so
 an index recorded twice (within a rank or across ranks) is an error naming that index.
 """
 
