@@ -107,6 +107,25 @@ def test_recipes_all_parse_and_build_their_models():
     assert base.optim.betas == [0.9, 0.95] and base.log.sample_guidance == 2.0
 
 
+def test_every_recipe_and_the_demo_train_the_edm_objective():
+    """App. C read in EDM terms ("edm" = plain epsilon MSE) is what every shipped recipe trains; the former
+    1/sigma^2-on-epsilon default is only reachable by its explicit name."""
+    import argparse
+
+    from condiff.train.demo import demo_overrides
+
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        if not path.name.startswith("_"):
+            assert load_config(path).schedule.weighting == "edm", path
+    args = argparse.Namespace(seed=0, steps=10, batch_size=4, resolution=16, text_len=12, lr=1e-3, quiet=True,
+                              sample_every=0, per_prompt=1, guidance=4.0, sample_steps=5)
+    assert load_config(data=demo_overrides(Path("runs/x"), args)).schedule.weighting == "edm"
+    assert TrainConfig().schedule.weighting == "edm"
+    assert load_config(overrides=["schedule.weighting=eps-inv-snr"]).schedule.weighting == "eps-inv-snr"
+    with pytest.raises(ConfigError, match="schedule.weighting.*'inv-snr' is now 'eps-inv-snr'"):
+        load_config(overrides=["schedule.weighting=inv-snr"])
+
+
 # ------------------------------------------------------------------------------------------ EMA
 def test_ema_matches_formula():
     model = torch.nn.Linear(3, 2)

@@ -31,6 +31,8 @@ from typing import Any
 
 import yaml
 
+from condiff.diffusion.schedule import WEIGHTINGS
+
 
 class ConfigError(ValueError):
     """A recipe or an override is invalid; the message names the dotted key."""
@@ -71,7 +73,10 @@ class AutoencoderConfig:
 @dataclass
 class ScheduleConfig:
     kwargs: dict = field(default_factory=dict)  # condiff.diffusion.Schedule keyword arguments
-    weighting: str = "inv-snr"  # diffusion_loss weighting: "inv-snr" (App. C, 1/sigma_t^2) | "none" | "min-snr-gamma"
+    # diffusion_loss weighting (Schedule.weight_table): "edm" (App. C: 1/sigma_t^2 on the denoiser error =
+    # plain epsilon MSE) | "eps-inv-snr" (1/sigma_t^2 on the epsilon MSE; the former default) | "min-snr-gamma"
+    weighting: str = "edm"
+    snr_gamma: float = 5.0  # gamma of "min-snr-gamma"
 
 
 @dataclass
@@ -160,6 +165,9 @@ class TrainConfig:
         check(self.data.resolution > 0, "data.resolution", "a positive integer")
         check(0 <= self.data.label_drop < 1, "data.label_drop", "a probability in [0, 1)")
         check(0 <= self.data.control_drop <= 1, "data.control_drop", "a probability in [0, 1]")
+        check(self.schedule.weighting in WEIGHTINGS, "schedule.weighting",
+              f"one of {'/'.join(WEIGHTINGS)} ('inv-snr' is now 'eps-inv-snr'; the EDM reading is 'edm')")
+        check(self.schedule.snr_gamma > 0, "schedule.snr_gamma", "a positive float")
         check(self.optim.name in ("adam", "adamw"), "optim.name", "'adam' or 'adamw'")
         check(self.optim.lr > 0, "optim.lr", "a positive float")
         check(self.optim.lr_scaling in ("none", "sqrt", "linear"), "optim.lr_scaling", "one of none/sqrt/linear")

@@ -12,8 +12,9 @@ Design (shared/notes/cpu-training-budget.md measured that a naive 32 px DiT does
 ten minutes): 16 px pixels with patch 2 (64 image tokens of 12 values each), the `demo` shapes preset
 (red/blue x circle/square, two objects left/right: 8 captions), 12 text tokens (the captions' length),
 the MiniLM states of the 8 captions and of "" computed ONCE (the text encoder never runs per step),
-Min-SNR-5 loss weighting (Hang et al. 2023: the high-noise steps that decide colours and layout are not
-drowned by the near-clean ones, unlike the paper's 1/sigma^2, which is meant for long latent runs),
+the paper's loss weighting in its EDM reading ("edm": plain epsilon MSE; App. C, see
+benchmarks/RESULTS.md "Loss weighting on the shapes demo" for the comparison with Min-SNR-5 and the
+former 1/sigma^2-on-epsilon default),
 batch 32 and lr 1e-3 (more updates per second beat bigger batches at this budget), EMA 0.998.
 `--steps` is the knob: the default fits about ten minutes on an unloaded 2-core laptop CPU;
 the demo reports its own s/step so you can scale it.
@@ -56,7 +57,7 @@ def demo_overrides(out: Path, args) -> dict:
         "data": {"shards": str(out / "data"), "resolution": args.resolution, "crop": "global", "flip": False,
                  "label_drop": 0.1, "control_drop": 0.1, "workers": 0, "shuffle_buffer": 1000},
         "text": {"encoder": {"kind": "minilm", "max_length": args.text_len}, "cache": 64},
-        "schedule": {"weighting": "min-snr-gamma"},
+        "schedule": {"weighting": "edm"},
         "optim": {"name": "adam", "lr": args.lr, "ref_batch": args.batch_size, "betas": [0.9, 0.95],
                   "warmup_steps": 100, "grad_clip": 1.0},
         "ema": {"decay": 0.998, "warmup": 10},
