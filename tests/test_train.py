@@ -118,7 +118,8 @@ def test_every_recipe_and_the_demo_train_the_edm_objective():
         if not path.name.startswith("_"):
             assert load_config(path).schedule.weighting == "edm", path
     args = argparse.Namespace(seed=0, steps=10, batch_size=4, resolution=16, text_len=12, lr=1e-3, quiet=True,
-                              sample_every=0, per_prompt=1, guidance=4.0, sample_steps=5)
+                              sample_every=0, per_prompt=1, guidance=4.0, sample_steps=5,
+                              weighting="edm")
     assert load_config(data=demo_overrides(Path("runs/x"), args)).schedule.weighting == "edm"
     assert TrainConfig().schedule.weighting == "edm"
     assert load_config(overrides=["schedule.weighting=eps-inv-snr"]).schedule.weighting == "eps-inv-snr"

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from condiff.diffusion.schedule import WEIGHTINGS
+
 DEFAULT_STEPS = 3000
 PRESET = "demo"
 
@@ -57,7 +59,7 @@ def demo_overrides(out: Path, args) -> dict:
         "data": {"shards": str(out / "data"), "resolution": args.resolution, "crop": "global", "flip": False,
                  "label_drop": 0.1, "control_drop": 0.1, "workers": 0, "shuffle_buffer": 1000},
         "text": {"encoder": {"kind": "minilm", "max_length": args.text_len}, "cache": 64},
-        "schedule": {"weighting": "edm"},
+        "schedule": {"weighting": args.weighting},
         "optim": {"name": "adam", "lr": args.lr, "ref_batch": args.batch_size, "betas": [0.9, 0.95],
                   "warmup_steps": 100, "grad_clip": 1.0},
         "ema": {"decay": 0.998, "warmup": 10},
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (Eq. 2, beta = 1)")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--sample-every", type=int, default=0, help="also write EMA grids every K steps (0: only at the end)")
+    p.add_argument("--weighting", default="edm", choices=WEIGHTINGS,
+                   help="loss weighting (default edm: App. C's 1/sigma^2 on the denoiser error = epsilon MSE)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete an existing run in --out instead of resuming it")
@@ -164,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         "sec_per_step": round(t_train / steps_run, 4) if steps_run else None,
         "img_per_s": round(steps_run * cfg.batch_size / t_train, 1) if steps_run else None,
         "threads": torch.get_num_threads(),
+        "weighting": cfg.schedule.weighting,
+        "seed": cfg.seed,
         "final_loss": records[-1]["loss"] if records else None,
         "alignment": scores,
         "alignment_of_real_images": real_scores,
