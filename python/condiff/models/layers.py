@@ -29,7 +29,7 @@ from condiff import ops
 from condiff.conditioning.cond import Cond
 from condiff.conditioning.control import CONTROL_MODES, GAMMA_KINDS, ControlEmbedder
 from condiff.conditioning.labels import check_labels
-from condiff.conditioning.padding import PADDING_MODES, pad_text
+from condiff.conditioning.padding import NOISE_READINGS, PADDING_MODES, noise_amplitude, pad_text
 from condiff.models.posemb import GRID_KINDS, sincos_pos_embed_2d
 from condiff.ops.reference import qk_norm_join
 
@@ -272,8 +272,10 @@ class BackboneConfig:
     SD-VAE latents) and anchors the positional grid (base_size = input_size / patch_size unless given).
     conditioning: "class" (labels, num_classes + null) or "text" (states (B, T, text_dim), lengths, pooled).
     control: "none" | "additive" (SDXL joint embedding) | "disentangled" (Eq. 1 with gamma_c `gamma`).
-    text_padding: zero | replicate | noisy-replicate (noise `text_noise_beta`, training mode only; beta_txt = 0.1
-    is our choice: the paper only says "a small variance").
+    text_padding: zero | replicate | noisy-replicate (noise `text_noise_beta` = beta_txt, training mode only;
+    0.1 is our choice: the paper only says "a small variance"). text_noise_reading: "variance" (default, the
+    paper's word: std factor sqrt(beta_txt)) | "std" (beta_txt multiplies the std; the former reading);
+    text_noise_at_inference: keep the noise in eval mode too (`conditioning.padding`).
     text_len: the encoder's token count T (77 for CLIP); only `example_inputs` uses it, any T runs.
     use_pooled: add a projection of the pooled text vector to the timestep embedding (SD3 / SDXL).
     pos_grid: positional grid kind (models/posemb.py): rectified (App. C) | arange | scaled | sd3,
@@ -298,6 +300,8 @@ class BackboneConfig:
     text_len: int = 77
     text_padding: str = "zero"
     text_noise_beta: float = 0.1
+    text_noise_reading: str = "variance"
+    text_noise_at_inference: bool = False
     use_pooled: bool = False
     control: str = "additive"
     gamma: str = "power-cosine"
@@ -323,6 +327,7 @@ class BackboneConfig:
         check("control", self.control, CONTROL_MODES)
         check("gamma", self.gamma, GAMMA_KINDS)
         check("text_padding", self.text_padding, PADDING_MODES)
+        check("text_noise_reading", self.text_noise_reading, NOISE_READINGS)
         check("pos_grid", self.pos_grid, GRID_KINDS)
         check("attn_impl", self.attn_impl, (None, *ATTN_IMPLS))
         check("ops_backend", self.ops_backend, (None, *ops.BACKENDS))
@@ -479,7 +484,8 @@ class Backbone(nn.Module):
         lengths = cond.text_lengths
         if lengths is None:
             lengths = torch.full((batch_size,), text.shape[1], dtype=torch.long, device=text.device)
-        beta = self.cfg.text_noise_beta if self.training else 0.0
+        beta = noise_amplitude(self.cfg.text_noise_beta, self.cfg.text_noise_reading, training=self.training,
+                               at_inference=self.cfg.text_noise_at_inference)
         states = pad_text(text, lengths, self.cfg.text_padding, beta, generator, backend=self.cfg.ops_backend)
         return states.to(self.x_embedder.proj.weight.dtype)  # (B, T, text_dim) in the model's dtype
 

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from condiff.conditioning.cond import Cond
 from condiff.conditioning.control import ControlEmbedder
 from condiff.conditioning.labels import LabelEmbedder, check_labels
-from condiff.conditioning.padding import pad_text
+from condiff.conditioning.padding import noise_amplitude, pad_text
 from condiff.models.layers import attention, resolve_attn_impl, timestep_embedding
 
 UNET_CONFIGS: dict[str, dict[str, dict]] = {
@@ -217,7 +217,8 @@ class UNet(nn.Module):
       num_res_blocks: ResBlocks per encoder level (decoder: +1). transformer_depth: per level (0 = no attention);
       transformer_depth_middle. head_channels: channels per attention head. context_dim: cross-attention
       context width (class embedding or text states). adm_dim: width of the vector conditioning.
-      text_padding / text_noise_beta: padding mode of the text states (`condiff.conditioning.padding`).
+      text_padding / text_noise_beta / text_noise_reading / text_noise_at_inference: padding mode of the text
+      states and the reading of beta_txt (`condiff.conditioning.padding`).
       control: "none", "additive" (SDXL) or "disentangled" (Eq. 1): the control embedding added to the timestep
       embedding; control_kwargs: the other `ControlEmbedder` options (gamma, alpha, k, freq_dim).
       norm_groups: GroupNorm groups. dropout: ResBlock dropout. attn_impl: None (module default) | "sdpa" |
@@ -242,6 +243,8 @@ class UNet(nn.Module):
         adm_dim: int = 1024,
         text_padding: str = "zero",
         text_noise_beta: float = 0.0,
+        text_noise_reading: str = "variance",
+        text_noise_at_inference: bool = False,
         control: str = "additive",
         control_kwargs: dict | None = None,
         norm_groups: int = 32,
@@ -261,13 +264,14 @@ class UNet(nn.Module):
         if conditioning == "class" and adm_dim != context_dim:
             raise ValueError(f"UNet: class conditioning uses the class embedding as context and adm vector, so "
                              f"adm_dim ({adm_dim}) must equal context_dim ({context_dim})")
+        noise_amplitude(text_noise_beta, text_noise_reading)  # validates both: a clear error at construction
         self.config = dict(
             name=name, conditioning=conditioning, num_classes=num_classes, in_channels=in_channels,
             out_channels=out_channels, model_channels=model_channels, channel_mult=list(channel_mult),
             num_res_blocks=num_res_blocks, transformer_depth=list(transformer_depth),
             transformer_depth_middle=transformer_depth_middle, head_channels=head_channels,
             context_dim=context_dim, adm_dim=adm_dim, text_padding=text_padding, text_noise_beta=text_noise_beta,
-            control=control, control_kwargs=dict(control_kwargs or {}), norm_groups=norm_groups, dropout=dropout,
+            text_noise_reading=text_noise_reading, text_noise_at_inference=text_noise_at_inference, control=control, control_kwargs=dict(control_kwargs or {}), norm_groups=norm_groups, dropout=dropout,
             attn_impl=attn_impl, input_size=input_size,
         )
         self.conditioning, self.num_classes = conditioning, num_classes
@@ -331,7 +335,8 @@ class UNet(nn.Module):
                              f"got {tuple(cond.pooled.shape)}")
         text = cond.text
         if cond.text_lengths is not None:
-            beta = self.text_noise_beta if self.training else 0.0  # the noise is a training-time regulariser
+            beta = noise_amplitude(self.text_noise_beta, self.config["text_noise_reading"], training=self.training,
+                                   at_inference=self.config["text_noise_at_inference"])
             text = pad_text(text, cond.text_lengths, self.text_padding, beta)
         return text, cond.pooled
 
