@@ -3,11 +3,12 @@
 # Trains `condiff demo` (mmdit-ours-tiny, 16 px shapes, text-conditioned) at equal steps with each weighting
 # and seed, two runs at a time on one thread each, and prints one line per run plus a mean per weighting:
 # final loss, s/step and the shapes alignment score (condiff.eval.align) of the EMA samples.
-#   usage: tools/weighting_ablation.sh [STEPS=1200] [OUT=/tmp/weighting_ablation]
+#   usage: tools/weighting_ablation.sh [STEPS=250] [OUT=/tmp/weighting_ablation] [SAMPLE_STEPS=25]
 # Runs from the repository root with PYTHONPATH=python (or condiff installed).
 set -euo pipefail
-STEPS=${1:-1200}
+STEPS=${1:-250}
 OUT=${2:-/tmp/weighting_ablation}
+SAMPLE_STEPS=${3:-25}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=1
 jobs=()
@@ -16,6 +17,7 @@ for seed in 0 1; do
 done
 printf '%s\n' "${jobs[@]}" | xargs -P 2 -L 1 bash -c \
   'python -m condiff demo --out "'"$OUT"'/$0-s$1" --steps '"$STEPS"' --seed $1 --weighting $0 --threads 1 --fresh --quiet \
+   --sample-steps '"$SAMPLE_STEPS"' \
    > "'"$OUT"'/$0-s$1.log" 2>&1'
 python - "$OUT" <<'PY'
 import json, statistics, sys
