@@ -203,3 +203,26 @@ def test_beta_txt_readings_and_noise_at_inference():
     assert not torch.equal(model.text_states(cond, 2), model.text_states(cond, 2))
     with pytest.raises(ValueError, match="text_noise_reading"):
         create("mmdit-ours-tiny", conditioning="text", text_noise_reading="var", **SMALL)
+
+
+@pytest.mark.parametrize("mode", ["additive", "disentangled"])
+def test_unconditioned_control_fields_carry_nothing(mode):
+    """control_fields (Table 2c): a field left out cannot change the output; a field kept does."""
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 20.0])
+    h, l = control(2)
+    flipped = h.clone()
+    flipped[:, 5] = 1 - flipped[:, 5]
+    bigger = l * 2
+    no_flip = randomize(create("dit-tiny", conditioning="class", control=mode, control_fields=["crop", "aspect", "size"],
+                               in_channels=3, **{k: v for k, v in SMALL.items() if k in ("input_size", "num_classes")}))
+    assert no_flip.config["control_fields"] == ["crop", "aspect", "size"]
+    labels = torch.tensor([1, 2])
+    out = no_flip(x, t, Cond(labels=labels, control_h=h, control_l=l))
+    torch.testing.assert_close(no_flip(x, t, Cond(labels=labels, control_h=flipped, control_l=l)), out, rtol=0, atol=0)
+    assert not torch.allclose(no_flip(x, t, Cond(labels=labels, control_h=h, control_l=bigger)), out)
+    full = create("dit-tiny", conditioning="class", control=mode, in_channels=3, input_size=8, num_classes=10)
+    full.load_state_dict(no_flip.state_dict())
+    assert not torch.allclose(full(x, t, Cond(labels=labels, control_h=flipped, control_l=l)),
+                              full(x, t, Cond(labels=labels, control_h=h, control_l=l)))
+    with pytest.raises(ValueError, match="control_fields"):
+        create("dit-tiny", conditioning="class", control_fields=["mirror"])

@@ -297,6 +297,29 @@ def test_run_outputs_and_load_for_inference(tmp_path, shards):
     assert ck.latest_checkpoint(run) == latest
 
 
+def test_flip_augmentation_and_conditioned_control_fields_are_separate_switches(tmp_path, shards):
+    """Table 2c: flips applied but not conditioned. Both switches are in the resolved config and meta.json,
+    and the model (what sampling loads) carries the conditioned fields."""
+    from condiff.train.loop import Trainer
+
+    fields = ["crop", "aspect", "size"]
+    cfg = load_config(overrides=TINY + [f"data.shards={shards}", f"run_dir={tmp_path / 'r'}", "steps=1",
+                                        "save_every=1", "data.flip=true", f"data.control_fields={fields}"])
+    assert cfg.to_dict()["data"]["flip"] is True and cfg.to_dict()["data"]["control_fields"] == fields
+    assert TrainConfig().data.control_fields == ["crop", "aspect", "flip", "size"]
+    trainer = Trainer(cfg)
+    batch = next(trainer.data)
+    assert set(batch["control_h"][:, 5].tolist()) == {0.0, 1.0}  # flips are applied (and recorded)
+    trainer.run(final_grid=False)
+    meta = ck.read_meta(ck.latest_checkpoint(tmp_path / "r"))
+    assert meta["config"]["data"]["flip"] is True and meta["config"]["data"]["control_fields"] == fields
+    assert meta["model"]["control_fields"] == fields
+    with pytest.raises(ConfigError, match="data.control_fields"):
+        load_config(overrides=["data.control_fields=[crop, mirror]"])
+    with pytest.raises(ConfigError, match="model.kwargs.control_fields"):
+        load_config(overrides=["data.control_fields=[crop]", "model.kwargs={control_fields: [size]}"])
+
+
 def test_cached_text_encoder_matches_and_encodes_each_caption_once():
     from types import SimpleNamespace
 

@@ -24,6 +24,15 @@ CONTROL_H_FIELDS = ("crop_top", "crop_left", "crop_height", "crop_width", "aspec
 horizontal flip (0. or 1.). Shape (B, 6)."""
 CONTROL_L_FIELDS = ("orig_height", "orig_width")
 """phi_l, low-level: original image size in pixels (before any resize or crop). Shape (B, 2)."""
+CONTROL_GROUPS: dict[str, tuple[str, ...]] = {
+    "crop": ("crop_top", "crop_left", "crop_height", "crop_width"),
+    "aspect": ("aspect_ratio",),
+    "flip": ("flip",),
+    "size": ("orig_height", "orig_width"),
+}
+"""The control fields a model can be conditioned on, by name (the rows of Table 2c / 2a): `control_fields`
+of the models and `data.control_fields` of the trainer list a subset; the others are zeroed before the
+control embedder, so they carry nothing (a flipped image can be trained without conditioning on the flip)."""
 
 
 @dataclass

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from condiff import ops
-from condiff.conditioning.cond import Cond
-from condiff.conditioning.control import CONTROL_MODES, GAMMA_KINDS, ControlEmbedder
+from condiff.conditioning.cond import CONTROL_GROUPS, Cond
+from condiff.conditioning.control import CONTROL_MODES, GAMMA_KINDS, ControlEmbedder, check_control_fields
 from condiff.conditioning.labels import check_labels
 from condiff.conditioning.padding import NOISE_READINGS, PADDING_MODES, noise_amplitude, pad_text
 from condiff.models.posemb import GRID_KINDS, sincos_pos_embed_2d
@@ -272,6 +272,7 @@ class BackboneConfig:
     SD-VAE latents) and anchors the positional grid (base_size = input_size / patch_size unless given).
     conditioning: "class" (labels, num_classes + null) or "text" (states (B, T, text_dim), lengths, pooled).
     control: "none" | "additive" (SDXL joint embedding) | "disentangled" (Eq. 1 with gamma_c `gamma`).
+    control_fields: the conditioned control groups (crop, aspect, flip, size; `cond.CONTROL_GROUPS`), default all.
     text_padding: zero | replicate | noisy-replicate (noise `text_noise_beta` = beta_txt, training mode only;
     0.1 is our choice: the paper only says "a small variance"). text_noise_reading: "variance" (default, the
     paper's word: std factor sqrt(beta_txt)) | "std" (beta_txt multiplies the std; the former reading);
@@ -307,6 +308,7 @@ class BackboneConfig:
     gamma: str = "power-cosine"
     gamma_alpha: float = 8.0
     gamma_k: float = 1.0
+    control_fields: list = field(default_factory=lambda: list(CONTROL_GROUPS))
     control_freq_dim: int = 256
     num_timesteps: int = 1000
     base_size: float | None = None
@@ -328,6 +330,7 @@ class BackboneConfig:
         check("gamma", self.gamma, GAMMA_KINDS)
         check("text_padding", self.text_padding, PADDING_MODES)
         check("text_noise_reading", self.text_noise_reading, NOISE_READINGS)
+        self.control_fields = list(check_control_fields(self.control_fields, f"{self.name}: control_fields"))
         check("pos_grid", self.pos_grid, GRID_KINDS)
         check("attn_impl", self.attn_impl, (None, *ATTN_IMPLS))
         check("ops_backend", self.ops_backend, (None, *ops.BACKENDS))
@@ -363,7 +366,7 @@ class Backbone(nn.Module):
         self.control_embedder = None
         if cfg.control != "none":
             self.control_embedder = ControlEmbedder(D, cfg.control, cfg.gamma, cfg.gamma_alpha, cfg.gamma_k,
-                                                    cfg.control_freq_dim, cfg.num_timesteps)
+                                                    cfg.control_freq_dim, cfg.num_timesteps, cfg.control_fields)
         self.pooled_embedder = None
         if cfg.conditioning == "text" and cfg.use_pooled:
             self.pooled_embedder = VectorEmbedder(cfg.pooled_dim, D)

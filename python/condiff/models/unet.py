@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from condiff.conditioning.cond import Cond
-from condiff.conditioning.control import ControlEmbedder
+from condiff.conditioning.cond import CONTROL_GROUPS, Cond
+from condiff.conditioning.control import ControlEmbedder, check_control_fields
 from condiff.conditioning.labels import LabelEmbedder, check_labels
 from condiff.conditioning.padding import noise_amplitude, pad_text
 from condiff.models.layers import attention, resolve_attn_impl, timestep_embedding
@@ -220,7 +220,8 @@ class UNet(nn.Module):
       text_padding / text_noise_beta / text_noise_reading / text_noise_at_inference: padding mode of the text
       states and the reading of beta_txt (`condiff.conditioning.padding`).
       control: "none", "additive" (SDXL) or "disentangled" (Eq. 1): the control embedding added to the timestep
-      embedding; control_kwargs: the other `ControlEmbedder` options (gamma, alpha, k, freq_dim).
+      embedding; control_kwargs: the other `ControlEmbedder` options (gamma, alpha, k, freq_dim); control_fields:
+      the conditioned control groups (`cond.CONTROL_GROUPS`, default all).
       norm_groups: GroupNorm groups. dropout: ResBlock dropout. attn_impl: None (module default) | "sdpa" |
       "math" (explicit matmuls), see `condiff.models.layers.attention_impl`. input_size: training resolution in
       latent cells (32 = 256 px SD-VAE latents); the UNet has no positional grid, so this only tells samplers
@@ -247,6 +248,7 @@ class UNet(nn.Module):
         text_noise_at_inference: bool = False,
         control: str = "additive",
         control_kwargs: dict | None = None,
+        control_fields: list | tuple = tuple(CONTROL_GROUPS),
         norm_groups: int = 32,
         dropout: float = 0.0,
         attn_impl: str | None = None,
@@ -271,7 +273,9 @@ class UNet(nn.Module):
             num_res_blocks=num_res_blocks, transformer_depth=list(transformer_depth),
             transformer_depth_middle=transformer_depth_middle, head_channels=head_channels,
             context_dim=context_dim, adm_dim=adm_dim, text_padding=text_padding, text_noise_beta=text_noise_beta,
-            text_noise_reading=text_noise_reading, text_noise_at_inference=text_noise_at_inference, control=control, control_kwargs=dict(control_kwargs or {}), norm_groups=norm_groups, dropout=dropout,
+            text_noise_reading=text_noise_reading, text_noise_at_inference=text_noise_at_inference,
+            control=control, control_kwargs=dict(control_kwargs or {}),
+            control_fields=list(check_control_fields(control_fields, f"{name}: control_fields")), norm_groups=norm_groups, dropout=dropout,
             attn_impl=attn_impl, input_size=input_size,
         )
         self.conditioning, self.num_classes = conditioning, num_classes
@@ -282,7 +286,8 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Sequential(nn.Linear(adm_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = LabelEmbedder(num_classes, context_dim) if conditioning == "class" else None
-        self.control_embed = ControlEmbedder(emb_dim, control, **(control_kwargs or {})) if control != "none" else None
+        self.control_embed = (ControlEmbedder(emb_dim, control, fields=tuple(control_fields), **(control_kwargs or {}))
+                              if control != "none" else None)
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, emb_dim, cout, norm_groups, dropout)

@@ -130,7 +130,7 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     conditional models, the class count of the data. Widths that depend on the text encoder or the
     autoencoder (text/context dims, input channels) are stated in the recipe, where they are visible;
     a mismatch fails at the first forward with the model's message."""
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"control_fields": list(cfg.data.control_fields)}  # the Table 2c switch (DataConfig)
     if cfg.model.conditioning == "class" and num_classes:
         kw["num_classes"] = num_classes
     kw.update(cfg.model.kwargs)
