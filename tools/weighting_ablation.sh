@@ -3,10 +3,10 @@
 # Trains `condiff demo` (mmdit-ours-tiny, 16 px shapes, text-conditioned) at equal steps with each weighting
 # and seed, two runs at a time on one thread each, and prints one line per run plus a mean per weighting:
 # final loss, s/step and the shapes alignment score (condiff.eval.align) of the EMA samples.
-#   usage: tools/weighting_ablation.sh [STEPS=250] [OUT=/tmp/weighting_ablation] [SAMPLE_STEPS=25]
+#   usage: tools/weighting_ablation.sh [STEPS=200] [OUT=/tmp/weighting_ablation] [SAMPLE_STEPS=25]
 # Runs from the repository root with PYTHONPATH=python (or condiff installed).
 set -euo pipefail
-STEPS=${1:-250}
+STEPS=${1:-200}
 OUT=${2:-/tmp/weighting_ablation}
 SAMPLE_STEPS=${3:-25}
 mkdir -p "$OUT"
