@@ -178,3 +178,51 @@ def test_noisy_replicate_noise_only_in_training_mode():
     assert torch.equal(model(x, t, cond), model(x, t, cond))
     model.train()
     assert not torch.allclose(model(x, t, cond), model(x, t, cond))
+
+
+def test_beta_txt_readings_and_noise_at_inference():
+    """beta_txt is a variance by default (std factor sqrt(beta)), a std factor by name; noise at inference by switch."""
+    from condiff.conditioning.padding import noise_amplitude
+
+    assert noise_amplitude(0.09) == pytest.approx(0.3)
+    assert noise_amplitude(0.09, "std") == pytest.approx(0.09)
+    assert noise_amplitude(0.09, training=False) == 0.0 and noise_amplitude(0.09, training=False, at_inference=True) > 0
+    with pytest.raises(ValueError, match="text_noise_reading must be one of"):
+        noise_amplitude(0.1, "var")
+    states, lengths = torch.randn(2, 6, 32), torch.tensor([2, 3])
+    for reading, factor in (("variance", math.sqrt(0.04)), ("std", 0.04)):
+        model = create("mmdit-ours-tiny", conditioning="text", text_noise_beta=0.04, text_noise_reading=reading,
+                       **SMALL)
+        assert model.config["text_noise_reading"] == reading
+        got = model.text_states(Cond(text=states, text_lengths=lengths), 2, torch.Generator().manual_seed(3))
+        want = pad_text(states, lengths, "noisy-replicate", factor, torch.Generator().manual_seed(3))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    model = create("mmdit-ours-tiny", conditioning="text", text_noise_at_inference=True, **SMALL)
+    model.eval()
+    cond = Cond(text=states, text_lengths=lengths)
+    assert not torch.equal(model.text_states(cond, 2), model.text_states(cond, 2))
+    with pytest.raises(ValueError, match="text_noise_reading"):
+        create("mmdit-ours-tiny", conditioning="text", text_noise_reading="var", **SMALL)
+
+
+@pytest.mark.parametrize("mode", ["additive", "disentangled"])
+def test_unconditioned_control_fields_carry_nothing(mode):
+    """control_fields (Table 2c): a field left out cannot change the output; a field kept does."""
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 20.0])
+    h, l = control(2)
+    flipped = h.clone()
+    flipped[:, 5] = 1 - flipped[:, 5]
+    bigger = l * 2
+    no_flip = randomize(create("dit-tiny", conditioning="class", control=mode, control_fields=["crop", "aspect", "size"],
+                               in_channels=3, **{k: v for k, v in SMALL.items() if k in ("input_size", "num_classes")}))
+    assert no_flip.config["control_fields"] == ["crop", "aspect", "size"]
+    labels = torch.tensor([1, 2])
+    out = no_flip(x, t, Cond(labels=labels, control_h=h, control_l=l))
+    torch.testing.assert_close(no_flip(x, t, Cond(labels=labels, control_h=flipped, control_l=l)), out, rtol=0, atol=0)
+    assert not torch.allclose(no_flip(x, t, Cond(labels=labels, control_h=h, control_l=bigger)), out)
+    full = create("dit-tiny", conditioning="class", control=mode, in_channels=3, input_size=8, num_classes=10)
+    full.load_state_dict(no_flip.state_dict())
+    assert not torch.allclose(full(x, t, Cond(labels=labels, control_h=flipped, control_l=l)),
+                              full(x, t, Cond(labels=labels, control_h=h, control_l=l)))
+    with pytest.raises(ValueError, match="control_fields"):
+        create("dit-tiny", conditioning="class", control_fields=["mirror"])

@@ -76,13 +76,14 @@ def test_precompute_latents_and_text_read_back_exactly(vae_dir, shapes_shards, t
     args = [
         "precompute", shapes_shards, "--out", out, "--autoencoder", "diffusers", "--autoencoder-path", vae_dir,
         "--text-encoder", "tiny-clip", "--text-max-length", "16", "--resolution", "16", "--crop", "global",
-        "--augmentations", "1", "--dtype", "bf16", "--batch-size", "3", "--seed", "7",
+        "--views", "1", "--no-flip", "--dtype", "bf16", "--batch-size", "3", "--seed", "7",
     ]
     assert cli(args) == 0
     log = capsys.readouterr().out
     assert "estimate for the rest: ~12 samples" in log and "MiB" in log and "estimated time" in log
     assert sorted(f for f in os.listdir(out) if f.endswith(".tar")) == [f"latent-{i:06d}.tar" for i in range(3)]
-    loader = ShardLoader(LoaderConfig(shards=out, batch_size=5, epochs=1, drop_last=False, conditioning="text", shuffle_buffer=0, shuffle_shards=False))
+    loader = ShardLoader(LoaderConfig(shards=out, batch_size=5, epochs=1, drop_last=False, conditioning="text", shuffle_buffer=0,
+                                      shuffle_shards=False, flip_prob=0.0))
     batches = list(loader)
     assert sum(len(b["key"]) for b in batches) == 10 and "image" not in batches[0]
     b = batches[0]
@@ -93,7 +94,7 @@ def test_precompute_latents_and_text_read_back_exactly(vae_dir, shapes_shards, t
     bf16 = dict(rtol=2 ** -7, atol=1e-5)
     ae = build_autoencoder({"kind": "diffusers", "path": vae_dir})
     enc = build_text_encoder({"kind": "tiny-clip", "max_length": 16})
-    t = CropTransform(16, "global", 0.5)
+    t = CropTransform(16, "global", 0.0)
     for j, key in enumerate(b["key"]):
         s = shapes.render(int(key), "demo", 0)
         x, control_h, control_l, _ = t(s.image, np.random.default_rng(_seed_int(7, 0, key)))
@@ -124,10 +125,11 @@ def test_precompute_resumes_refuses_other_settings_and_skips_bad_samples(shapes_
         shapes.render(0, "demo", 0).image.save(img, format="PNG")
         w.write({"__key__": "ok", "png": img.getvalue(), "cls": 2})
     out = str(tmp_path / "lat")
-    args = ["precompute", src, "--out", out, "--resolution", "8", "--augmentations", "3", "--crop", "mix", "--dtype", "fp16"]
+    args = ["precompute", src, "--out", out, "--resolution", "8", "--views", "3", "--crop", "mix", "--dtype", "fp16"]
     assert cli(args) == 0
     assert "skipped {'skipped_corrupt_image': 1}" in capsys.readouterr().out
-    first = ShardLoader(LoaderConfig(shards=out, batch_size=4, epochs=1, drop_last=False, shuffle_buffer=0, shuffle_shards=False))
+    first = ShardLoader(LoaderConfig(shards=out, batch_size=4, epochs=1, drop_last=False, shuffle_buffer=0, shuffle_shards=False,
+                                     crop="mix"))
     ref = {k: (l, h) for b in first for k, l, h in zip(b["key"], b["latent"], b["control_h"])}
     assert len(ref) == 11 and ref["ok"][0].shape == (3, 8, 8)
     os.remove(os.path.join(out, "latent-000001.tar"))
@@ -135,13 +137,15 @@ def test_precompute_resumes_refuses_other_settings_and_skips_bad_samples(shapes_
     assert cli(args) == 0
     assert "3 already done" in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(out, "latent-000000.tar")) == mtime  # not rewritten
-    again = ShardLoader(LoaderConfig(shards=out, batch_size=4, epochs=1, drop_last=False, shuffle_buffer=0, shuffle_shards=False))
+    again = ShardLoader(LoaderConfig(shards=out, batch_size=4, epochs=1, drop_last=False, shuffle_buffer=0, shuffle_shards=False,
+                                     crop="mix"))
     for b in again:
         for k, l, h in zip(b["key"], b["latent"], b["control_h"]):
             torch.testing.assert_close(l, ref[k][0], rtol=0, atol=0)
             torch.testing.assert_close(h, ref[k][1], rtol=0, atol=0)
-    # the stored views differ (3 augmentations per image), the loader picks one per epoch
-    two = ShardLoader(LoaderConfig(shards=out, batch_size=11, epochs=4, drop_last=False, shuffle_buffer=0, shuffle_shards=False))
+    # the stored views differ (3 crops per image, each also mirrored), the loader picks one per epoch
+    two = ShardLoader(LoaderConfig(shards=out, batch_size=11, epochs=4, drop_last=False, shuffle_buffer=0, shuffle_shards=False,
+                                   crop="mix"))
     seen = {}
     for b in two:
         for k, h in zip(b["key"], b["control_h"]):
@@ -150,3 +154,46 @@ def test_precompute_resumes_refuses_other_settings_and_skips_bad_samples(shapes_
     assert cli(args[:-2] + ["--dtype", "bf16"]) == 2
     assert "other settings (dtype)" in capsys.readouterr().err
     assert cli(["precompute", str(tmp_path / "none-*.tar"), "--out", out]) == 2
+
+
+def test_precompute_views_flips_and_the_loader_draw(shapes_shards, tmp_path):
+    """--views K stores K crops (and their mirrors with --flip) with exact metadata; the loader draws one view per
+    (epoch, sample) deterministically, honours data.flip, and refuses a crop / flips the shards cannot give."""
+    from safetensors.torch import load as st_load
+    from webdataset import WebDataset
+
+    out = str(tmp_path / "lat")
+    assert cli(["precompute", shapes_shards, "--out", out, "--resolution", "8", "--views", "3", "--crop", "local",
+                "--dtype", "fp32", "--seed", "3"]) == 0
+    first = sorted(f for f in os.listdir(out) if f.endswith(".tar"))[0]
+    sample = next(iter(WebDataset(os.path.join(out, first), shardshuffle=False)))
+    t = st_load(sample["safetensors"])
+    assert t["latent"].shape == (6, 3, 8, 8) and t["control_h"].shape == (6, 6)
+    key = sample["__key__"]
+    image = shapes.render(int(key), "demo", 0).image
+    for k in range(3):  # crop k from RNG (seed, k, key); view 2k+1 is its mirror
+        x, control_h, _, _ = CropTransform(8, "local", 0.0)(image, np.random.default_rng(_seed_int(3, k, key)))
+        torch.testing.assert_close(t["latent"][2 * k], x, rtol=0, atol=0)
+        torch.testing.assert_close(t["latent"][2 * k + 1], x.flip(-1), rtol=0, atol=0)
+        assert t["control_h"][2 * k].tolist() == control_h.tolist()
+        assert t["control_h"][2 * k + 1].tolist() == [*control_h[:5].tolist(), 1.0]
+
+    def views(flip_prob, epochs=6):
+        cfg = LoaderConfig(shards=out, batch_size=64, epochs=epochs, drop_last=False, shuffle_buffer=0,
+                           shuffle_shards=False, crop="local", flip_prob=flip_prob, seed=1)
+        return [(k, tuple(h.tolist())) for b in ShardLoader(cfg) for k, h in zip(b["key"], b["control_h"])]
+
+    drawn = views(0.5)
+    assert drawn == views(0.5)  # deterministic per (seed, epoch, sample)
+    assert {h[5] for _, h in drawn} == {0.0, 1.0}
+    per_key = {}
+    for k, h in drawn:
+        per_key.setdefault(k, set()).add(h[:4])
+    assert max(len(v) for v in per_key.values()) > 1  # different crops in different epochs
+    assert {h[5] for _, h in views(0.0)} == {0.0}  # data.flip=false: only un-flipped views
+    with pytest.raises(ValueError, match=r"crop 'mix' \(data.crop\).*crop 'local'"):
+        ShardLoader(LoaderConfig(shards=out, crop="mix"))
+    plain = str(tmp_path / "plain")
+    assert cli(["precompute", shapes_shards, "--out", plain, "--resolution", "8", "--crop", "global", "--no-flip"]) == 0
+    with pytest.raises(ValueError, match=r"flips \(data.flip.*--flip"):
+        ShardLoader(LoaderConfig(shards=plain, crop="global", flip_prob=0.5))

@@ -14,12 +14,13 @@ H = {name: i for i, name in enumerate(CONTROL_H_FIELDS)}
 L = {name: i for i, name in enumerate(CONTROL_L_FIELDS)}
 
 
-def _reapply(src: np.ndarray, control_h: np.ndarray, resolution: int, resample) -> np.ndarray:
+def _reapply(src: np.ndarray, control_h: np.ndarray, resolution, resample) -> np.ndarray:
     """Independent re-application of the metadata: numpy slicing, PIL resize, numpy mirror."""
     top, left = int(control_h[H["crop_top"]]), int(control_h[H["crop_left"]])
     h, w = int(control_h[H["crop_height"]]), int(control_h[H["crop_width"]])
     crop = src[top : top + h, left : left + w]
-    out = np.asarray(Image.fromarray(crop).resize((resolution, resolution), resample))
+    out_h, out_w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    out = np.asarray(Image.fromarray(crop).resize((out_w, out_h), resample))
     return out[:, ::-1] if control_h[H["flip"]] == 1.0 else out
 
 
@@ -42,6 +43,22 @@ def test_metadata_reapplied_to_real_photo_reproduces_pixels(strategy):
         flips.add(float(control_h[H["flip"]]))
     if strategy != "center":
         assert flips == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("strategy", ["global", "local", "center"])
+def test_non_square_crop_carries_its_real_aspect(strategy):
+    """A (H, W) target takes crops of aspect W / H; control_h's aspect_ratio is that box's width / height."""
+    (name, photo), = shapes.skimage_photos(("coffee",))  # 600 x 400
+    src = np.asarray(photo)
+    for target in ((32, 64), (48, 24)):
+        t = CropTransform(target, strategy, flip_prob=0.5)
+        for i in range(6):
+            x, control_h, _, p = t(photo, np.random.default_rng(i))
+            assert x.shape == (3, *target)
+            aspect = control_h[H["aspect_ratio"]]
+            assert aspect == pytest.approx(control_h[H["crop_width"]] / control_h[H["crop_height"]], rel=1e-6)
+            assert aspect == pytest.approx(target[1] / target[0], rel=0.02) and p.width is not None
+            np.testing.assert_array_equal(to_uint8(x), _reapply(src, control_h, target, Image.BICUBIC))
 
 
 def test_coordinate_image_nearest_pins_box_and_flip_semantics():

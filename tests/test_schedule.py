@@ -138,18 +138,21 @@ def test_add_noise_rejects_bad_timesteps():
 
 def test_weight_tables():
     s = Schedule()
-    inv = s.weight_table("inv-snr")
+    inv = s.weight_table("eps-inv-snr")
     snr = s.alphas_cumprod / (1 - s.alphas_cumprod)
     torch.testing.assert_close(inv, snr / snr.mean(), rtol=1e-12, atol=0)
     torch.testing.assert_close(inv, (1 / s.sigmas**2) / (1 / s.sigmas**2).mean(), rtol=1e-12, atol=0)
     assert float(inv.mean()) == pytest.approx(1.0, rel=1e-12)
     assert float(inv[0] / inv[-1]) == pytest.approx(float(s.sigmas[-1] ** 2 / s.sigmas[0] ** 2), rel=1e-10)
-    assert torch.equal(s.weight_table("none"), torch.ones(1000, dtype=torch.float64))
+    assert torch.equal(s.weight_table("edm"), torch.ones(1000, dtype=torch.float64))
     ms = s.weight_table("min-snr-gamma", snr_gamma=5.0)
     raw = snr.clamp(max=5.0) / snr
     torch.testing.assert_close(ms, raw / raw.mean(), rtol=1e-12, atol=0)
     assert math.isclose(float(raw[-1]), 1.0) and float(raw[0]) < 0.01
-    w = s.loss_weight(torch.tensor([0, 999]), "inv-snr")
+    w = s.loss_weight(torch.tensor([0, 999]), "eps-inv-snr")
     assert w.dtype == torch.float32 and w.shape == (2,)
     with pytest.raises(ValueError, match="loss weighting must be one of"):
         s.weight_table("snr")
+    for old in ("inv-snr", "none"):  # former names must not silently keep or change their meaning
+        with pytest.raises(ValueError, match="no longer accepted: use 'edm'"):
+            s.weight_table(old)

@@ -34,7 +34,7 @@ def test_loss_matches_manual_computation():
     noise = torch.randn(4, 3, 4, 4, generator=g)
     t = torch.tensor([0, 10, 500, 999])
     cond = Cond(labels=torch.tensor([1, 2, 3, 4]))
-    for weighting in ("inv-snr", "none", "min-snr-gamma"):
+    for weighting in ("edm", "eps-inv-snr", "min-snr-gamma"):
         loss, stats = diffusion_loss(model, x0, cond, s, weighting=weighting, t=t, noise=noise)
         call = model.calls[-1]
         abar = s.alphas_cumprod[t].float().view(-1, 1, 1, 1)
@@ -51,14 +51,30 @@ def test_loss_matches_manual_computation():
     assert model.scale.grad is not None and model.scale.grad != 0
 
 
-def test_inv_snr_weight_is_one_over_sigma_squared_on_epsilon_mse():
+def test_default_weighting_is_inv_snr_on_the_edm_denoiser_error():
+    """App. C: 1/sigma_t^2 * ||x0_hat - x0||^2 with x0_hat from Eq. 17 -- which is the plain epsilon MSE."""
+    s = Schedule()
+    model = Recorder()
+    x0 = torch.randn(3, 1, 2, 2)
+    noise = torch.randn(3, 1, 2, 2)
+    t = torch.tensor([3, 100, 900])
+    loss, stats = diffusion_loss(model, x0, None, s, t=t, noise=noise)
+    x_t = s.add_noise(x0, noise, t)
+    sigma = s.sigmas[t].float().view(-1, 1, 1, 1)
+    x0_hat = (1 + sigma**2).sqrt() * x_t - sigma * model(x_t, t.float(), None)  # Eq. 17
+    edm = ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3)) / sigma.flatten() ** 2
+    torch.testing.assert_close(loss.detach(), edm.mean().detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats["mse_per_sample"], edm.detach(), rtol=1e-5, atol=0)
+
+
+def test_eps_inv_snr_weight_is_one_over_sigma_squared_on_epsilon_mse():
     s = Schedule()
     model = Recorder()
     x0 = torch.randn(2, 1, 2, 2)
     noise = torch.randn(2, 1, 2, 2)
     t = torch.tensor([100, 900])
-    _, stats = diffusion_loss(model, x0, None, s, weighting="none", t=t, noise=noise)
-    loss_inv, _ = diffusion_loss(model, x0, None, s, weighting="inv-snr", t=t, noise=noise)
+    _, stats = diffusion_loss(model, x0, None, s, weighting="edm", t=t, noise=noise)
+    loss_inv, _ = diffusion_loss(model, x0, None, s, weighting="eps-inv-snr", t=t, noise=noise)
     inv_sigma2 = 1.0 / s.sigmas[t] ** 2
     norm = float((1.0 / s.sigmas**2).mean())
     expected = (inv_sigma2.float() / norm * stats["mse_per_sample"]).mean()

@@ -105,3 +105,38 @@ def test_more_classes_is_a_listed_mismatch_and_strict_refuses(tmp_path, shards, 
     with pytest.raises(ValueError, match="strict_shapes"):
         Trainer(_target(tmp_path / "b", shards, src_dir, "data.resolution=8", "data.num_classes=20",
                         "model.kwargs.input_size=8", "transfer.strict_shapes=true"))
+
+
+def test_mdt_256_to_512_loads_every_weight_and_keeps_base_outputs(tmp_path, shards):
+    """mDT-v2's relative-position tables are sized from the base grid and resampled (App. C): a transfer to
+    twice the resolution re-initialises nothing, and at the base size the transferred model is the source."""
+    from condiff.models.mdt import RelativePositionBias
+    from condiff.transfer import transfer_init
+
+    arch = {"in_channels": 3, "depth": 4, "decode_layers": 2, "hidden_size": 32, "num_heads": 2, "num_classes": 8}
+    src = create("mdt-v2", conditioning="class", input_size=8, **arch)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # zero-init layers would hide a wrong bias
+    run = tmp_path / "src"
+    meta = {"model": src.config, "schedule": Schedule().to_dict(), "base_size": src.base_size,
+            "config": {"data": {"resolution": 8}}, "text_encoder": None, "autoencoder": {"kind": "pixels"}}
+    ck.save_checkpoint(run, 10, model_state=src.state_dict(), ema_state=src.state_dict(), meta=meta)
+    cfg = load_config(overrides=[f"init_from={run}", f"data.shards={shards}", "data.resolution=16",
+                                 "model.name=mdt-v2", f"model.kwargs={json.dumps(dict(arch, input_size=16))}"])
+    model, _, info = transfer_init(cfg, dict(cfg.model.kwargs), log=lambda _: None)
+    assert info["new"] == [] and info["dropped"] == [] and info["mismatched"] == {}
+    assert len(info["loaded"]) == len(src.state_dict())
+
+    src.eval(), model.eval()
+    x, t, cond = src.example_inputs(2)  # (2, 3, 8, 8): the base size
+    torch.testing.assert_close(model(x, t, cond), src(x, t, cond), rtol=0, atol=0)
+    assert model(torch.randn(2, 3, 16, 16), t, cond).shape == (2, 3, 16, 16)
+
+    # on the 2x grid, offset 2k reads the base table at offset k; odd offsets interpolate their neighbours
+    bias = RelativePositionBias((4, 4), num_heads=2)
+    base = bias.relative_position_bias_table[:-3].detach().view(7, 7, 2)
+    table = bias.table(7, 7).detach().view(13, 13, 2)
+    torch.testing.assert_close(table[::2, ::2], base, rtol=0, atol=1e-6)
+    torch.testing.assert_close(table[1::2, ::2], (base[:-1] + base[1:]) / 2, rtol=0, atol=1e-6)
+    assert bias.table(4, 4) is bias.relative_position_bias_table

@@ -12,8 +12,9 @@ Design (shared/notes/cpu-training-budget.md measured that a naive 32 px DiT does
 ten minutes): 16 px pixels with patch 2 (64 image tokens of 12 values each), the `demo` shapes preset
 (red/blue x circle/square, two objects left/right: 8 captions), 12 text tokens (the captions' length),
 the MiniLM states of the 8 captions and of "" computed ONCE (the text encoder never runs per step),
-Min-SNR-5 loss weighting (Hang et al. 2023: the high-noise steps that decide colours and layout are not
-drowned by the near-clean ones, unlike the paper's 1/sigma^2, which is meant for long latent runs),
+the paper's loss weighting in its EDM reading ("edm": plain epsilon MSE; App. C, see
+benchmarks/RESULTS.md "Loss weighting on the shapes demo" for the comparison with Min-SNR-5 and the
+former 1/sigma^2-on-epsilon default),
 batch 32 and lr 1e-3 (more updates per second beat bigger batches at this budget), EMA 0.998.
 `--steps` is the knob: the default fits about ten minutes on an unloaded 2-core laptop CPU;
 the demo reports its own s/step so you can scale it.
@@ -29,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from condiff.diffusion.schedule import WEIGHTINGS
 
 DEFAULT_STEPS = 3000
 PRESET = "demo"
@@ -56,7 +59,7 @@ def demo_overrides(out: Path, args) -> dict:
         "data": {"shards": str(out / "data"), "resolution": args.resolution, "crop": "global", "flip": False,
                  "label_drop": 0.1, "control_drop": 0.1, "workers": 0, "shuffle_buffer": 1000},
         "text": {"encoder": {"kind": "minilm", "max_length": args.text_len}, "cache": 64},
-        "schedule": {"weighting": "min-snr-gamma"},
+        "schedule": {"weighting": args.weighting},
         "optim": {"name": "adam", "lr": args.lr, "ref_batch": args.batch_size, "betas": [0.9, 0.95],
                   "warmup_steps": 100, "grad_clip": 1.0},
         "ema": {"decay": 0.998, "warmup": 10},
@@ -102,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (Eq. 2, beta = 1)")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--sample-every", type=int, default=0, help="also write EMA grids every K steps (0: only at the end)")
+    p.add_argument("--weighting", default="edm", choices=WEIGHTINGS,
+                   help="loss weighting (default edm: App. C's 1/sigma^2 on the denoiser error = epsilon MSE)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete an existing run in --out instead of resuming it")
@@ -167,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         "sec_per_step": round(t_train / steps_run, 4) if steps_run else None,
         "img_per_s": round(steps_run * cfg.batch_size / t_train, 1) if steps_run else None,
         "threads": torch.get_num_threads(),
+        "weighting": cfg.schedule.weighting,
+        "seed": cfg.seed,
         "final_loss": records[-1]["loss"] if records else None,
         "alignment": scores,
         "alignment_of_real_images": real_scores,

@@ -20,10 +20,21 @@ from torch import Tensor
 
 # Layout of the control metadata vectors (units: pixels of the ORIGINAL image unless stated).
 CONTROL_H_FIELDS = ("crop_top", "crop_left", "crop_height", "crop_width", "aspect_ratio", "flip")
-"""phi_h, high-level: crop box in original-image pixels, aspect ratio of the crop (width / height),
-horizontal flip (0. or 1.). Shape (B, 6)."""
+"""phi_h, high-level: crop box in original-image pixels, aspect ratio of the crop (width / height of that box),
+horizontal flip (0. or 1.). Shape (B, 6). The aspect ratio is 1 for every square crop of an image stored at
+its original size (today's square training resolutions), so it carries information only for non-square crops
+(`data.transforms.CropTransform` with a (H, W) target) or stored images resized from another aspect."""
 CONTROL_L_FIELDS = ("orig_height", "orig_width")
 """phi_l, low-level: original image size in pixels (before any resize or crop). Shape (B, 2)."""
+CONTROL_GROUPS: dict[str, tuple[str, ...]] = {
+    "crop": ("crop_top", "crop_left", "crop_height", "crop_width"),
+    "aspect": ("aspect_ratio",),
+    "flip": ("flip",),
+    "size": ("orig_height", "orig_width"),
+}
+"""The control fields a model can be conditioned on, by name (the rows of Table 2c / 2a): `control_fields`
+of the models and `data.control_fields` of the trainer list a subset; the others are zeroed before the
+control embedder, so they carry nothing (a flipped image can be trained without conditioning on the flip)."""
 
 
 @dataclass

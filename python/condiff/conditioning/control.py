@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from condiff.conditioning.cond import CONTROL_H_FIELDS, CONTROL_L_FIELDS, Cond
+from condiff.conditioning.cond import CONTROL_GROUPS, CONTROL_H_FIELDS, CONTROL_L_FIELDS, Cond
 
 GAMMA_KINDS = ("none", "uniform", "linear", "step", "power-cosine")
 CONTROL_MODES = ("none", "additive", "disentangled")
@@ -83,6 +83,21 @@ def pinned_sigmas(num_timesteps: int = 1000, beta_start: float = 0.00085, beta_e
     return ((1.0 - abar) / abar).sqrt()
 
 
+def check_control_fields(fields, where: str = "control_fields") -> tuple[str, ...]:
+    """Validate a list of control-field group names (`cond.CONTROL_GROUPS`); returns it as a tuple."""
+    fields = tuple(fields)
+    bad = [f for f in fields if f not in CONTROL_GROUPS]
+    if bad or len(set(fields)) != len(fields):
+        raise ValueError(f"{where}: expected distinct names from {list(CONTROL_GROUPS)}, got {list(fields)}")
+    return fields
+
+
+def field_mask(names: tuple[str, ...], fields) -> tuple[float, ...]:
+    """1.0 for every scalar of `names` (CONTROL_H_FIELDS / CONTROL_L_FIELDS) in a conditioned group, else 0.0."""
+    on = {n for g in fields for n in CONTROL_GROUPS[g]}
+    return tuple(1.0 if n in on else 0.0 for n in names)
+
+
 def sinusoidal_features(values: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sin-cos features of every scalar: values (B, n) -> (B, n * dim), [cos, sin] per scalar (SDXL/DiT order)."""
     half = dim // 2
@@ -134,10 +149,13 @@ class ControlEmbedder(nn.Module):
     mode "disentangled": c_emb = E_h(phi_h) + gamma_c(t) * E_l(phi_l) (Eq. 1).
     Rows with `cond.control_keep == False` (or a cond without control) get c_emb = 0 exactly.
     t: (B,) DDPM timesteps in [0, num_timesteps); t_frac = t / num_timesteps.
+    fields: the conditioned groups of `cond.CONTROL_GROUPS` (default all); the scalars of the other groups
+    are multiplied by 0 before the sinusoidal features, so their values cannot reach the model.
     """
 
     def __init__(self, dim: int, mode: str = "disentangled", gamma: str = "power-cosine", alpha: float = 8.0,
-                 k: float = 1.0, freq_dim: int = 256, num_timesteps: int = 1000):
+                 k: float = 1.0, freq_dim: int = 256, num_timesteps: int = 1000,
+                 fields: tuple[str, ...] = tuple(CONTROL_GROUPS)):
         super().__init__()
         if mode not in CONTROL_MODES[1:]:
             raise ValueError(f"ControlEmbedder: mode must be 'additive' or 'disentangled', got {mode!r}")
@@ -145,12 +163,15 @@ class ControlEmbedder(nn.Module):
             raise ValueError(f"ControlEmbedder: gamma must be one of {GAMMA_KINDS}, got {gamma!r}")
         self.mode, self.gamma, self.alpha, self.k = mode, gamma, float(alpha), float(k)
         self.num_timesteps = int(num_timesteps)
+        self.fields = check_control_fields(fields, "ControlEmbedder: fields")
         nh, nl = len(CONTROL_H_FIELDS), len(CONTROL_L_FIELDS)
+        h_scale = tuple(a * b for a, b in zip(_H_SCALE, field_mask(CONTROL_H_FIELDS, self.fields)))
+        l_scale = tuple(a * b for a, b in zip(_L_SCALE, field_mask(CONTROL_L_FIELDS, self.fields)))
         if mode == "additive":
-            self.embedder = ControlMLP(nh + nl, dim, freq_dim, _H_SCALE + _L_SCALE)
+            self.embedder = ControlMLP(nh + nl, dim, freq_dim, h_scale + l_scale)
         else:
-            self.embed_h = ControlMLP(nh, dim, freq_dim, _H_SCALE)  # E_h
-            self.embed_l = ControlMLP(nl, dim, freq_dim, _L_SCALE)  # E_l
+            self.embed_h = ControlMLP(nh, dim, freq_dim, h_scale)  # E_h
+            self.embed_l = ControlMLP(nl, dim, freq_dim, l_scale)  # E_l
         if gamma == "step":
             self.register_buffer("sigmas", torch.empty(self.num_timesteps), persistent=False)
         self.reset_parameters()

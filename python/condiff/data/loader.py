@@ -6,7 +6,10 @@ Sample layout read (one tar member per field, grouped by key, parsed by the `web
   label    `cls` (an integer), else the json field `label`
   json     per-sample metadata; `original_height` / `original_width` (img2dataset) give the original size
   latent   `safetensors` written by `condiff precompute` (see `precompute.py`): then the batch has
-           `latent` instead of `image`, and text states when they were precomputed.
+           `latent` instead of `image`, and text states when they were precomputed. Each sample stores
+           several views (crops, and their mirrors when precomputed with flips); every epoch one is drawn
+           per sample (flip with `flip_prob`, then a crop), from the same per-(epoch, sample) RNG as image
+           crops. A `crop` or flips the stored views cannot provide is an error (`check_latent_views`).
 
 Batches (docs/ARCHITECTURE.md): `image` (B,3,R,R) float32 in [-1,1] or `latent` (B,C,h,w) float32;
 `label` (B,) int64 (class data); `caption` list[str] (text data); `control_h` (B,6), `control_l` (B,2)
@@ -57,10 +60,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import filters as wds_filters
 from webdataset import tariterators
 
+from condiff.conditioning.cond import CONTROL_H_FIELDS
 from condiff.io.images import IMAGE_EXTS
 from condiff.io.shards import expand_shards
 
 from .transforms import CropTransform, to_rgb
+
+_FLIP = CONTROL_H_FIELDS.index("flip")
 
 log = logging.getLogger("condiff.data")
 
@@ -202,14 +208,17 @@ def decode_sample(sample: dict, cfg: LoaderConfig, transform: CropTransform, rng
     Raises SkipSample for samples that must be skipped; counts mode conversions in `stats`."""
     out, meta = parse_fields(sample, cfg)
     if LATENT_EXT in sample:
-        return _decode_latent(sample, meta, out, rng)
+        return _decode_latent(sample, meta, out, cfg, rng)
     image, orig = load_image(sample, meta, cfg, stats)
     x, control_h, control_l, _ = transform(image, rng, orig)
     out.update(image=x, control_h=control_h, control_l=control_l)
     return out
 
 
-def _decode_latent(sample: dict, meta: dict, out: dict, rng: np.random.Generator) -> dict:
+def _decode_latent(sample: dict, meta: dict, out: dict, cfg: LoaderConfig, rng: np.random.Generator) -> dict:
+    """One stored view of a precomputed sample: flip drawn with `cfg.flip_prob` (0 = only un-flipped views),
+    then a view of that flip uniformly (the crops of `precompute --views K`); `rng` is the per (epoch, sample)
+    RNG, so the choice is deterministic and changes every epoch."""
     from safetensors.torch import load as st_load
 
     try:
@@ -217,13 +226,40 @@ def _decode_latent(sample: dict, meta: dict, out: dict, rng: np.random.Generator
         latent, control_h, control_l = tensors["latent"], tensors["control_h"], tensors["control_l"]
     except Exception as exn:
         raise SkipSample("bad_latent", f"{type(exn).__name__}: {exn}") from None
-    a = int(rng.integers(latent.shape[0]))  # one of the stored augmentations
+    want_flip = bool(cfg.flip_prob > 0 and rng.random() < cfg.flip_prob)
+    candidates = np.flatnonzero((control_h[:, _FLIP].numpy() == 1.0) == want_flip)
+    if candidates.size == 0:
+        raise SkipSample("no_view", f"no stored view with flip={int(want_flip)} (flip_prob {cfg.flip_prob})")
+    a = int(candidates[rng.integers(candidates.size)])
     out.update(latent=latent[a].float(), control_h=control_h[a].float().numpy(), control_l=control_l.float().numpy())
     if "text" in tensors:
         out["text"] = tensors["text"].float()  # (L, C) valid tokens only
         out["text_max_length"] = int(meta.get("text_max_length", tensors["text"].shape[0]))
         out["pooled"] = tensors["pooled"].float()
     return out
+
+
+PRECOMPUTE_SETTINGS = "precompute.json"
+
+
+def check_latent_views(cfg: LoaderConfig, shards: list[str]) -> dict | None:
+    """For latent shards (a `precompute.json` beside the first shard): refuse a crop strategy or flips that
+    the stored views cannot provide, naming both. Returns the precompute settings, or None for image shards."""
+    path = os.path.join(os.path.dirname(os.path.abspath(shards[0])), PRECOMPUTE_SETTINGS) if shards else ""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        settings = json.load(f)
+    crop, views = settings.get("crop"), settings.get("views", settings.get("augmentations", 1))
+    flips = bool(settings.get("flip", settings.get("flip_prob", 0) > 0))
+    where = f"the latent shards beside {path} ({views} crop view(s) per image, crop {crop!r}, flips {flips})"
+    if crop != cfg.crop:
+        raise ValueError(f"crop {cfg.crop!r} (data.crop) cannot be provided by {where}: re-run `condiff precompute "
+                         f"--crop {cfg.crop} --views K`, or set data.crop={crop}")
+    if cfg.flip_prob > 0 and not flips:
+        raise ValueError(f"flips (data.flip, flip_prob {cfg.flip_prob}) cannot be provided by {where}: re-run "
+                         f"`condiff precompute --flip`, or set data.flip=false")
+    return settings
 
 
 def collate(samples: list[dict]) -> dict:
@@ -378,6 +414,7 @@ class ShardLoader:
     def __init__(self, config: LoaderConfig | dict):
         self.config = config if isinstance(config, LoaderConfig) else LoaderConfig(**config)
         self.shards = expand_shards(self.config.shards)
+        self.precompute = check_latent_views(self.config, self.shards)  # crop / flips the latent views can give
         rank, world = _dist_rank_world()
         self.rank = rank if self.config.rank is None else self.config.rank
         self.world_size = world if self.config.world_size is None else self.config.world_size

@@ -6,18 +6,22 @@ atomically (`writer.py`); a rerun skips the output shards that exist, so an inte
 
 Per sample the output holds the original `json` (plus a `precompute` entry), `txt` and `cls` as they
 were, and a `safetensors` member with
-  latent     (A, C, h, w)  `dtype`   A = `--augmentations` views of the image, each a crop (strategy
-                                    `--crop`) + flip (`--flip-prob`) drawn with a numpy RNG seeded by
-                                    (seed, view, key), encoded by the autoencoder;
-  control_h  (A, 6) float32          the control metadata of each view (`transforms.py`);
+  latent     (A, C, h, w)  `dtype`   A views of the image, encoded by the autoencoder: `--views K` crops
+                                    (strategy `--crop`, crop k drawn with a numpy RNG seeded by
+                                    (seed, k, key)), and with `--flip` (default) each crop also mirrored:
+                                    A = 2K, views [crop 0, crop 0 mirrored, crop 1, ...]; `--no-flip`: A = K;
+  control_h  (A, 6) float32          the exact control metadata of each view (`transforms.py`);
   control_l  (2,)   float32          original [height, width];
   text       (L, C) `dtype`          text-encoder states of the caption's L valid tokens (padding is
                                     not stored: the loader pads with zeros up to `text_max_length`,
                                     and the models' padding mode overwrites padding positions anyway);
   pooled     (Cp,)  `dtype`          pooled text embedding.
-CROP AND FLIP ARE FIXED AT PRECOMPUTE TIME: training on these shards sees only the A stored views per
-image (the loader picks one uniformly per epoch), not a fresh crop each epoch. Use A > 1 to keep some
-augmentation; A = 1 with `--crop center --flip-prob 0` stores the plain centre crop.
+CROPS ARE DRAWN AT PRECOMPUTE TIME: training on these shards sees the K stored crops per image (the loader
+draws one view per sample and epoch, deterministically: a flip with the training flip probability, then one
+of the crops), not a fresh crop each epoch; use K > 1 for crop augmentation (Fig. 8c's strategies). The
+training config must ask for what the views hold: `data.crop` equal to `--crop`, and `data.flip` only if
+the shards were written with `--flip` (otherwise the loader refuses, naming both). `--views 1 --crop center
+--no-flip` stores the plain centre crop.
 `null_text.safetensors` (states (1, T, C), lengths (1,), pooled (1, Cp)) holds the encoding of the
 empty prompt "" for condition dropout (`conditions.apply_dropout(..., null_text=...)`).
 
@@ -41,7 +45,7 @@ import torch
 from condiff.io.shards import expand_shards
 
 from .autoencoder import build_autoencoder
-from .loader import LoaderConfig, SkipSample, _seed_int, _warn_skip, iter_raw_samples, load_image, parse_fields
+from .loader import _FLIP, LoaderConfig, SkipSample, _seed_int, _warn_skip, iter_raw_samples, load_image, parse_fields
 from .transforms import CropTransform
 from .writer import ShardSetWriter
 
@@ -80,15 +84,16 @@ class Precomputer:
                 tcfg["max_length"] = args.text_max_length
             self.text_encoder = build_text_encoder(tcfg).to(self.device)
         conditioning = args.conditioning or ("text" if self.text_encoder is not None else "class")
-        self.cfg = LoaderConfig(shards=args.shards, resolution=args.resolution, crop=args.crop, flip_prob=args.flip_prob,
+        self.cfg = LoaderConfig(shards=args.shards, resolution=args.resolution, crop=args.crop, flip_prob=0.0,
                                 conditioning=conditioning, min_size=args.min_size)
-        self.transform = CropTransform(args.resolution, args.crop, args.flip_prob)
+        self.transform = CropTransform(args.resolution, args.crop, flip_prob=0.0)  # mirrors are added explicitly
+        self.stored_views = args.views * (2 if args.flip else 1)
         self.stats: Counter = Counter()
         self.settings = {
             "autoencoder": self.autoencoder.config,
             "text_encoder": None if self.text_encoder is None else self.text_encoder.config,
-            "resolution": args.resolution, "crop": args.crop, "flip_prob": args.flip_prob,
-            "augmentations": args.augmentations, "dtype": args.dtype, "seed": args.seed,
+            "resolution": args.resolution, "crop": args.crop, "flip": args.flip,
+            "views": args.views, "dtype": args.dtype, "seed": args.seed,
             "conditioning": conditioning, "min_size": args.min_size,
         }
 
@@ -97,7 +102,7 @@ class Precomputer:
         a = self.args
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         h = a.resolution // self.autoencoder.downsample
-        n = a.augmentations * self.autoencoder.latent_channels * h * h * itemsize + a.augmentations * 6 * 4 + 8
+        n = self.stored_views * (self.autoencoder.latent_channels * h * h * itemsize + 6 * 4) + 8
         if self.text_encoder is not None:  # upper bound: every prompt as long as max_length
             n += (self.text_encoder.max_length * self.text_encoder.dim + self.text_encoder.pooled_dim) * itemsize
         return n + 2048  # json / txt / cls / safetensors header / tar headers (measured order of magnitude)
@@ -108,7 +113,7 @@ class Precomputer:
 
         if not items:
             return
-        a = self.args.augmentations
+        a = self.stored_views
         views = torch.stack([v[0] for it in items for v in it["views"]])  # (N * A, 3, R, R)
         latents = []
         for i in range(0, views.shape[0], self.args.batch_size):
@@ -129,7 +134,7 @@ class Precomputer:
                 tensors["text"] = text.states[j, :n].to(self.dtype).contiguous()
                 tensors["pooled"] = text.pooled[j].to(self.dtype).contiguous()
                 meta["text_max_length"] = self.text_encoder.max_length
-            meta["precompute"] = {k: self.settings[k] for k in ("resolution", "crop", "augmentations", "dtype")}
+            meta["precompute"] = {k: self.settings[k] for k in ("resolution", "crop", "views", "flip", "dtype")}
             sample = {"__key__": it["out"]["key"], "safetensors": st_save(tensors), "json": meta}
             raw = it["raw"]
             for field in ("txt", "cls"):
@@ -152,11 +157,15 @@ class Precomputer:
                 bar.update(1)
                 continue
             views = []
-            for v in range(a.augmentations):
+            for v in range(a.views):
                 x, control_h, control_l, _ = self.transform(image, np.random.default_rng(_seed_int(a.seed, v, key)), orig)
                 views.append((x, control_h, control_l))
+                if a.flip:  # the same crop mirrored (apply_crop mirrors after the resize: exactly x.flip(-1))
+                    mirrored_h = control_h.copy()
+                    mirrored_h[_FLIP] = 1.0
+                    views.append((x.flip(-1), mirrored_h, control_l))
             items.append({"raw": raw, "out": out, "meta": meta, "views": views})
-            if len(items) * a.augmentations >= a.batch_size:
+            if len(items) * self.stored_views >= a.batch_size:
                 self._flush(items, writer)
                 bar.update(len(items))
                 items = []
@@ -184,8 +193,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--conditioning", default=None, choices=["class", "text", "none"], help="default: text with a text encoder, else class")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--crop", default="center", choices=["global", "local", "mix", "center"])
-    p.add_argument("--flip-prob", type=float, default=0.5)
-    p.add_argument("--augmentations", type=int, default=1, help="views (crop + flip) stored per image")
+    p.add_argument("--views", type=int, default=1, help="crops stored per image (K; the loader draws one per epoch)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="also store every crop mirrored (needed to train with data.flip=true; default on)")
     p.add_argument("--min-size", type=int, default=0)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--batch-size", type=int, default=32, help="images per autoencoder call")
@@ -193,8 +203,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.augmentations < 1:
-        p.error("--augmentations must be >= 1")
+    if args.views < 1:
+        p.error("--views must be >= 1")
     try:
         inputs = expand_shards(args.shards)
         pre = Precomputer(args)

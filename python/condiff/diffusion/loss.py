@@ -3,8 +3,10 @@
     t ~ U{0, ..., T-1},  eps ~ N(0, I),  x_t = (x_0 + sigma_t eps) / sqrt(1 + sigma_t^2)   (Eq. 6)
     loss = mean_b [ w(t_b) * mean_{c,h,w} (model(x_t, t, cond) - eps)^2 ]
 
-with w from `Schedule.weight_table` (default "inv-snr": w_t = 1/sigma_t^2 on the epsilon MSE,
-normalised to mean 1 over t; see there for the exact reading and the alternatives).
+with w from `Schedule.weight_table`. Default "edm": App. C's inverse-SNR weight 1/sigma_t^2 multiplies the
+EDM denoiser error, and x0_hat - x0 = -sigma_t (eps_hat - eps) (Eq. 17), so the objective is the plain
+epsilon MSE (w_t = 1). "eps-inv-snr" (1/sigma_t^2 on the epsilon MSE) and "min-snr-gamma" are options;
+see `Schedule.weight_table`.
 
 Masked diffusion transformers (mDT-v2, Gao et al. 2023) train with two passes on the same (x_t, t):
 the full pass above plus a pass with a fraction of the image tokens masked out, and sum both losses
@@ -44,7 +46,7 @@ def _per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
 
 
-def diffusion_loss(model: nn.Module, x0: Tensor, cond: Any, schedule: Schedule, *, weighting: str = "inv-snr",
+def diffusion_loss(model: nn.Module, x0: Tensor, cond: Any, schedule: Schedule, *, weighting: str = "edm",
                    snr_gamma: float = 5.0, generator: torch.Generator | None = None, t: Tensor | None = None,
                    noise: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted epsilon-prediction loss for one batch.

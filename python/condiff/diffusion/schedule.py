@@ -26,7 +26,13 @@ import torch
 from torch import Tensor
 
 BETA_SCHEDULES = ("scaled_linear", "linear")
-WEIGHTINGS = ("inv-snr", "none", "min-snr-gamma")
+WEIGHTINGS = ("edm", "eps-inv-snr", "min-snr-gamma")
+# names that are no longer accepted, with what to write instead (a config must not change meaning silently)
+_RENAMED_WEIGHTINGS = {
+    "inv-snr": "'edm' (App. C's 1/sigma_t^2 on the denoiser error = plain epsilon MSE, the default) or "
+               "'eps-inv-snr' (1/sigma_t^2 on the epsilon MSE, the former default)",
+    "none": "'edm' (plain epsilon MSE)",
+}
 TERMINAL_ALPHA_CUMPROD = 2.0**-24
 """Floor of abar at the last timestep. With zero terminal SNR abar_{T-1} = 0, sigma = inf and the epsilon
 parametrisation cannot recover x_0 (x_0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)); diffusers' Euler and
@@ -196,42 +202,43 @@ class Schedule:
                              f"got min {int(t.min())}, max {int(t.max())}")
 
     # ---------------------------------------------------------------- loss weighting (App. C)
-    def weight_table(self, weighting: str = "inv-snr", snr_gamma: float = 5.0) -> Tensor:
+    def weight_table(self, weighting: str = "edm", snr_gamma: float = 5.0) -> Tensor:
         """Per-timestep weight on the EPSILON MSE, (T,) float64, normalised to mean 1 over t in [0, T).
 
-        "inv-snr" (paper, App. C: "the loss is weighted by the inverse SNR 1/sigma_t^2"):
-            w_t = 1 / sigma_t^2 = abar_t / (1 - abar_t), applied to ||eps_hat - eps||^2. (In the usual
-            convention SNR = abar/(1-abar), so this w_t *is* the SNR; the paper calls sigma_t^2 the
-            noise-to-signal ratio and its inverse 1/sigma_t^2. We follow the formula, not the word.)
-            Reading of an ambiguity: since x0_hat - x0 = -sigma_t (eps_hat - eps) in the unscaled EDM
-            variable, a 1/sigma^2 weight on the x0 error would instead be plain epsilon MSE: that reading
-            is available as weighting="none".
-        "none": w_t = 1 (DDPM's "simple" loss).
+        "edm" (default; App. C read in EDM's terms): "the loss is weighted by the inverse SNR 1/sigma_t^2".
+            In EDM the weight multiplies the denoiser error; with x0_hat = sqrt(1 + sigma^2) x_t - sigma eps_hat
+            (Eq. 17), x0_hat - x0 = -sigma_t (eps_hat - eps), so 1/sigma_t^2 ||x0_hat - x0||^2 is exactly
+            ||eps_hat - eps||^2: w_t = 1 on the epsilon MSE (also DDPM's "simple" loss).
+        "eps-inv-snr": w_t = 1 / sigma_t^2 = abar_t / (1 - abar_t) applied to the epsilon MSE, i.e. the
+            1/sigma^2 factor applied a second time (condiff's default before the EDM reading; the weights span
+            ~2.5e5 over t and most of the mass sits on t < 100). Kept for comparisons, not the paper's objective.
         "min-snr-gamma" (Hang et al. 2023, epsilon parametrisation): w_t = min(SNR_t, gamma) / SNR_t,
             SNR_t = 1/sigma_t^2.
         Normalisation (our choice): every table is divided by its mean over the T timesteps, so that
         E_t[w_t] = 1 under uniform t and the loss keeps the scale of plain epsilon MSE; a learning rate
-        tuned for one weighting does not need retuning for another (unnormalised, the inv-snr mean
+        tuned for one weighting does not need retuning for another (unnormalised, the eps-inv-snr mean
         over the paper's schedule is 6.71 and its maximum 1175 at t = 0).
         """
         key = (weighting, float(snr_gamma))
         if key in self._weight_tables:
             return self._weight_tables[key]
         snr = 1.0 / self.sigmas**2  # (T,)
-        if weighting == "inv-snr":
-            w = snr.clone()
-        elif weighting == "none":
+        if weighting == "edm":
             w = torch.ones_like(snr)
+        elif weighting == "eps-inv-snr":
+            w = snr.clone()
         elif weighting == "min-snr-gamma":
             if not snr_gamma > 0:
                 raise ValueError(f"min-snr-gamma weighting: snr_gamma must be > 0, got {snr_gamma!r}")
             w = snr.clamp(max=snr_gamma) / snr
+        elif weighting in _RENAMED_WEIGHTINGS:
+            raise ValueError(f"loss weighting {weighting!r} is no longer accepted: use {_RENAMED_WEIGHTINGS[weighting]}")
         else:
             raise ValueError(f"loss weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         self._weight_tables[key] = w / w.mean()
         return self._weight_tables[key]
 
-    def loss_weight(self, t: Tensor, weighting: str = "inv-snr", snr_gamma: float = 5.0) -> Tensor:
+    def loss_weight(self, t: Tensor, weighting: str = "edm", snr_gamma: float = 5.0) -> Tensor:
         """weight_table(...)[t] as a float32 (B,) tensor on t's device."""
         self._check_t(t)
         return self.weight_table(weighting, snr_gamma)[torch.as_tensor(t).long().cpu()].to(

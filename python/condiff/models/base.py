@@ -14,16 +14,16 @@ vector), then hand the (B, E) embedding to the family's `denoise(x_t, emb, cond)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from condiff import ops
-from condiff.conditioning.cond import Cond
-from condiff.conditioning.control import CONTROL_MODES, GAMMA_KINDS, ControlEmbedder
+from condiff.conditioning.cond import CONTROL_GROUPS, Cond
+from condiff.conditioning.control import CONTROL_MODES, GAMMA_KINDS, ControlEmbedder, check_control_fields
 from condiff.conditioning.labels import check_labels
-from condiff.conditioning.padding import PADDING_MODES, pad_text
+from condiff.conditioning.padding import NOISE_READINGS, PADDING_MODES, noise_amplitude, pad_text
 from condiff.models.layers import ATTN_IMPLS, resolve_attn_impl
 
 
@@ -34,10 +34,13 @@ class ModelConfig:
     conditioning: "class" (labels, num_classes + null row) or "text" (states (B, T, text_dim), lengths, pooled
     (B, pooled_dim)). input_size: training resolution in latent cells (32 = 256 px SD-VAE latents).
     text_len: the encoder's token count T (77 for CLIP); only `example_inputs` uses it, any T runs.
-    text_padding: zero | replicate | noisy-replicate (noise `text_noise_beta`, training mode only; beta_txt = 0.1
-    is our choice: the paper only says "a small variance").
+    text_padding: zero | replicate | noisy-replicate (noise `text_noise_beta` = beta_txt, training mode only;
+    0.1 is our choice: the paper only says "a small variance"). text_noise_reading: "variance" (default, the
+    paper's word: std factor sqrt(beta_txt)) | "std" (beta_txt multiplies the std; the former reading);
+    text_noise_at_inference: keep the noise in eval mode too (`conditioning.padding`).
     control: "none" | "additive" (SDXL joint embedding) | "disentangled" (Eq. 1 with gamma_c `gamma`,
     `gamma_alpha`, `gamma_k`); control_freq_dim: sinusoidal features per control field.
+    control_fields: the conditioned control groups (crop, aspect, flip, size; `cond.CONTROL_GROUPS`), default all.
     attn_impl: None (module default, see `attention_impl`) | sdpa | math. ops_backend: condiff.ops backend.
     """
 
@@ -51,10 +54,13 @@ class ModelConfig:
     text_len: int = 77
     text_padding: str = "zero"
     text_noise_beta: float = 0.1
+    text_noise_reading: str = "variance"
+    text_noise_at_inference: bool = False
     control: str = "additive"
     gamma: str = "power-cosine"
     gamma_alpha: float = 8.0
     gamma_k: float = 1.0
+    control_fields: list = field(default_factory=lambda: list(CONTROL_GROUPS))
     control_freq_dim: int = 256
     num_timesteps: int = 1000
     attn_impl: str | None = None
@@ -65,6 +71,8 @@ class ModelConfig:
         self.check_choice("control", CONTROL_MODES)
         self.check_choice("gamma", GAMMA_KINDS)
         self.check_choice("text_padding", PADDING_MODES)
+        self.check_choice("text_noise_reading", NOISE_READINGS)
+        self.control_fields = list(check_control_fields(self.control_fields, f"{self.name}: control_fields"))
         self.check_choice("attn_impl", (None, *ATTN_IMPLS))
         self.check_choice("ops_backend", (None, *ops.BACKENDS))
         self.check_positive("input_size", "in_channels", "num_classes", "text_dim", "pooled_dim", "text_len",
@@ -102,7 +110,7 @@ class DiffusionModel(nn.Module, ABC):
         if cfg.control == "none":
             return None
         return ControlEmbedder(dim, cfg.control, cfg.gamma, cfg.gamma_alpha, cfg.gamma_k, cfg.control_freq_dim,
-                               cfg.num_timesteps)
+                               cfg.num_timesteps, cfg.control_fields)
 
     # --- configuration -------------------------------------------------------------------------------------
     @property
@@ -188,7 +196,8 @@ class DiffusionModel(nn.Module, ABC):
         lengths = cond.text_lengths
         if lengths is None:
             lengths = torch.full((batch_size,), text.shape[1], dtype=torch.long, device=text.device)
-        beta = self.cfg.text_noise_beta if self.training else 0.0
+        beta = noise_amplitude(self.cfg.text_noise_beta, self.cfg.text_noise_reading, training=self.training,
+                               at_inference=self.cfg.text_noise_at_inference)
         states = pad_text(text, lengths, self.cfg.text_padding, beta, generator, backend=self.cfg.ops_backend)
         return states.to(self.param_dtype)  # (B, T, text_dim) in the model's dtype
 

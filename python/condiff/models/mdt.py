@@ -18,8 +18,9 @@ training script) is the hook the loss reads.
 
 Deviations from sail-sg/MDT, for resolution transfer (App. C): positions are the fixed sin-cos table of the
 actual grid (`pos_grid`) at the input and again before the decoder (MDT learns both copies from a sin-cos
-init); the relative position table is sized for the base grid and offsets beyond it are clamped, so the
-model runs at any resolution (at the base grid it is exactly MDT's bias).
+init); the relative position table is sized for the base grid (`base_size`, kept by `init_from`) and
+resampled to other grids like the absolute grid (`RelativePositionBias`), so a 256 -> 512 transfer loads
+every weight and the model runs at any resolution (at the base grid it is exactly MDT's bias).
 """
 
 from __future__ import annotations
@@ -39,12 +40,21 @@ from condiff.models.transformer import Backbone, BackboneConfig
 class RelativePositionBias(nn.Module):
     """Learnable per-head bias of every 2D offset between tokens (BEiT / MDT); table ((2Wh-1)(2Ww-1)+3, H).
 
+    The table is sized for the BASE grid (Wh, Ww) = the model's `base_size` (the grid it was, or its source
+    was, trained at), so a 256 -> 512 transfer loads it unchanged. On another grid (gh, gw) the table is
+    resampled like the absolute sin-cos grid of App. C (`resample=True`, pos_grid "rectified"): positions
+    span [0, base] at any resolution, so a token offset d on the gh grid is the offset d (Wh-1)/(gh-1) of the
+    base grid, read from the table by bilinear interpolation (the same scale on both axes: one step size, as
+    `posemb` keeps for non-square grids; offsets past the table's edge take its edge). On the base grid this
+    is the table itself, exactly. `resample=False` (integer grids such as "arange") reads integer offsets and
+    clamps those beyond the base window (MDT's bias at the base grid).
     The 3 extra rows of BEiT's table (cls-token entries) are kept for state-dict compatibility; unused.
     """
 
-    def __init__(self, window: tuple[int, int], num_heads: int):
+    def __init__(self, window: tuple[int, int], num_heads: int, resample: bool = True):
         super().__init__()
         self.window = window
+        self.resample = resample
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1) + 3, num_heads))
         self.reset_parameters()
@@ -52,9 +62,15 @@ class RelativePositionBias(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
+    def _scale(self, grid_h: int) -> float:
+        """Base-grid offset per token step on a grid of grid_h rows (1 on the base grid or without resampling)."""
+        if not self.resample or grid_h < 2 or grid_h == self.window[0]:
+            return 1.0
+        return (self.window[0] - 1) / (grid_h - 1)
+
     def index(self, grid_h: int, grid_w: int, device) -> Tensor:
-        """(N, N) long table index of every (query, key) pair on a grid_h x grid_w grid (clamped offsets)."""
-        wh, ww = self.window
+        """(N, N) long index of every (query, key) pair on a grid_h x grid_w grid into `table(grid_h, grid_w)`."""
+        wh, ww = (grid_h, grid_w) if self._scale(grid_h) != 1.0 else self.window
         hh, ww_ = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device),
                                  indexing="ij")
         coords = torch.stack([hh.flatten(), ww_.flatten()])  # (2, N)
@@ -63,9 +79,27 @@ class RelativePositionBias(nn.Module):
         dw = rel[1].clamp(-(ww - 1), ww - 1) + ww - 1
         return dh * (2 * ww - 1) + dw  # (N, N)
 
-    def forward(self, index: Tensor) -> Tensor:
-        """index (N, N) or (B, n, n) -> bias (1, H, N, N) or (B, H, n, n)."""
-        bias = self.relative_position_bias_table[index]  # (..., n, n, H)
+    def table(self, grid_h: int, grid_w: int) -> Tensor:
+        """The bias of every offset of a grid_h x grid_w grid: the base table, or its resampling
+        ((2 grid_h - 1) (2 grid_w - 1), H) when the grid step differs from the base one."""
+        scale = self._scale(grid_h)
+        if scale == 1.0:
+            return self.relative_position_bias_table
+        wh, ww = self.window
+        heads = self.relative_position_bias_table.shape[1]
+        base = self.relative_position_bias_table[:-3].T.reshape(1, heads, 2 * wh - 1, 2 * ww - 1)
+        dev, dt = base.device, base.dtype
+        # normalised [-1, 1] table coordinate of every offset d on the new grid: d * scale / (W - 1)
+        uh = torch.arange(-(grid_h - 1), grid_h, device=dev, dtype=dt) * scale / max(wh - 1, 1)  # (2gh-1,)
+        uw = torch.arange(-(grid_w - 1), grid_w, device=dev, dtype=dt) * scale / max(ww - 1, 1)  # (2gw-1,)
+        gy, gx = torch.meshgrid(uh.clamp(-1, 1), uw.clamp(-1, 1), indexing="ij")
+        where = torch.stack([gx, gy], dim=-1)[None]  # (1, 2gh-1, 2gw-1, 2) as (x, y)
+        out = nn.functional.grid_sample(base, where, mode="bilinear", align_corners=True)  # (1, H, 2gh-1, 2gw-1)
+        return out[0].flatten(1).T  # ((2gh-1)(2gw-1), H)
+
+    def forward(self, index: Tensor, grid: tuple[int, int]) -> Tensor:
+        """index (N, N) or (B, n, n) from `index(*grid)` -> bias (1, H, N, N) or (B, H, n, n)."""
+        bias = self.table(*grid)[index]  # (..., n, n, H)
         return bias.permute(2, 0, 1)[None] if index.dim() == 2 else bias.permute(0, 3, 1, 2)
 
 
@@ -117,13 +151,14 @@ class MDTv2(Backbone):
     def __init__(self, cfg: MDTConfig):
         super().__init__(cfg)
         D, half = cfg.hidden_size, (cfg.depth - cfg.decode_layers) // 2
-        grid = cfg.input_size // cfg.patch_size
+        base = max(1, round(cfg.base_size))  # relative-position window: the base grid (App. C), not input_size
         self.y_embedder = LabelEmbedder(cfg.num_classes, D)
 
         def block(skip: bool) -> DiTBlock:
             b = DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, skip=skip)
             if cfg.rel_pos_bias:
-                b.attn.rel_pos_bias = RelativePositionBias((grid, grid), cfg.num_heads)
+                b.attn.rel_pos_bias = RelativePositionBias((base, base), cfg.num_heads,
+                                                           resample=cfg.pos_grid == "rectified")
             return b
 
         self.en_inblocks = nn.ModuleList([block(False) for _ in range(half)])
@@ -149,8 +184,8 @@ class MDTv2(Backbone):
         """Mask ratio of the second (masked) pass of the MDT training loss (module docstring)."""
         return self.cfg.mask_ratio
 
-    def _bias(self, block: DiTBlock, index: Tensor | None) -> Tensor | None:
-        return None if index is None else block.attn.rel_pos_bias(index)
+    def _bias(self, block: DiTBlock, index: Tensor | None, grid: tuple[int, int]) -> Tensor | None:
+        return None if index is None else block.attn.rel_pos_bias(index, grid)
 
     def run_blocks(self, x: Tensor, c: Tensor, cond: Cond, grid: tuple[int, int], *,
                    mask_ratio: float | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -172,21 +207,21 @@ class MDTv2(Backbone):
                 index = index[ids_keep[:, :, None], ids_keep[:, None, :]]  # (B, n, n)
         skips = []
         for blk in self.en_inblocks:
-            x, _ = blk(x, c, attn_bias=self._bias(blk, index), **run)
+            x, _ = blk(x, c, attn_bias=self._bias(blk, index, (gh, gw)), **run)
             skips.append(x)
         for blk in self.en_outblocks:
-            x, _ = blk(x, c, skip=skips.pop(), attn_bias=self._bias(blk, index), **run)
+            x, _ = blk(x, c, skip=skips.pop(), attn_bias=self._bias(blk, index, (gh, gw)), **run)
         pos = self.pos_embed(gh, gw, x.device, x.dtype)  # (1, N, D) MDT's decoder_pos_embed
         if masked:
-            x = self.side_interpolater(x, c, mask, ids_restore, pos, index_full, run)  # (B, N, D)
+            x = self.side_interpolater(x, c, mask, ids_restore, pos, index_full, (gh, gw), run)  # (B, N, D)
         else:
             x = x + pos
         for blk in self.de_blocks:
-            x, _ = blk(x, c, skip=input_skip, attn_bias=self._bias(blk, index_full), **run)
+            x, _ = blk(x, c, skip=input_skip, attn_bias=self._bias(blk, index_full, (gh, gw)), **run)
         return x
 
     def side_interpolater(self, x: Tensor, c: Tensor, mask: Tensor, ids_restore: Tensor, pos: Tensor,
-                          index: Tensor | None, run: dict) -> Tensor:
+                          index: Tensor | None, grid: tuple[int, int], run: dict) -> Tensor:
         """Fill dropped tokens with mask tokens, unshuffle, add positions, run the side block; keep its output
         only at dropped positions. x (B, n, D), mask (B, N) (1 = dropped) -> (B, N, D)."""
         B, n, D = x.shape
@@ -195,6 +230,6 @@ class MDTv2(Backbone):
         x = torch.gather(x, 1, ids_restore[:, :, None].expand(B, N, D)) + pos  # (B, N, D) image order
         before = x
         for blk in self.sideblocks:
-            x, _ = blk(x, c, attn_bias=self._bias(blk, index), **run)
+            x, _ = blk(x, c, attn_bias=self._bias(blk, index, grid), **run)
         m = mask[:, :, None].to(x.dtype)
         return x * m + before * (1 - m)

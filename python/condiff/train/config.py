@@ -34,6 +34,9 @@ from typing import Any
 
 import yaml
 
+from condiff.conditioning.cond import CONTROL_GROUPS
+from condiff.diffusion.schedule import WEIGHTINGS
+
 
 MINILM_WIDTH = 384  # sentence-transformers/all-MiniLM-L6-v2 (the default text encoder): states and pooled
 
@@ -54,7 +57,11 @@ class DataConfig:
     shards: str = ""  # webdataset shards: path / glob / brace pattern / directory (`condiff make-shards`)
     resolution: int = 256  # training image size in pixels (square; ignored for latent shards)
     crop: str = "global"  # "global" (0.9-1) | "local" (0.4-0.6) | "mix" (0.4-1) | "center": crop-size ratio (Fig. 8c)
-    flip: bool = True  # random horizontal flips (recorded in phi_h)
+    flip: bool = True  # flip AUGMENTATION: random horizontal flips (recorded in phi_h; conditioned only if in control_fields)
+    # control fields the model is CONDITIONED on (Table 2c rows): any of crop, aspect, flip, size
+    # (condiff.conditioning.cond.CONTROL_GROUPS); the others are zeroed inside the model. Passed to the model
+    # as `control_fields` (so sampling zeroes the same ones); ignored by models with control "none".
+    control_fields: list = field(default_factory=lambda: ["crop", "aspect", "flip", "size"])
     num_classes: int = 0  # class-conditional data: number of classes; 0 = read dataset.json beside the shards
     label_drop: float = 0.1  # probability of the null class / empty caption (classifier-free guidance)
     control_drop: float = 0.1  # probability of dropping the control condition (control guidance, Eq. 2)
@@ -77,7 +84,10 @@ class AutoencoderConfig:
 @dataclass
 class ScheduleConfig:
     kwargs: dict = field(default_factory=dict)  # condiff.diffusion.Schedule keyword arguments
-    weighting: str = "inv-snr"  # diffusion_loss weighting: "inv-snr" (App. C, 1/sigma_t^2) | "none" | "min-snr-gamma"
+    # diffusion_loss weighting (Schedule.weight_table): "edm" (App. C: 1/sigma_t^2 on the denoiser error =
+    # plain epsilon MSE) | "eps-inv-snr" (1/sigma_t^2 on the epsilon MSE; the former default) | "min-snr-gamma"
+    weighting: str = "edm"
+    snr_gamma: float = 5.0  # gamma of "min-snr-gamma"
 
 
 @dataclass
@@ -166,9 +176,19 @@ class TrainConfig:
         check(self.max_nonfinite > 0, "max_nonfinite", "a positive integer")
         check(self.model.conditioning in ("class", "text"), "model.conditioning", "'class' or 'text'")
         check(self.data.crop in ("global", "local", "mix", "center"), "data.crop", "one of global/local/mix/center")
+        check(not [f for f in self.data.control_fields if f not in CONTROL_GROUPS]
+              and len(set(self.data.control_fields)) == len(self.data.control_fields),
+              "data.control_fields", f"distinct names from {list(CONTROL_GROUPS)}")
+        mk = self.model.kwargs.get("control_fields")
+        if mk is not None and list(mk) != list(self.data.control_fields):
+            raise ConfigError(f"model.kwargs.control_fields {list(mk)} != data.control_fields "
+                              f"{list(self.data.control_fields)}: set data.control_fields only")
         check(self.data.resolution > 0, "data.resolution", "a positive integer")
         check(0 <= self.data.label_drop < 1, "data.label_drop", "a probability in [0, 1)")
         check(0 <= self.data.control_drop <= 1, "data.control_drop", "a probability in [0, 1]")
+        check(self.schedule.weighting in WEIGHTINGS, "schedule.weighting",
+              f"one of {'/'.join(WEIGHTINGS)} ('inv-snr' is now 'eps-inv-snr'; the EDM reading is 'edm')")
+        check(self.schedule.snr_gamma > 0, "schedule.snr_gamma", "a positive float")
         check(self.optim.name in ("adam", "adamw"), "optim.name", "'adam' or 'adamw'")
         check(self.optim.lr > 0, "optim.lr", "a positive float")
         check(self.optim.lr_scaling in ("none", "sqrt", "linear"), "optim.lr_scaling", "one of none/sqrt/linear")

@@ -4,7 +4,7 @@ One optimizer step (App. C recipe):
     for each of `grad_accum` micro-batches on this rank:
         batch -> (pixels | VAE latents) x0, `Cond` (class ids | text-encoder states, control metadata,
                  both already dropped per sample for guidance by the data stream)
-        loss = diffusion_loss(model, x0, cond, schedule)   # eps-prediction, 1/sigma^2 weighting (App. C)
+        loss = diffusion_loss(model, x0, cond, schedule)   # eps-prediction, schedule.weighting (App. C: "edm")
         (loss / grad_accum).backward()                      # DDP all-reduces on the last micro-batch
     grad_norm = clip(grads, optim.grad_clip)
     if loss or grad_norm is non-finite on ANY rank: skip the update (counted; too many in a row stop the run)
@@ -131,7 +131,7 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     conditional models, the class count of the data. Widths that depend on the text encoder or the
     autoencoder (text widths, input channels) are stated in the recipe, where they are visible; a stated
     width that contradicts them is a ConfigError when the recipe loads (`config.check_model`)."""
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"control_fields": list(cfg.data.control_fields)}  # the Table 2c switch (DataConfig)
     if cfg.model.conditioning == "class" and num_classes:
         kw["num_classes"] = num_classes
     kw.update(cfg.model.kwargs)
@@ -320,7 +320,8 @@ class Trainer:
             sync = micro == cfg.grad_accum - 1
             no_sync = self.fwd_model.no_sync() if (not sync and hasattr(self.fwd_model, "no_sync")) else contextlib.nullcontext()
             with no_sync, self._autocast():
-                loss, _ = diffusion_loss(self.fwd_model, x0, cond, self.schedule, weighting=cfg.schedule.weighting)
+                loss, _ = diffusion_loss(self.fwd_model, x0, cond, self.schedule, weighting=cfg.schedule.weighting,
+                                          snr_gamma=cfg.schedule.snr_gamma)
             (loss.float() / cfg.grad_accum).backward()
             loss_sum += loss.detach().float() / cfg.grad_accum
         params = [p for p in self.model.parameters() if p.grad is not None]
