@@ -111,7 +111,7 @@ def test_mdt_256_to_512_loads_every_weight_and_keeps_base_outputs(tmp_path, shar
     """mDT-v2's relative-position tables are sized from the base grid and resampled (App. C): a transfer to
     twice the resolution re-initialises nothing, and at the base size the transferred model is the source."""
     from condiff.models.mdt import RelativePositionBias
-    from condiff.transfer import transfer_init
+    from condiff.train.transfer import transfer_init
 
     arch = {"in_channels": 3, "depth": 4, "decode_layers": 2, "hidden_size": 32, "num_heads": 2, "num_classes": 8}
     src = create("mdt-v2", conditioning="class", input_size=8, **arch)
