@@ -197,3 +197,46 @@ def test_train_power_kind_then_condiff_ema(tmp_path, shards, capsys):
         load_config(overrides=["ema.kind=box"])
     with pytest.raises(ConfigError, match="ema.sigma_rels"):
         load_config(overrides=["ema.sigma_rels=[0.5]"])
+
+
+def test_eval_ema_sweep_end_to_end(tmp_path, shards, capsys):
+    """`condiff eval --ema-sweep`: one reconstructed checkpoint + manifest per length, a table, a plot,
+    and the best length by the chosen metric."""
+    from condiff.cli import main as cli
+    from condiff.eval import manifest
+    from condiff.train.config import load_config
+    from condiff.train.loop import Trainer
+
+    run = tmp_path / "run"
+    Trainer(load_config(overrides=TINY + [f"data.shards={shards}", f"run_dir={run}", "steps=4", "save_every=4",
+                                          "ema.kind=both", "ema.snapshot_every=2"])).run(final_grid=False)
+    out = tmp_path / "sweep"
+    args = ["eval", "--ckpt", str(run), "--ema-sweep", "0.05:0.10:3", "--metrics", "align", "--n", "4", "--steps", "2",
+            "--batch-size", "4", "--prompts", "shapes:demo", "--grid", "0", "--out", str(out)]
+    assert cli(args + ["--sweep-metric", "align/colour"]) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    assert [r["sigma_rel"] for r in summary["rows"]] == [0.05, 0.075, 0.1] and summary["step"] == 4
+    values = [r["metrics"]["align/colour"] for r in summary["rows"]]
+    assert summary["best_value"] == max(values) and not summary["lower_is_better"]
+    assert summary["best_sigma_rel"] == summary["rows"][values.index(max(values))]["sigma_rel"]
+    for sigma in ("0.0500", "0.0750", "0.1000"):
+        m = manifest.load(out / f"sigma_{sigma}")
+        assert "align/overall" in m.metrics and "--ema-sweep" not in m.command
+    table = (out / "sweep.md").read_text()
+    assert "**(best)**" in table and "align/colour" in table and (out / "sweep.png").stat().st_size > 0
+    assert "best sigma_rel" in capsys.readouterr().out
+    assert cli(args + ["--sweep-metric", "fid_val"]) == 2
+    assert "not among the computed metrics" in capsys.readouterr().err
+
+
+def test_sweep_helpers():
+    from condiff.eval import ema_sweep as S
+
+    assert S.parse_sweep("0.03:0.15:7") == [0.03, 0.05, 0.07, 0.09, 0.11, 0.13, 0.15]
+    assert S.parse_sweep("0.05,0.1") == [0.05, 0.1]
+    with pytest.raises(ValueError, match="expected LO:HI:N"):
+        S.parse_sweep("0.03:0.15")
+    assert S.strip_flags(["--ckpt", "r", "--n", "4", "--out=o", "--ema-sw", "0.1,0.2", "--steps", "2"]) == \
+        ["--n", "4", "--steps", "2"]
+    assert S.lower_is_better("fid_val") and not S.lower_is_better("align/overall")
+    assert S.default_metric(["clip", "fid_train"]) == "fid_train"
