@@ -88,6 +88,9 @@ def sweep(eval_main, argv: list[str], ckpt: str, spec: str, out: str | None, met
     from condiff.eval import manifest
     from condiff.train import phema
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--ema-sweep runs in one process; under torchrun, reconstruct with `condiff ema` and "
+                         "evaluate each checkpoint with its own `condiff eval`")
     sigmas = parse_sweep(spec)
     run, step = run_and_step(ckpt)
     out_dir = Path(out or run / "ema_sweep")
