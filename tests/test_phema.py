@@ -218,6 +218,7 @@ def test_eval_ema_sweep_end_to_end(tmp_path, shards, capsys):
     assert [r["sigma_rel"] for r in summary["rows"]] == [0.05, 0.075, 0.1] and summary["step"] == 4
     values = [r["metrics"]["align/colour"] for r in summary["rows"]]
     assert summary["best_value"] == max(values) and not summary["lower_is_better"]
+    assert summary["tied"] == (len(set(values)) == 1)
     assert summary["best_sigma_rel"] == summary["rows"][values.index(max(values))]["sigma_rel"]
     for sigma in ("0.0500", "0.0750", "0.1000"):
         m = manifest.load(out / f"sigma_{sigma}")

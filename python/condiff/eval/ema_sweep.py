@@ -112,11 +112,14 @@ def sweep(eval_main, argv: list[str], ckpt: str, spec: str, out: str | None, met
     values = np.array([r["metrics"][metric] for r in rows], dtype=np.float64)
     pick = np.nanargmin if lower_is_better(metric) else np.nanargmax
     best = rows[int(pick(values))]
+    finite = values[np.isfinite(values)]
+    tied = bool(finite.size and finite.min() == finite.max())  # the metric does not separate the lengths
     summary = {"run": str(run), "step": rec.step, "metric": metric,
                "lower_is_better": lower_is_better(metric), "best_sigma_rel": best["sigma_rel"],
-               "best_value": best["metrics"][metric], "rows": rows, "command": " ".join(["condiff eval", *argv])}
+               "best_value": best["metrics"][metric], "tied": tied, "rows": rows, "command": " ".join(["condiff eval", *argv])}
     _write(out_dir, summary, names)
-    print(f"[condiff eval] ema sweep: best sigma_rel = {best['sigma_rel']} ({metric} = {best['metrics'][metric]:.4f}); "
+    print(f"[condiff eval] ema sweep: best sigma_rel = {best['sigma_rel']} ({metric} = {best['metrics'][metric]:.4f}"
+          f"{', tied: every length scores the same' if tied else ''}); "
           f"wrote {out_dir / 'sweep.md'}, sweep.json, sweep.png", flush=True)
     return summary
 
@@ -127,7 +130,9 @@ def _write(out_dir: Path, summary: dict, names: list[str]) -> None:
     shown = [n for n in names if n not in ("align/n", "align/n_relation")]
     lines = [f"# EMA length sweep: {summary['run']} at step {summary['step']}", "",
              f"Best: sigma_rel = {summary['best_sigma_rel']} ({metric} = {summary['best_value']:.4f}, "
-             f"{'lower' if summary['lower_is_better'] else 'higher'} is better).", "",
+             f"{'lower' if summary['lower_is_better'] else 'higher'} is better)"
+             + (f"; every length scores the same {metric}: it does not separate them, pick another "
+                f"--sweep-metric." if summary["tied"] else "."), "",
              "| sigma_rel | " + " | ".join(shown) + " | fit residual |",
              "|---" * (len(shown) + 2) + "|"]
     for r in rows:
