@@ -215,7 +215,7 @@ tiny = sys.argv[3:]
 info = D.init("cpu")
 # EMA sample grids mid-run must not perturb the training RNG stream
 common = tiny + [f"data.shards={shards}", "save_every=2", "log.sample_every=2", "log.sample_labels=[0]",
-                 "log.sample_steps=2", "log.sample_per_prompt=1"]
+                 "log.sample_steps=2", "log.sample_per_prompt=1", "ema.kind=both", "ema.snapshot_every=1"]
 Trainer(load_config(overrides=common + [f"run_dir={root}/full", "steps=4", "parallel=ddp"]), info).run()
 Trainer(load_config(overrides=common + [f"run_dir={root}/split", "steps=2", "parallel=ddp"]), info).run()
 Trainer(load_config(overrides=common + [f"run_dir={root}/split", "steps=4", "parallel=ddp"]), info).run()
@@ -229,7 +229,8 @@ D.shutdown()
 
 def test_resume_is_exact_with_two_processes(tmp_path, shards):
     """torchrun, 2 gloo processes: DDP 4 steps == 2 steps + resume + 2 steps, bit for bit (model, EMA,
-    Adam state); FSDP2 + activation checkpointing (2 + resume + 2) matches DDP to float rounding."""
+    Adam state, power-EMA profiles and their snapshots); FSDP2 + activation checkpointing (2 + resume + 2)
+    matches DDP to float rounding."""
     script = tmp_path / "worker.py"
     script.write_text(_RESUME_WORKER)
     env = dict(os.environ, PYTHONPATH=str(REPO / "python"), OMP_NUM_THREADS="1")
@@ -241,8 +242,14 @@ def test_resume_is_exact_with_two_processes(tmp_path, shards):
             break
     assert proc.returncode == 0, proc.stderr[-3000:]
     full, split = tmp_path / "full" / "step_00000004", tmp_path / "split" / "step_00000004"
-    for which in ("model", "ema"):
-        a, b = ck.load_weights(full, which), ck.load_weights(split, which)
+    from safetensors.torch import load_file
+
+    pairs = {w: (ck.load_weights(full, w), ck.load_weights(split, w)) for w in ("model", "ema")}
+    pairs["phema"] = (load_file(full / "phema.safetensors"), load_file(split / "phema.safetensors"))
+    for step in (3, 4):  # snapshots written after the resume
+        name = f"step_{step:08d}-sigma_0.1000.safetensors"
+        pairs[name] = (load_file(tmp_path / "full" / "phema" / name), load_file(tmp_path / "split" / "phema" / name))
+    for which, (a, b) in pairs.items():
         assert set(a) == set(b)
         for k in a:
             assert torch.equal(a[k], b[k]), f"{which}:{k} differs after resume"
@@ -257,8 +264,9 @@ def test_resume_is_exact_with_two_processes(tmp_path, shards):
     assert len(ck.load_pt(split, "rng.pt")) == 2
     assert (tmp_path / "full" / "samples" / "step_00000002.png").is_file()
     fsdp = tmp_path / "fsdp" / "step_00000004"
-    for which in ("model", "ema"):
-        a, b = ck.load_weights(full, which), ck.load_weights(fsdp, which)
+    for which in ("model", "ema", "phema"):
+        a, b = ((load_file(d / "phema.safetensors") for d in (full, fsdp)) if which == "phema"
+                else (ck.load_weights(full, which), ck.load_weights(fsdp, which)))
         for k in a:  # sharded reductions round differently; 1e-6 is far below one step's update (~1e-3)
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"fsdp {which}:{k}")
 

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "precompute": ("condiff.data.precompute:main", "encode shards into latent (and text-state) shards"),
     "train": ("condiff.train.__main__:main", "train a model from a YAML recipe (single process)"),
     "demo": ("condiff.demo:main", "ten-minute CPU demo: shapes shards, tiny mmDiT-ours, samples"),
+    "ema": ("condiff.io.phema:main", "reconstruct the EMA of any length from a run's snapshots (EDM2)"),
     "eval": ("condiff.eval.__main__:main", "FID / CLIP / LPIPS / shapes alignment with a manifest"),
     "align": ("condiff.eval.align:main", "validate the shapes-alignment detector on rendered shapes data"),
 }

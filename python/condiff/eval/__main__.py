@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("outputs")
     o.add_argument("--grid", type=int, default=64, help="samples in grid.png (0: none)")
     o.add_argument("--save-images", default=None, help="also write every sample as DIR/<index>.png")
+    e = p.add_argument_group("post-hoc EMA sweep (condiff.eval.ema_sweep)")
+    e.add_argument("--ema-sweep", default=None, metavar="LO:HI:N",
+                   help="evaluate --ckpt (a run with phema/ snapshots) at N reconstructed EMA lengths sigma_rel")
+    e.add_argument("--sweep-metric", default=None, help="metric that picks the best length (default: "
+                                                         "align/overall, fid_val, fid_train, clip, lpips_size)")
     return p
 
 
@@ -278,6 +283,16 @@ def build_metrics(args: argparse.Namespace, gen, prompts: list[str] | None, dist
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.ema_sweep:
+        from condiff.eval.ema_sweep import strip_flags, sweep
+
+        try:
+            rest = [a for a in argv if a != args.run] if args.run else argv  # the positional RUN is set per length
+            sweep(main, strip_flags(rest), args.checkpoint, args.ema_sweep, args.out, args.sweep_metric)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            print(f"condiff eval: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     from condiff.eval.metrics.grid import Grid
 
     dist = Dist(args.device)

@@ -7,6 +7,7 @@ Layout of a run directory::
       step_00001000/
         model.safetensors     # raw (online) weights
         ema.safetensors       # EMA weights (what sampling uses by default)
+        phema.safetensors     # power-function EMA profiles (ema.kind=power|both; condiff.train.phema)
         meta.json             # everything needed to rebuild the model and continue the run (see below)
         optim.pt              # optimizer state_dict        (torch.save; read with weights_only=True)
         rng.pt                # per-rank RNG states         (torch.save; read with weights_only=True)
@@ -127,13 +128,15 @@ def save_checkpoint(
     optim_state: dict | None = None,
     rng_state: Any = None,
     keep_last: int | None = None,
+    extra_weights: dict[str, dict[str, Tensor]] | None = None,
     _fail_after: str | None = None,
 ) -> Path:
     """Write checkpoint `step_XXXXXXXX` atomically into `run_dir` and point `latest` at it.
 
     Called on ONE process (rank 0) with full (gathered) state dicts. `meta`: a `CheckpointMeta` (a dict is
-    read with `CheckpointMeta.from_dict`); `step` and `format` are set here. `keep_last` deletes older complete checkpoints beyond the newest N
-    (None keeps all). `_fail_after` (tests only) raises right after writing the named file, to simulate
+    read with `CheckpointMeta.from_dict`); `step` and `format` are set here. `keep_last` deletes older complete
+    checkpoints beyond the newest N (None keeps all). `extra_weights` {name: state} adds `name.safetensors` files
+    (e.g. the post-hoc EMA profiles, `phema`). `_fail_after` (tests only) raises right after writing the named file, to simulate
     a process killed mid-save. Returns the final checkpoint directory.
     """
     run_dir = Path(run_dir)
@@ -155,6 +158,9 @@ def save_checkpoint(
     if ema_state is not None:
         save_file(_tensors_for_safetensors(ema_state), tmp / "ema.safetensors", metadata={"format": "pt"})
         written(tmp / "ema.safetensors")
+    for extra, state in (extra_weights or {}).items():
+        save_file(_tensors_for_safetensors(state), tmp / f"{extra}.safetensors", metadata={"format": "pt"})
+        written(tmp / f"{extra}.safetensors")
     if optim_state is not None:
         torch.save(optim_state, tmp / "optim.pt")
         written(tmp / "optim.pt")

@@ -108,6 +108,9 @@ class EMAConfig:
     decay: float = 0.9999
     warmup: int = 10  # effective decay min(decay, (1 + step) / (warmup + step)); 0 = no warm-up
     start_step: int = 0  # EMA copies the weights until this step
+    kind: str = "exp"  # "exp" (decay above) | "power" (EDM2 power profiles) | "both": condiff.train.phema
+    sigma_rels: list = field(default_factory=lambda: [0.05, 0.10])  # power profiles' lengths (EDM2 Sec. 3.1)
+    snapshot_every: int = 0  # steps between power-profile snapshots in run_dir/phema/ (0 = none)
 
 
 @dataclass
@@ -196,6 +199,11 @@ class TrainConfig:
               "optim.betas", "two floats in [0, 1)")
         check(self.optim.grad_clip >= 0, "optim.grad_clip", "a non-negative float (0 disables)")
         check(0 <= self.ema.decay < 1, "ema.decay", "a float in [0, 1)")
+        check(self.ema.kind in ("exp", "power", "both"), "ema.kind", "one of exp/power/both")
+        check(len(self.ema.sigma_rels) > 0 and all(isinstance(s, (int, float)) and 0 < s < 0.2886
+                                                    for s in self.ema.sigma_rels),
+              "ema.sigma_rels", "a non-empty list of floats in (0, 0.2886)")
+        check(self.ema.snapshot_every >= 0, "ema.snapshot_every", "a non-negative integer (0 = no snapshots)")
         check(self.log.every > 0, "log.every", "a positive integer")
         if self.model.conditioning == "text" and not self.text.encoder:
             raise ConfigError("text.encoder: a text-conditioned model (model.conditioning=text) needs a text encoder config")

@@ -40,6 +40,8 @@ from condiff.train import distributed as D
 from condiff.train.config import TrainConfig, dump_config
 from condiff.train.data import TrainStream, dataset_info, merge_positions
 from condiff.train.ema import EMA
+from condiff.io.phema import load_checkpoint_state
+from condiff.train.phema import PowerEMA
 
 
 class NonFiniteError(RuntimeError):
@@ -212,7 +214,11 @@ class Trainer:
         self.fwd_model = D.wrap_model(self.model, self.info, parallel, mixed_bf16=cfg.precision == "bf16")
         if cfg.compile:
             self.fwd_model = torch.compile(self.fwd_model)
-        self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step)
+        # ema.kind: exp -> self.ema only; power -> power profiles, self.ema is the first one (ema.safetensors,
+        # sample grids); both -> the two side by side
+        self.phema = PowerEMA(self.model, cfg.ema.sigma_rels) if cfg.ema.kind != "exp" else None
+        self.ema = self.phema.profiles[0] if cfg.ema.kind == "power" else EMA(self.model, cfg.ema.decay,
+                                                                               cfg.ema.warmup, cfg.ema.start_step)
         seed_everything(cfg.seed * 1000 + self.info.rank + 1)  # per-rank streams (noise, timesteps) from here on
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
@@ -243,6 +249,8 @@ class Trainer:
         D.load_full_state_dict(self.model, ckpt.load_weights(path, "model"))
         ema_state = ckpt.load_weights(path, "ema") if (path / "ema.safetensors").is_file() else ckpt.load_weights(path, "model")
         self.ema.load_state_dict(ema_state)
+        if self.phema is not None:
+            self.phema.load_state_dict(load_checkpoint_state(path, self.cfg.ema.kind))
         optim = ckpt.load_pt(path, "optim.pt")
         if optim is not None:
             set_optimizer_state_dict(self.model, self.optimizer, optim,
@@ -265,6 +273,7 @@ class Trainer:
 
         model_state = D.full_state_dict(self.model)
         ema_state = self.ema.state_dict(self.model)
+        extra = {"phema": self.phema.state_dict(self.model)} if self.phema is not None else None
         optim_state = get_optimizer_state_dict(self.model, self.optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         rng = D.all_gather_object(_rng_state(self.device))
@@ -280,7 +289,8 @@ class Trainer:
                 counters={"nonfinite_total": self.nonfinite_total, "images_seen": self.images_seen})
             keep = self.cfg.keep_last if self.cfg.keep_last > 0 else None
             path = ckpt.save_checkpoint(self.run_dir, self.step, model_state=model_state, ema_state=ema_state,
-                                        meta=meta, optim_state=optim_state, rng_state=rng, keep_last=keep)
+                                        meta=meta, optim_state=optim_state, rng_state=rng, keep_last=keep,
+                                        extra_weights=extra)
         D.barrier()
         return path
 
@@ -338,11 +348,14 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-            self.ema.update(self.model, self.step)
+            if self.cfg.ema.kind != "power":
+                self.ema.update(self.model, self.step)
             self.nonfinite_streak = 0
         else:
             self.nonfinite_total += 1
             self.nonfinite_streak += 1
+        if self.phema is not None:  # skipped steps too: the weights did not move, the power profile stays exact
+            self.phema.update(self.model, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.images_seen += cfg.batch_size
@@ -398,6 +411,8 @@ class Trainer:
                     self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png")
                 if self.step % cfg.save_every == 0:
                     save_pending = True
+                if self.phema is not None and cfg.ema.snapshot_every and self.step % cfg.ema.snapshot_every == 0:
+                    self.phema.snapshot(self.model, self.run_dir, self.step, write=self.info.is_main)
                 if save_pending and self.nonfinite_streak == 0:  # never checkpoint inside a non-finite streak
                     self.save()
                     last_save, save_pending = self.step, False
@@ -407,6 +422,8 @@ class Trainer:
             logger.close()
         if last_save != self.step or not ckpt.latest_checkpoint(self.run_dir):
             self.save()
+        if self.phema is not None and cfg.ema.snapshot_every and self.step % cfg.ema.snapshot_every and self.step > start_step:
+            self.phema.snapshot(self.model, self.run_dir, self.step, write=self.info.is_main)  # the final weights
         wall = time.perf_counter() - t_start
         summary = {"steps": self.step, "steps_this_run": self.step - start_step, "wall_s": wall,
                    "sec_per_step": wall / max(self.step - start_step, 1), "nonfinite_total": self.nonfinite_total,
