@@ -167,7 +167,8 @@ def test_train_power_kind_then_condiff_ema(tmp_path, shards, capsys):
     """ema.kind=power: ema.safetensors is the first profile; snapshots every 2 steps (+ the final step) survive
     keep_last; `condiff ema` writes a checkpoint that load_for_inference reads."""
     from condiff.cli import main as cli
-    from condiff.train import checkpoint as ck
+    from condiff.inference.pipeline import Pipeline
+    from condiff.io import checkpoint as ck
     from condiff.train.config import ConfigError, load_config
     from condiff.train.loop import Trainer
 
@@ -187,8 +188,8 @@ def test_train_power_kind_then_condiff_ema(tmp_path, shards, capsys):
     assert cli(["ema", "--run", str(run), "--sigma-rel", "0.08", "--out", str(tmp_path / "ema_0.08")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["step"] == 5 and report["snapshots"] == 6
-    inf = ck.load_for_inference(tmp_path / "ema_0.08")
-    assert inf.meta["phema"]["sigma_rel"] == 0.08 and inf.meta["step"] == 5
+    inf = Pipeline.from_checkpoint(tmp_path / "ema_0.08")
+    assert inf.meta.extra["phema"]["sigma_rel"] == 0.08 and inf.meta.step == 5
     rec = phema.reconstruct(run, 0.08)
     for k, v in inf.model.state_dict().items():
         assert torch.equal(v, rec.state[k]), k
