@@ -54,6 +54,13 @@ def test_config_rejects_unknown_and_ill_typed_keys():
         load_config(overrides=["steps"])
 
 
+@pytest.mark.parametrize("override", ["optim.lr=0", "optim.lr=-1e-4", "optim.lr=.inf", "optim.lr=.nan",
+                                      "optim.eps=0", "optim.eps=-1e-8", "optim.eps=.inf"])
+def test_config_rejects_unusable_lr_and_eps(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.") + ": expected a positive finite"):
+        load_config(overrides=[override])
+
+
 def test_config_yaml_base_and_overrides(tmp_path):
     (tmp_path / "base.yaml").write_text("steps: 10\noptim: {lr: 1e-4, betas: [0.9, 0.95]}\nmodel: {kwargs: {depth: 2}}\n")
     (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {warmup_steps: 5}\nmodel: {kwargs: {hidden_size: 64}}\n")
@@ -221,6 +228,50 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, shards, monkeypatch):
                 assert torch.equal(v, before[k]), k
     assert trainer.nonfinite_total == 1 and trainer.nonfinite_streak == 0
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("bad", [{"eps": 0.0}, {"lr": float("inf")}, {"lr": 1e30}])
+def test_exploding_update_is_rolled_back_and_never_saved(tmp_path, shards, bad):
+    """The issue's cases (config validation bypassed): the optimizer step itself makes the weights
+    NaN / inf / ~1e28 from finite gradients. Each such step is rolled back (weights, Adam state and
+    EMA bit-identical to before it), nothing after the last good checkpoint is saved, and the run
+    fails naming that checkpoint."""
+    from condiff.train.loop import NonFiniteError, Trainer
+
+    common = TINY + [f"data.shards={shards}", f"run_dir={tmp_path}/r", "save_every=2", "max_nonfinite=50"]
+    Trainer(load_config(overrides=common + ["steps=2"])).run(final_grid=False)
+    trainer = Trainer(load_config(overrides=common + ["steps=5"]))
+    trainer.lr = bad.get("lr", trainer.lr)
+    for group in trainer.optimizer.param_groups:
+        group["eps"] = bad.get("eps", group["eps"])
+    good_model = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    good_ema = [t.clone() for t in trainer.ema.shadow]
+    good_adam = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
+    out = trainer.train_step()
+    assert not out["finite"] and trainer.nonfinite_streak == 1
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, good_model[k]), k
+    assert all(torch.equal(a, b) for a, b in zip(trainer.ema.shadow, good_ema))
+    assert all(torch.equal(v, good_adam[k]) for k, v in trainer.optimizer.state_dict()["state"][0].items())
+    with pytest.raises(NonFiniteError, match=r"ended inside a streak of 3 non-finite steps \(steps 3\.\.5 .* last good checkpoint "
+                                             r"is .*step_00000002"):
+        trainer.run(final_grid=False)
+    assert ck.latest_checkpoint(tmp_path / "r").name == "step_00000002"
+    assert sorted(p.name for p in (tmp_path / "r").glob("step_*")) == ["step_00000002"]
+    for which in ("model", "ema"):
+        w = ck.load_weights(tmp_path / "r" / "step_00000002", which)
+        assert max(t.abs().max().item() for t in w.values()) < 100
+
+
+def test_guard_rollback_of_the_first_step_drops_the_new_optimizer_state(tmp_path, shards):
+    from condiff.train.loop import Trainer
+
+    trainer = Trainer(load_config(overrides=TINY + [f"data.shards={shards}", f"run_dir={tmp_path}/r", "steps=3"]))
+    trainer.lr = 1e30
+    assert not trainer.train_step()["finite"]
+    assert len(trainer.optimizer.state) == 0  # as before the step: Adam starts fresh on the next one
+    trainer.lr = 1e-3
+    assert trainer.train_step()["finite"]
 
 
 def test_too_many_nonfinite_steps_stop_and_keep_last_good_checkpoint(tmp_path, shards, monkeypatch):

@@ -161,7 +161,9 @@ class TrainConfig:
         check(0 <= self.data.label_drop < 1, "data.label_drop", "a probability in [0, 1)")
         check(0 <= self.data.control_drop <= 1, "data.control_drop", "a probability in [0, 1]")
         check(self.optim.name in ("adam", "adamw"), "optim.name", "'adam' or 'adamw'")
-        check(self.optim.lr > 0, "optim.lr", "a positive float")
+        check(math.isfinite(self.optim.lr) and self.optim.lr > 0, "optim.lr", "a positive finite float")
+        check(math.isfinite(self.optim.eps) and self.optim.eps > 0, "optim.eps",
+              "a positive finite float (Adam divides by sqrt(v) + eps)")
         check(self.optim.lr_scaling in ("none", "sqrt", "linear"), "optim.lr_scaling", "one of none/sqrt/linear")
         check(len(self.optim.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.optim.betas),
               "optim.betas", "two floats in [0, 1)")
