@@ -193,6 +193,20 @@ def test_resume_is_exact_with_two_processes(tmp_path, shards):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"fsdp {which}:{k}")
 
 
+@pytest.mark.slow  # ~40 s on 2 cores; test_data_loader covers 1/2/3 workers at odd and even counts fast
+def test_single_process_resume_is_exact_with_two_workers_at_an_odd_step(tmp_path, shards):
+    """data.workers=2, saved after 1 step (an odd batch count): 1 + resume + 2 steps == 3 steps."""
+    from condiff.train.loop import Trainer
+
+    common = TINY + [f"data.shards={shards}", "data.workers=2", "save_every=1"]
+    Trainer(load_config(overrides=common + [f"run_dir={tmp_path}/full", "steps=3"])).run(final_grid=False)
+    Trainer(load_config(overrides=common + [f"run_dir={tmp_path}/split", "steps=1"])).run(final_grid=False)
+    Trainer(load_config(overrides=common + [f"run_dir={tmp_path}/split", "steps=3"])).run(final_grid=False)
+    a = ck.load_weights(tmp_path / "full" / "step_00000003", "model")
+    b = ck.load_weights(tmp_path / "split" / "step_00000003", "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ------------------------------------------------------------------------------------------ guard
 def _nan_after(stream_cls, bad_steps):
     """Patch TrainStream.__next__ so that the batches of `bad_steps` (1-based) have NaN images."""
