@@ -342,6 +342,33 @@ def test_run_outputs_and_load_for_inference(tmp_path, shards):
     assert ck.latest_checkpoint(run) == latest
 
 
+def test_failures_after_the_last_save_are_warnings(tmp_path, shards, monkeypatch, capsys):
+    """matplotlib missing and a failing final preview: exit 0, the checkpoint is there, both warned."""
+    import builtins
+
+    from condiff.train import loop
+    from condiff.train.__main__ import main
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ModuleNotFoundError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    def broken_grid(*args, **kwargs):
+        raise RuntimeError("preview exploded")
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(loop, "sample_images", broken_grid)
+    run = tmp_path / "run"
+    assert main(TINY + [f"data.shards={shards}", f"run_dir={run}", "steps=2", "log.sample_labels=[0]"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: loss curve not written (ModuleNotFoundError: No module named 'matplotlib')" in err
+    assert "warning: final sample grid not written (RuntimeError: preview exploded)" in err
+    assert ck.latest_checkpoint(run).name == "step_00000002"
+
+
 def test_cached_text_encoder_matches_and_encodes_each_caption_once():
     from types import SimpleNamespace
 

@@ -430,10 +430,17 @@ class Trainer:
         summary = {"steps": self.step, "steps_this_run": self.step - start_step, "wall_s": wall,
                    "sec_per_step": wall / max(self.step - start_step, 1), "nonfinite_total": self.nonfinite_total,
                    "run_dir": str(self.run_dir)}
+        # the training result is saved: a failing extra (plotting dependency, preview) is a warning
         if self.info.is_main:
-            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            try:
+                plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            except Exception as e:  # noqa: BLE001 (any failure of an optional output)
+                self.log_text(f"warning: loss curve not written ({type(e).__name__}: {e}); the run is complete")
         if final_grid and (cfg.log.sample_prompts or cfg.log.sample_labels):
-            summary["grid"] = str(self.sample_grid(self.run_dir / "samples" / "final.png"))
+            try:
+                summary["grid"] = str(self.sample_grid(self.run_dir / "samples" / "final.png"))
+            except Exception as e:  # noqa: BLE001
+                self.log_text(f"warning: final sample grid not written ({type(e).__name__}: {e}); the run is complete")
         return summary
 
     # -------------------------------------------------------------------------------- samples
