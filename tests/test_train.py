@@ -61,6 +61,46 @@ def test_config_rejects_unusable_lr_and_eps(override):
         load_config(overrides=[override])
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["keep_last=-1"], "keep_last: expected a non-negative integer"),
+    (["data.shuffle_buffer=-1"], "data.shuffle_buffer: expected a non-negative integer"),
+    (["ema.warmup=-1"], "ema.warmup: expected a non-negative integer"),
+    (["data.workers=-1"], "data.workers: expected a non-negative integer"),
+    (["batch_size=8", "grad_accum=3"], "grad_accum: expected a divisor of batch_size=8, got 3"),
+    (["model.name=nope-tiny"], "model.name: unknown model 'nope-tiny'"),
+    (["model.name=dit-zz"], "model.name: unknown model size 'zz'"),
+    (["data.shards=/nonexistent/shard-*.tar"], "data.shards: no shard file matches ['/nonexistent/shard-*.tar']"),
+])
+def test_train_cli_rejects_bad_values_in_one_line(tmp_path, overrides, message, capsys):
+    from condiff.train.__main__ import main
+
+    assert main(TINY + [f"run_dir={tmp_path}/r", "steps=1"] + overrides) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("condiff train: config error: " + message), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_text_model_on_captionless_shards_is_a_config_error(tmp_path, capsys):
+    import io as _io
+
+    from PIL import Image
+    from webdataset import TarWriter
+
+    from condiff.train.__main__ import main
+
+    shard = tmp_path / "nocap-000000.tar"
+    with TarWriter(str(shard)) as w:
+        for i in range(4):
+            buf = _io.BytesIO()
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(buf, format="PNG")
+            w.write({"__key__": f"{i:04d}", "png": buf.getvalue(), "cls": str(i).encode()})
+    text = ["model.conditioning=text", "text.encoder={kind: tiny-clip, dim: 16, layers: 1, heads: 2, max_length: 12}"]
+    assert main(TINY + text + [f"data.shards={shard}", f"run_dir={tmp_path}/r", "steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"condiff train: config error: data.shards: the first 4 samples of {shard} have no caption "
+                           "(no `txt` field, no json 'caption'); model.conditioning=text needs captioned shards")
+
+
 def test_config_yaml_base_and_overrides(tmp_path):
     (tmp_path / "base.yaml").write_text("steps: 10\noptim: {lr: 1e-4, betas: [0.9, 0.95]}\nmodel: {kwargs: {depth: 2}}\n")
     (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {warmup_steps: 5}\nmodel: {kwargs: {hidden_size: 64}}\n")

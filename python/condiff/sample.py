@@ -45,7 +45,8 @@ import torch
 from torch import Tensor
 
 from condiff.conditioning.cond import Cond
-from condiff.diffusion.guidance import ControlGuidance, guidance_base_resolution, guidance_scale_for_resolution
+from condiff.diffusion.guidance import (ControlGuidance, guidance_base_resolution, guidance_scale_for_resolution,
+                                       guidance_weight_arg)
 from condiff.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, SPACINGS, get_sampler, spaced_timesteps
 from condiff.diffusion.schedule import Schedule
 from condiff.diffusion.size_cond import inference_control, size_distribution_from_meta
@@ -278,10 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     p.add_argument("--spacing", choices=SPACINGS, default=None, help="timestep spacing (default per sampler)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic, 1 DDPM-like)")
-    p.add_argument("--guidance", type=float, default=4.0, help="lambda of Eq. 2 at the base resolution")
+    p.add_argument("--guidance", type=guidance_weight_arg, default=4.0, help="lambda of Eq. 2 at the base resolution")
     p.add_argument("--guidance-resolution", type=float, default=None, metavar="PX",
                    help="resolution --guidance is tuned at (default: the model's base resolution)")
-    p.add_argument("--control-guidance", type=float, default=1.0, help="beta of Eq. 2 (1 = plain CFG)")
+    p.add_argument("--control-guidance", type=guidance_weight_arg, default=1.0, help="beta of Eq. 2 (1 = plain CFG)")
     p.add_argument("--no-guidance-law", action="store_true", help="use --guidance as is at every resolution")
     p.add_argument("--rescale-schedule", action="store_true", help="apply Eq. 3 for the sampling resolution")
     p.add_argument("--size-cond", choices=SIZE_MODES, default=None,

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from condiff.diffusion.guidance import guidance_weight_arg
+
 METRICS = ("fid", "clip", "lpips", "align")
 
 PRESETS: dict[str, dict] = {
@@ -64,11 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spacing", default=None, help="timestep spacing: trailing | leading | linspace "
                                                   "(default: the sampler's, as condiff sample)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    g.add_argument("--guidance", type=float, default=1.5,
+    g.add_argument("--guidance", type=guidance_weight_arg, default=1.5,
                    help="lambda of Eq. 2 (semantic guidance) at the model's base resolution (Eq. 4 elsewhere)")
     g.add_argument("--guidance-resolution", type=float, default=None, metavar="PX",
                    help="resolution --guidance is tuned at (default: the model's base resolution)")
-    g.add_argument("--control-guidance", type=float, default=1.0, help="beta of Eq. 2 (control guidance)")
+    g.add_argument("--control-guidance", type=guidance_weight_arg, default=1.0, help="beta of Eq. 2 (control guidance)")
     g.add_argument("--size-cond", default="auto",
                    help="auto (train-dist if the checkpoint stores sizes, else output) | train-dist | output | fixed:H[xW]")
     g.add_argument("--resolution", type=int, default=None, help="output pixels (default: training resolution)")

@@ -150,7 +150,9 @@ class TrainConfig:
         check(self.steps >= 0, "steps", "a non-negative integer")
         check(self.batch_size > 0, "batch_size", "a positive integer")
         check(self.grad_accum > 0, "grad_accum", "a positive integer")
+        check(self.batch_size % self.grad_accum == 0, "grad_accum", f"a divisor of batch_size={self.batch_size}")
         check(self.save_every > 0, "save_every", "a positive integer")
+        check(self.keep_last >= 0, "keep_last", "a non-negative integer (0 keeps all)")
         check(self.precision in ("fp32", "bf16"), "precision", "'fp32' or 'bf16'")
         check(self.parallel in ("auto", "none", "ddp", "fsdp"), "parallel", "one of auto/none/ddp/fsdp")
         check(self.device in ("auto", "cpu", "cuda"), "device", "one of auto/cpu/cuda")
@@ -158,6 +160,8 @@ class TrainConfig:
         check(self.model.conditioning in ("class", "text"), "model.conditioning", "'class' or 'text'")
         check(self.data.crop in ("global", "local", "mix", "center"), "data.crop", "one of global/local/mix/center")
         check(self.data.resolution > 0, "data.resolution", "a positive integer")
+        check(self.data.workers >= 0, "data.workers", "a non-negative integer (0 = in the main process)")
+        check(self.data.shuffle_buffer >= 0, "data.shuffle_buffer", "a non-negative integer (0 or 1 = no shuffling)")
         check(0 <= self.data.label_drop < 1, "data.label_drop", "a probability in [0, 1)")
         check(0 <= self.data.control_drop <= 1, "data.control_drop", "a probability in [0, 1]")
         check(self.optim.name in ("adam", "adamw"), "optim.name", "'adam' or 'adamw'")
@@ -169,7 +173,17 @@ class TrainConfig:
               "optim.betas", "two floats in [0, 1)")
         check(self.optim.grad_clip >= 0, "optim.grad_clip", "a non-negative float (0 disables)")
         check(0 <= self.ema.decay < 1, "ema.decay", "a float in [0, 1)")
+        check(self.ema.warmup >= 0, "ema.warmup", "a non-negative integer (0 = no warm-up)")
+        check(self.ema.start_step >= 0, "ema.start_step", "a non-negative integer")
         check(self.log.every > 0, "log.every", "a positive integer")
+        check(math.isfinite(self.log.sample_guidance) and self.log.sample_guidance >= 0, "log.sample_guidance",
+              "a finite float >= 0")
+        from condiff.models.zoo import check_name
+
+        try:
+            check_name(self.model.name)
+        except ValueError as e:
+            raise ConfigError(f"model.name: {e}") from None
         if self.model.conditioning == "text" and not self.text.encoder:
             raise ConfigError("text.encoder: a text-conditioned model (model.conditioning=text) needs a text encoder config")
         return self

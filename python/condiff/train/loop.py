@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from condiff.conditioning.cond import Cond
 from condiff.train import checkpoint as ckpt
 from condiff.train import distributed as D
-from condiff.train.config import TrainConfig, dump_config
-from condiff.train.data import TrainStream, dataset_info, merge_positions
+from condiff.train.config import ConfigError, TrainConfig, dump_config
+from condiff.train.data import TrainStream, check_shards, dataset_info, merge_positions
 from condiff.train.ema import EMA
 from condiff.train.guard import StepGuard
 
@@ -159,7 +159,7 @@ class Trainer:
         self.device = self.info.device
         world = self.info.world_size
         if cfg.batch_size % (world * cfg.grad_accum):
-            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by world_size x grad_accum = "
+            raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by world_size x grad_accum = "
                              f"{world} x {cfg.grad_accum}")
         self.micro_batch = cfg.batch_size // (world * cfg.grad_accum)
         self.run_dir = Path(cfg.run_dir)
@@ -175,9 +175,10 @@ class Trainer:
         self.autoencoder = build_autoencoder(cfg)
 
         self.step = 0
+        check_shards(cfg.data, cfg.model.conditioning)
         self.num_classes = cfg.data.num_classes or int(dataset_info(cfg.data.shards).get("num_classes", 0))
         if cfg.model.conditioning == "class" and not self.num_classes:
-            raise ValueError("data.num_classes: class-conditional training needs the class count (set data.num_classes, "
+            raise ConfigError("data.num_classes: class-conditional training needs the class count (set data.num_classes, "
                              "or shards written by `condiff make-shards` with a dataset.json)")
         self.data = TrainStream(cfg.data, conditioning=cfg.model.conditioning, batch_size=self.micro_batch,
                                 rank=self.info.rank, world_size=world, seed=cfg.seed, num_classes=self.num_classes,
