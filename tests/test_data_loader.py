@@ -123,6 +123,25 @@ def test_resume_reproduces_the_uninterrupted_stream(shapes_dir, num_workers):
         torch.testing.assert_close(got["control_h"], want["control_h"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("num_workers", [1, 2, 3])
+def test_resume_at_odd_and_even_batch_counts_continues_the_worker_rotation(shapes_dir, num_workers):
+    """DataLoader takes batches from its workers round-robin starting at worker 0; a position saved
+    after any batch count resumes with the worker whose batch is due (not worker 0)."""
+    cfg = _cfg(shapes_dir, epochs=None, num_workers=num_workers, drop_last=True, shuffle_buffer=4)
+    it = iter(ShardLoader(cfg))
+    ref = [next(it)["key"] for _ in range(9)]
+    for saved_at in (4, 5):
+        first = ShardLoader(cfg)
+        it = iter(first)
+        for _ in range(saved_at):
+            next(it)
+        resumed = ShardLoader(cfg)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        it = iter(resumed)
+        got = [next(it)["key"] for _ in range(9 - saved_at)]
+        assert got == ref[saved_at:], f"{num_workers} workers, saved after {saved_at} batches"
+
+
 def test_two_rank_resume_from_a_merged_position(shapes_dir):
     cfgs = [_cfg(shapes_dir, epochs=None, rank=r, world_size=2, drop_last=True, shuffle_buffer=4) for r in range(2)]
     refs = []

@@ -132,6 +132,17 @@ def test_cli_errors(setup, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--guidance", "--control-guidance"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_guidance_weights_must_be_finite_and_non_negative(flag, value, capsys):
+    from condiff.eval.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--ckpt", "run", "--metrics", "align", flag, value])
+    assert exc.value.code == 2
+    assert f"argument {flag}: expected a finite number >= 0, got '{value}'" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # two fresh interpreters importing torch: ~60 s on the shared 2-core machine
 def test_torchrun_two_ranks_match_one(setup):
     """`torchrun -m condiff.eval` with 2 gloo ranks gives the single-process numbers."""

@@ -155,6 +155,17 @@ def test_bad_arguments_give_clear_errors(tmp_path, checkpoint, capsys, args, mes
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--guidance", "--control-guidance"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_guidance_weights_must_be_finite_and_non_negative(flag, value, capsys):
+    from condiff.sample import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--model", "dit-tiny", "--class-ids", "1", flag, value])
+    assert exc.value.code == 2
+    assert f"argument {flag}: expected a finite number >= 0, got '{value}'" in capsys.readouterr().err
+
+
 def test_missing_checkpoint(tmp_path, capsys):
     rc, _ = run(tmp_path, "x.png", "--checkpoint", str(tmp_path / "nope"), "--class-ids", "1")
     assert rc == 2 and "does not exist" in capsys.readouterr().err

@@ -84,6 +84,53 @@ def test_config_checks_the_model_section_against_its_family(tmp_path):
         load_config(overrides=["model.kwargs.gamma=cosine"])
 
 
+@pytest.mark.parametrize("override", ["optim.lr=0", "optim.lr=-1e-4", "optim.lr=.inf", "optim.lr=.nan",
+                                      "optim.eps=0", "optim.eps=-1e-8", "optim.eps=.inf"])
+def test_config_rejects_unusable_lr_and_eps(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.") + ": expected a positive finite"):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["keep_last=-1"], "keep_last: expected a non-negative integer"),
+    (["data.shuffle_buffer=-1"], "data.shuffle_buffer: expected a non-negative integer"),
+    (["ema.warmup=-1"], "ema.warmup: expected a non-negative integer"),
+    (["data.workers=-1"], "data.workers: expected a non-negative integer"),
+    (["batch_size=8", "grad_accum=3"], "grad_accum: expected a divisor of batch_size=8, got 3"),
+    (["model.name=nope-tiny"], "model.name: unknown model 'nope-tiny'"),
+    (["model.name=dit-zz"], "model.name: unknown model size 'zz'"),
+    (["data.shards=/nonexistent/shard-*.tar"], "data.shards: no shard file matches ['/nonexistent/shard-*.tar']"),
+])
+def test_train_cli_rejects_bad_values_in_one_line(tmp_path, overrides, message, capsys):
+    from condiff.train.__main__ import main
+
+    assert main(TINY + [f"run_dir={tmp_path}/r", "steps=1"] + overrides) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("condiff train: config error: " + message), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_text_model_on_captionless_shards_is_a_config_error(tmp_path, capsys):
+    import io as _io
+
+    from PIL import Image
+    from webdataset import TarWriter
+
+    from condiff.train.__main__ import main
+
+    shard = tmp_path / "nocap-000000.tar"
+    with TarWriter(str(shard)) as w:
+        for i in range(4):
+            buf = _io.BytesIO()
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(buf, format="PNG")
+            w.write({"__key__": f"{i:04d}", "png": buf.getvalue(), "cls": str(i).encode()})
+    text = ["model.conditioning=text", "text.encoder={kind: tiny-clip, dim: 16, layers: 1, heads: 2, max_length: 12}"]
+    assert main(TINY + text + [f"data.shards={shard}", f"run_dir={tmp_path}/r", "steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"condiff train: config error: data.shards: the first 4 samples of {shard} have no caption "
+                           "(no `txt` field, no json 'caption'); model.conditioning=text needs captioned shards")
+
+
 def test_config_yaml_base_and_overrides(tmp_path):
     (tmp_path / "base.yaml").write_text("steps: 10\noptim: {lr: 1e-4, betas: [0.9, 0.95]}\nmodel: {kwargs: {depth: 2}}\n")
     (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {warmup_steps: 5}\nmodel: {kwargs: {hidden_size: 64}}\n")
@@ -271,6 +318,20 @@ def test_resume_is_exact_with_two_processes(tmp_path, shards):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"fsdp {which}:{k}")
 
 
+@pytest.mark.slow  # ~40 s on 2 cores; test_data_loader covers 1/2/3 workers at odd and even counts fast
+def test_single_process_resume_is_exact_with_two_workers_at_an_odd_step(tmp_path, shards):
+    """data.workers=2, saved after 1 step (an odd batch count): 1 + resume + 2 steps == 3 steps."""
+    from condiff.train.loop import Trainer
+
+    common = TINY + [f"data.shards={shards}", "data.workers=2", "save_every=1"]
+    Trainer(load_config(overrides=common + [f"run_dir={tmp_path}/full", "steps=3"])).run(final_grid=False)
+    Trainer(load_config(overrides=common + [f"run_dir={tmp_path}/split", "steps=1"])).run(final_grid=False)
+    Trainer(load_config(overrides=common + [f"run_dir={tmp_path}/split", "steps=3"])).run(final_grid=False)
+    a = ck.load_weights(tmp_path / "full" / "step_00000003", "model")
+    b = ck.load_weights(tmp_path / "split" / "step_00000003", "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ------------------------------------------------------------------------------------------ guard
 def _nan_after(stream_cls, bad_steps):
     """Patch TrainStream.__next__ so that the batches of `bad_steps` (1-based) have NaN images."""
@@ -306,6 +367,50 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, shards, monkeypatch):
                 assert torch.equal(v, before[k]), k
     assert trainer.nonfinite_total == 1 and trainer.nonfinite_streak == 0
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("bad", [{"eps": 0.0}, {"lr": float("inf")}, {"lr": 1e30}])
+def test_exploding_update_is_rolled_back_and_never_saved(tmp_path, shards, bad):
+    """The issue's cases (config validation bypassed): the optimizer step itself makes the weights
+    NaN / inf / ~1e28 from finite gradients. Each such step is rolled back (weights, Adam state and
+    EMA bit-identical to before it), nothing after the last good checkpoint is saved, and the run
+    fails naming that checkpoint."""
+    from condiff.train.loop import NonFiniteError, Trainer
+
+    common = TINY + [f"data.shards={shards}", f"run_dir={tmp_path}/r", "save_every=2", "max_nonfinite=50"]
+    Trainer(load_config(overrides=common + ["steps=2"])).run(final_grid=False)
+    trainer = Trainer(load_config(overrides=common + ["steps=5"]))
+    trainer.lr = bad.get("lr", trainer.lr)
+    for group in trainer.optimizer.param_groups:
+        group["eps"] = bad.get("eps", group["eps"])
+    good_model = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    good_ema = [t.clone() for t in trainer.ema.shadow]
+    good_adam = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
+    out = trainer.train_step()
+    assert not out["finite"] and trainer.nonfinite_streak == 1
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, good_model[k]), k
+    assert all(torch.equal(a, b) for a, b in zip(trainer.ema.shadow, good_ema))
+    assert all(torch.equal(v, good_adam[k]) for k, v in trainer.optimizer.state_dict()["state"][0].items())
+    with pytest.raises(NonFiniteError, match=r"ended inside a streak of 3 non-finite steps \(steps 3\.\.5 .* last good checkpoint "
+                                             r"is .*step_00000002"):
+        trainer.run(final_grid=False)
+    assert ck.latest_checkpoint(tmp_path / "r").name == "step_00000002"
+    assert sorted(p.name for p in (tmp_path / "r").glob("step_*")) == ["step_00000002"]
+    for which in ("model", "ema"):
+        w = ck.load_weights(tmp_path / "r" / "step_00000002", which)
+        assert max(t.abs().max().item() for t in w.values()) < 100
+
+
+def test_guard_rollback_of_the_first_step_drops_the_new_optimizer_state(tmp_path, shards):
+    from condiff.train.loop import Trainer
+
+    trainer = Trainer(load_config(overrides=TINY + [f"data.shards={shards}", f"run_dir={tmp_path}/r", "steps=3"]))
+    trainer.lr = 1e30
+    assert not trainer.train_step()["finite"]
+    assert len(trainer.optimizer.state) == 0  # as before the step: Adam starts fresh on the next one
+    trainer.lr = 1e-3
+    assert trainer.train_step()["finite"]
 
 
 def test_too_many_nonfinite_steps_stop_and_keep_last_good_checkpoint(tmp_path, shards, monkeypatch):
@@ -388,6 +493,33 @@ def test_flip_augmentation_and_conditioned_control_fields_are_separate_switches(
         load_config(overrides=["data.control_fields=[crop, mirror]"])
     with pytest.raises(ConfigError, match="model.kwargs.control_fields"):
         load_config(overrides=["data.control_fields=[crop]", "model.kwargs={control_fields: [size]}"])
+
+
+def test_failures_after_the_last_save_are_warnings(tmp_path, shards, monkeypatch, capsys):
+    """matplotlib missing and a failing final preview: exit 0, the checkpoint is there, both warned."""
+    import builtins
+
+    from condiff.train import loop
+    from condiff.train.__main__ import main
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ModuleNotFoundError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    def broken_grid(*args, **kwargs):
+        raise RuntimeError("preview exploded")
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(loop, "sample_images", broken_grid)
+    run = tmp_path / "run"
+    assert main(TINY + [f"data.shards={shards}", f"run_dir={run}", "steps=2", "log.sample_labels=[0]"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: loss curve not written (ModuleNotFoundError: No module named 'matplotlib')" in err
+    assert "warning: final sample grid not written (RuntimeError: preview exploded)" in err
+    assert ck.latest_checkpoint(run).name == "step_00000002"
 
 
 def test_cached_text_encoder_matches_and_encodes_each_caption_once():

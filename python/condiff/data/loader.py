@@ -26,7 +26,9 @@ The POSITION of a run is, per slot, (epoch, number of raw samples of that epoch'
 already consumed) -- skipped bad samples included -- for the batches the training loop has actually
 received (prefetched batches do not count). `ShardLoader.state_dict()` returns it (JSON-able);
 `load_state_dict` resumes exactly there: the slot replays its stream without decoding up to the
-position, so the next batches are identical to those an uninterrupted run would have produced.
+position, so the next batches are identical to those an uninterrupted run would have produced. The
+position also records which worker's batch is due next (`next_worker`; DataLoader takes batches from
+its workers round-robin), and a resumed loader rotates its workers to continue that rotation.
 A position is only valid for the same shard list, seed, world size and number of workers (checked).
 In DDP each rank holds only its own slots: gather every rank's `state_dict()["slots"]` and merge them
 (`merge_positions`) before saving; every rank can load the merged dict.
@@ -329,14 +331,19 @@ def _warn_skip(stats: Counter, reason: str, key: str, url: str, exn: Exception) 
 class ShardStream(IterableDataset):
     """The per-slot stream of batches (see module docstring). Used through `ShardLoader`."""
 
-    def __init__(self, cfg: LoaderConfig, shards: list[str], rank: int, world_size: int, resume: dict[int, tuple[int, int]]):
+    def __init__(self, cfg: LoaderConfig, shards: list[str], rank: int, world_size: int, resume: dict[int, tuple[int, int]],
+                 first_worker: int = 0):
         self.cfg, self.shards, self.rank, self.world_size, self.resume = cfg, shards, rank, world_size, resume
+        self.first_worker = first_worker
         self.transform = CropTransform(cfg.resolution, cfg.crop, cfg.flip_prob, cfg.resample)
 
     def __iter__(self):
         cfg = self.cfg
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        # DataLoader takes batches from its workers round-robin starting at worker 0: rotate so that its
+        # worker 0 serves the worker whose batch is due next (a resumed run continues the rotation)
+        worker = (worker + self.first_worker) % workers
         slots = self.world_size * workers
         slot = self.rank * workers + worker
         epoch, start = self.resume.get(slot, (0, 0))
@@ -422,6 +429,7 @@ class ShardLoader:
             raise ValueError(f"ShardLoader: rank {self.rank} is not in [0, world_size={self.world_size})")
         self._slots: dict[int, tuple[int, int]] = {}
         self._slot_stats: dict[int, dict] = {}
+        self._next_worker = 0  # this rank's worker whose batch comes next (round-robin)
 
     @property
     def num_workers(self) -> int:
@@ -431,7 +439,7 @@ class ShardLoader:
         return hashlib.sha1("\n".join(self.shards).encode()).hexdigest()[:16]
 
     def __iter__(self):
-        stream = ShardStream(self.config, self.shards, self.rank, self.world_size, dict(self._slots))
+        stream = ShardStream(self.config, self.shards, self.rank, self.world_size, dict(self._slots), self._next_worker)
         kw = {}
         if self.config.num_workers > 0:
             kw = dict(prefetch_factor=2, persistent_workers=False)
@@ -439,6 +447,7 @@ class ShardLoader:
         for batch in dl:
             slot, epoch, count = batch.pop("_position")
             self._slots[int(slot)] = (int(epoch), int(count))
+            self._next_worker = (int(slot) % self.num_workers + 1) % self.num_workers
             slot, stats = batch.pop("_stats")
             self._slot_stats[int(slot)] = stats
             if not batch.pop("_end", False):
@@ -468,6 +477,7 @@ class ShardLoader:
             "num_workers": self.num_workers,
             "shards": self._fingerprint(),
             "slots": {str(k): list(v) for k, v in sorted(self._slots.items())},
+            "next_worker": self._next_worker,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -480,3 +490,4 @@ class ShardLoader:
                 + "; resume with the same shard list, seed, world size and num_workers"
             )
         self._slots = {int(k): (int(v[0]), int(v[1])) for k, v in state["slots"].items()}
+        self._next_worker = int(state.get("next_worker", 0))

@@ -23,6 +23,22 @@ SEMANTIC_FIELDS = ("labels", "text", "text_lengths", "pooled")
 CONTROL_FIELDS = ("control_h", "control_l")
 
 
+def guidance_weight_arg(text: str) -> float:
+    """argparse `type` for --guidance (lambda) and --control-guidance (beta): a finite float >= 0
+    (0 drops the branch's condition, 1 is the plain conditional model; negative weights are not part
+    of Eq. 2's use in the paper, and NaN / inf would only write black images)."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def guidance_scale_for_resolution(lam: float, scale: float) -> float:
     """Eq. 4 (App. D, Prop. 2): lambda'(s) = 1 + s (lambda - 1), s = new resolution / base resolution.
     E.g. lambda = 1.5 tuned at 256 px -> 2.0 at 512 px (s = 2)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from condiff.diffusion.guidance import guidance_weight_arg
 from condiff.diffusion.sampling import SAMPLERS, SPACINGS
 from condiff.inference.spec import PRECISIONS, SIZE_COND_SYNTAX, SamplingSpec
 
@@ -41,11 +42,11 @@ def add_sampling_args(p: argparse.ArgumentParser, steps: int = SamplingSpec.step
     g.add_argument("--steps", type=int, default=steps)
     g.add_argument("--spacing", choices=SPACINGS, default=None, help="timestep spacing (default: the sampler's)")
     g.add_argument("--eta", type=float, default=d.eta, help="DDIM noise (0 deterministic, 1 DDPM-like)")
-    g.add_argument("--guidance", type=float, default=d.guidance, help=GUIDANCE_HELP)
+    g.add_argument("--guidance", type=guidance_weight_arg, default=d.guidance, help=GUIDANCE_HELP)
     g.add_argument("--guidance-resolution", type=float, default=None, metavar="PX",
                    help="the resolution --guidance is given at (default: the model's base resolution)")
     g.add_argument("--no-guidance-law", action="store_true", help="use --guidance as is at every resolution (no Eq. 4)")
-    g.add_argument("--control-guidance", type=float, default=d.control_guidance, help="beta of Eq. 2 (1 = plain CFG)")
+    g.add_argument("--control-guidance", type=guidance_weight_arg, default=d.control_guidance, help="beta of Eq. 2 (1 = plain CFG)")
     g.add_argument("--size-cond", default=d.size_cond,
                    help=f"size conditioning phi_l (Table 2b): {SIZE_COND_SYNTAX}; auto = train-dist when the "
                         "checkpoint stores training sizes, else output")

@@ -10,7 +10,9 @@ Backends: "reference" (pure PyTorch, `reference.py`, the executable spec), "cpu"
 the native extension), "cuda" (CUDA kernels of the native extension, compiled where nvcc was found),
 "triton" (Triton kernels on a GPU, or in Triton's CPU interpreter under TRITON_INTERPRET=1).
 `backend=None` picks automatically: CUDA tensors -> "cuda", else "triton", else "reference";
-CPU tensors -> "cpu" if the native extension is loaded, else "reference". Every kernel backend is a
+CPU tensors -> "cpu" if the native extension is loaded, else "reference"; an automatically picked
+kernel is first checked against the reference on its device (selftest.py) and replaced by the
+reference, with a warning, if it disagrees. Every kernel backend is a
 torch.library custom op with a registered backward (library.py), so autograd and `torch.compile`
 (fullgraph) work with every backend.
 
@@ -28,7 +30,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from condiff.ops import _native, library, reference
+from condiff.ops import _native, library, reference, selftest
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
@@ -100,6 +102,15 @@ def _select(backend: str | None, t: Tensor) -> str:
     return backend
 
 
+def _route(op: str, backend: str | None, t: Tensor) -> str:
+    """`_select`, then: an automatically chosen kernel that fails its self-test on t's device (run
+    once per op, backend and device in a process; selftest.py) is replaced by the reference."""
+    b = _select(backend, t)
+    if backend is None and b != "reference" and not selftest.passed(op, b, t.device):
+        return "reference"
+    return b
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -117,7 +128,7 @@ def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, *
     for name, t in (("shift", shift), ("scale", scale)):
         _check(tuple(t.shape) == (B, D), f"adaln_modulate: {name} must be (B, D) = ({B}, {D}), got {tuple(t.shape)}")
     shift, scale = shift.to(x.dtype), scale.to(x.dtype)
-    b = _select(backend, x)
+    b = _route("adaln_modulate", backend, x)
     if b == "reference":
         return reference.adaln_modulate(x, shift, scale, eps)
     return library.adaln_modulate(x.contiguous(), shift.contiguous(), scale.contiguous(), float(eps), b)
@@ -134,7 +145,7 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor, *, backend: str | None = 
     B, _, D = x.shape
     _check(tuple(gate.shape) == (B, D), f"gated_residual: gate must be (B, D) = ({B}, {D}), got {tuple(gate.shape)}")
     gate, y = gate.to(x.dtype), y.to(x.dtype)
-    b = _select(backend, x)
+    b = _route("gated_residual", backend, x)
     if b == "reference":
         return reference.gated_residual(x, gate, y)
     return library.gated_residual(x.contiguous(), gate.contiguous(), y.contiguous(), b)
@@ -165,7 +176,7 @@ def joint_attention(qkv_x: Tensor, qkv_c: Tensor, q_norm_x: Tensor, k_norm_x: Te
     for name, w in (("q_norm_x", q_norm_x), ("k_norm_x", k_norm_x), ("q_norm_c", q_norm_c), ("k_norm_c", k_norm_c)):
         _check(tuple(w.shape) == (hd,), f"joint_attention: {name} must be (head_dim,) = ({hd},), got {tuple(w.shape)}")
     qkv_c = qkv_c.to(qkv_x.dtype)
-    b = _select(backend, qkv_x)
+    b = _route("joint_attention", backend, qkv_x)
     if b == "reference":
         return reference.joint_attention(qkv_x, qkv_c, q_norm_x, k_norm_x, q_norm_c, k_norm_c, num_heads, eps)
     q, k, v = library.qk_norm_join(qkv_x.contiguous(), qkv_c.contiguous(), q_norm_x, k_norm_x, q_norm_c, k_norm_c,
@@ -208,7 +219,7 @@ def noisy_replicate_pad(emb: Tensor, lengths: Tensor, beta: float, generator: to
     lengths = lengths.to(emb.device)
     gen_device = generator.device if generator is not None else emb.device
     noise = torch.randn(emb.shape, generator=generator, dtype=emb.dtype, device=gen_device).to(emb.device)
-    b = _select(backend, emb)
+    b = _route("noisy_replicate_pad", backend, emb)
     if b == "reference":
         return reference.noisy_replicate_pad(emb, lengths, float(beta), noise)
     return library.noisy_replicate_pad(emb.contiguous(), lengths.contiguous(), float(beta), noise, b)

@@ -11,8 +11,21 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="condiff ops-info", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print the backends() dict as JSON")
+    parser.add_argument("--selftest", action="store_true",
+                        help="run every op on every live kernel backend against the reference (forward and backward); "
+                             "exit 1 on a mismatch")
     args = parser.parse_args(argv)
     from condiff import ops
+
+    if args.selftest:
+        from condiff.ops import selftest
+
+        rows = selftest.run_all()
+        for op, backend, device, ok, detail in rows:
+            print(f"  {op:<20} {backend:<7} {device:<7} {'ok  ' if ok else 'FAIL'}  {detail}")
+        if not rows:
+            print("no kernel backend is live here: every op runs the reference")
+        return 0 if all(r[3] for r in rows) else 1
 
     state = ops.backends()
     if args.json:

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = train(cfg)
+    except ConfigError as e:  # found while building the run (data, world size)
+        print(f"condiff train: config error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteError as e:
         print(f"condiff train: {e}", file=sys.stderr)
         return 3

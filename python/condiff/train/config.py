@@ -172,7 +172,9 @@ class TrainConfig:
         check(self.steps >= 0, "steps", "a non-negative integer")
         check(self.batch_size > 0, "batch_size", "a positive integer")
         check(self.grad_accum > 0, "grad_accum", "a positive integer")
+        check(self.batch_size % self.grad_accum == 0, "grad_accum", f"a divisor of batch_size={self.batch_size}")
         check(self.save_every > 0, "save_every", "a positive integer")
+        check(self.keep_last >= 0, "keep_last", "a non-negative integer (0 keeps all)")
         check(self.precision in ("fp32", "bf16"), "precision", "'fp32' or 'bf16'")
         check(self.parallel in ("auto", "none", "ddp", "fsdp"), "parallel", "one of auto/none/ddp/fsdp")
         check(self.device in ("auto", "cpu", "cuda"), "device", "one of auto/cpu/cuda")
@@ -187,24 +189,38 @@ class TrainConfig:
             raise ConfigError(f"model.kwargs.control_fields {list(mk)} != data.control_fields "
                               f"{list(self.data.control_fields)}: set data.control_fields only")
         check(self.data.resolution > 0, "data.resolution", "a positive integer")
+        check(self.data.workers >= 0, "data.workers", "a non-negative integer (0 = in the main process)")
+        check(self.data.shuffle_buffer >= 0, "data.shuffle_buffer", "a non-negative integer (0 or 1 = no shuffling)")
         check(0 <= self.data.label_drop < 1, "data.label_drop", "a probability in [0, 1)")
         check(0 <= self.data.control_drop <= 1, "data.control_drop", "a probability in [0, 1]")
         check(self.schedule.weighting in WEIGHTINGS, "schedule.weighting",
               f"one of {'/'.join(WEIGHTINGS)} ('inv-snr' is now 'eps-inv-snr'; the EDM reading is 'edm')")
         check(self.schedule.snr_gamma > 0, "schedule.snr_gamma", "a positive float")
         check(self.optim.name in ("adam", "adamw"), "optim.name", "'adam' or 'adamw'")
-        check(self.optim.lr > 0, "optim.lr", "a positive float")
+        check(math.isfinite(self.optim.lr) and self.optim.lr > 0, "optim.lr", "a positive finite float")
+        check(math.isfinite(self.optim.eps) and self.optim.eps > 0, "optim.eps",
+              "a positive finite float (Adam divides by sqrt(v) + eps)")
         check(self.optim.lr_scaling in ("none", "sqrt", "linear"), "optim.lr_scaling", "one of none/sqrt/linear")
         check(len(self.optim.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.optim.betas),
               "optim.betas", "two floats in [0, 1)")
         check(self.optim.grad_clip >= 0, "optim.grad_clip", "a non-negative float (0 disables)")
         check(0 <= self.ema.decay < 1, "ema.decay", "a float in [0, 1)")
+        check(self.ema.warmup >= 0, "ema.warmup", "a non-negative integer (0 = no warm-up)")
+        check(self.ema.start_step >= 0, "ema.start_step", "a non-negative integer")
         check(self.ema.kind in ("exp", "power", "both"), "ema.kind", "one of exp/power/both")
         check(len(self.ema.sigma_rels) > 0 and all(isinstance(s, (int, float)) and 0 < s < 0.2886
                                                     for s in self.ema.sigma_rels),
               "ema.sigma_rels", "a non-empty list of floats in (0, 0.2886)")
         check(self.ema.snapshot_every >= 0, "ema.snapshot_every", "a non-negative integer (0 = no snapshots)")
         check(self.log.every > 0, "log.every", "a positive integer")
+        check(math.isfinite(self.log.sample_guidance) and self.log.sample_guidance >= 0, "log.sample_guidance",
+              "a finite float >= 0")
+        from condiff.models.zoo import check_name
+
+        try:
+            check_name(self.model.name)
+        except ValueError as e:
+            raise ConfigError(f"model.name: {e}") from None
         if self.model.conditioning == "text" and not self.text.encoder:
             raise ConfigError("text.encoder: a text-conditioned model (model.conditioning=text) needs a text encoder config")
         return self

@@ -14,6 +14,7 @@ resumable position.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,36 @@ def dataset_info(shards: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def check_shards(cfg: DataConfig, conditioning: str, peek: int = 16) -> list[str]:
+    """The shard files of `cfg.shards`; ConfigError when the spec matches no file, or when a
+    text-conditioned model meets shards whose first `peek` samples carry no caption."""
+    from condiff.data.loader import LoaderConfig, SkipSample, expand_shards, iter_raw_samples, parse_fields
+    from condiff.train.config import ConfigError
+
+    if not cfg.shards:
+        raise ConfigError("data.shards: no shards given (a path, glob, brace pattern or directory of .tar files; "
+                          "`condiff make-shards shapes --out DIR` writes a built-in set)")
+    try:
+        files = expand_shards(cfg.shards)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.shards: {e}") from None
+    if conditioning == "text":
+        loader_cfg = LoaderConfig(shards=cfg.shards, conditioning="text")
+        seen = 0
+        for sample in iter_raw_samples(files[:1], Counter()):
+            try:
+                parse_fields(sample, loader_cfg)
+                return files
+            except SkipSample:
+                seen += 1
+            if seen == peek:
+                break
+        if seen:
+            raise ConfigError(f"data.shards: the first {seen} samples of {files[0]} have no caption (no `txt` field, no "
+                              f"json 'caption'); model.conditioning=text needs captioned shards")
+    return files
+
+
 class TrainStream:
     """Endless batches for one rank with dropout applied; `state_dict()` is this rank's position."""
 
@@ -42,9 +73,6 @@ class TrainStream:
         from condiff.data.conditions import CondDropout, DropoutConfig
         from condiff.data.loader import LoaderConfig, ShardLoader
 
-        if not cfg.shards:
-            raise ValueError("data.shards: no shards given (a path, glob, brace pattern or directory of .tar files; "
-                             "`condiff make-shards shapes --out DIR` writes a built-in set)")
         self.cfg, self.num_classes = cfg, num_classes
         self.loader = ShardLoader(LoaderConfig(
             shards=cfg.shards, batch_size=batch_size, resolution=cfg.resolution, crop=cfg.crop,

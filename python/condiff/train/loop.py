@@ -7,8 +7,9 @@ One optimizer step (App. C recipe):
         loss = diffusion_loss(model, x0, cond, schedule)   # eps-prediction, schedule.weighting (App. C: "edm")
         (loss / grad_accum).backward()                      # DDP all-reduces on the last micro-batch
     grad_norm = clip(grads, optim.grad_clip)
-    if loss or grad_norm is non-finite on ANY rank: skip the update (counted; too many in a row stop the run)
-    else: lr = constant lr with linear warm-up; Adam(W) step; EMA update
+    lr = constant lr with linear warm-up; Adam(W) step; EMA update (provisional, `guard.StepGuard`)
+    if the loss, grad_norm or the updated weights / EMA are non-finite on ANY rank: roll the step back
+        (counted; `max_nonfinite` in a row stop the run; a run ending inside a streak fails, unsaved)
     every log.every: JSONL record (+ TensorBoard); every save_every: atomic checkpoint;
     every log.sample_every: EMA sample grid.
 
@@ -37,15 +38,17 @@ from condiff.conditioning.cond import Cond
 from condiff.inference.grid import save_grid
 from condiff.io import checkpoint as ckpt
 from condiff.train import distributed as D
-from condiff.train.config import TrainConfig, dump_config
-from condiff.train.data import TrainStream, dataset_info, merge_positions
+from condiff.train.config import ConfigError, TrainConfig, dump_config
+from condiff.train.data import TrainStream, check_shards, dataset_info, merge_positions
 from condiff.train.ema import EMA
 from condiff.io.phema import load_checkpoint_state
+from condiff.train.guard import StepGuard
 from condiff.train.phema import PowerEMA
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite steps: the run stops; the last good checkpoint is kept."""
+    """Too many consecutive non-finite steps, or a run that ends inside a streak of them: the run stops
+    with exit status 3; the last good checkpoint is kept and named."""
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -159,7 +162,7 @@ class Trainer:
         self.device = self.info.device
         world = self.info.world_size
         if cfg.batch_size % (world * cfg.grad_accum):
-            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by world_size x grad_accum = "
+            raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by world_size x grad_accum = "
                              f"{world} x {cfg.grad_accum}")
         self.micro_batch = cfg.batch_size // (world * cfg.grad_accum)
         self.run_dir = Path(cfg.run_dir)
@@ -175,9 +178,10 @@ class Trainer:
         self.autoencoder = build_autoencoder(cfg)
 
         self.step = 0
+        check_shards(cfg.data, cfg.model.conditioning)
         self.num_classes = cfg.data.num_classes or int(dataset_info(cfg.data.shards).get("num_classes", 0))
         if cfg.model.conditioning == "class" and not self.num_classes:
-            raise ValueError("data.num_classes: class-conditional training needs the class count (set data.num_classes, "
+            raise ConfigError("data.num_classes: class-conditional training needs the class count (set data.num_classes, "
                              "or shards written by `condiff make-shards` with a dataset.json)")
         self.data = TrainStream(cfg.data, conditioning=cfg.model.conditioning, batch_size=self.micro_batch,
                                 rank=self.info.rank, world_size=world, seed=cfg.seed, num_classes=self.num_classes,
@@ -225,6 +229,7 @@ class Trainer:
         self.lr = cfg.effective_lr()
         self.optimizer = opt_cls(params, lr=self.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                  weight_decay=cfg.optim.weight_decay)
+        self.guard = StepGuard(params, self.optimizer, self.ema)
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self.images_seen = 0
@@ -338,20 +343,26 @@ class Trainer:
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        # agree across ranks: mean loss, and "all finite" (a NaN on one rank skips the step everywhere)
-        stats = torch.stack([loss_sum, torch.isfinite(loss_sum).float(), torch.isfinite(grad_norm).float()]).detach()
+        lr = self.lr * min(1.0, (self.step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps > 0 else self.lr
+        # take the step (and EMA update) provisionally, then measure the new weights (guard.py)
+        self.guard.snapshot()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        if cfg.ema.kind != "power":  # kind=power: self.ema is a power profile, updated with the others below
+            self.ema.update(self.model, self.step)
+        weights_sq = self.guard.updated_sq().to(self.device)
+        # agree across ranks: mean loss, and "all finite" (loss, gradient, new weights and EMA; a
+        # failure on one rank rolls the step back everywhere)
+        flags = [torch.isfinite(loss_sum), torch.isfinite(grad_norm), torch.isfinite(weights_sq)]
+        stats = torch.stack([loss_sum.detach(), torch.stack(flags).all().float()]).detach()
         stats = D.all_reduce_sum(stats.clone())
         world = self.info.world_size
-        finite = bool(stats[1] == world) and bool(stats[2] == world)
-        lr = self.lr * min(1.0, (self.step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps > 0 else self.lr
+        finite = bool(stats[1] == world)
         if finite:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            if self.cfg.ema.kind != "power":
-                self.ema.update(self.model, self.step)
             self.nonfinite_streak = 0
         else:
+            self.guard.restore()
             self.nonfinite_total += 1
             self.nonfinite_streak += 1
         if self.phema is not None:  # skipped steps too: the weights did not move, the power profile stays exact
@@ -385,8 +396,8 @@ class Trainer:
                     window_loss += out["loss"]
                     window_n += 1
                 if not out["finite"]:
-                    self.log_text(f"step {self.step}: non-finite loss/gradient (loss={out['loss']}, "
-                                  f"grad_norm={out['grad_norm']}), update skipped "
+                    self.log_text(f"step {self.step}: non-finite loss, gradient or updated weights (loss={out['loss']}, "
+                                  f"grad_norm={out['grad_norm']}), update rolled back "
                                   f"({self.nonfinite_streak} in a row, {self.nonfinite_total} in total)")
                     if self.nonfinite_streak >= cfg.max_nonfinite:
                         raise NonFiniteError(
@@ -420,6 +431,11 @@ class Trainer:
             if bar is not None:
                 bar.close()
             logger.close()
+        if self.nonfinite_streak:  # the weights are those of step (self.step - streak): report, do not save
+            raise NonFiniteError(
+                f"the run ended inside a streak of {self.nonfinite_streak} non-finite steps (steps "
+                f"{self.step - self.nonfinite_streak + 1}..{self.step} rolled back): not saved. The last good "
+                f"checkpoint is {ckpt.latest_checkpoint(self.run_dir) or '(none yet)'}; lower optim.lr or check the data.")
         if last_save != self.step or not ckpt.latest_checkpoint(self.run_dir):
             self.save()
         if self.phema is not None and cfg.ema.snapshot_every and self.step % cfg.ema.snapshot_every and self.step > start_step:
@@ -428,10 +444,17 @@ class Trainer:
         summary = {"steps": self.step, "steps_this_run": self.step - start_step, "wall_s": wall,
                    "sec_per_step": wall / max(self.step - start_step, 1), "nonfinite_total": self.nonfinite_total,
                    "run_dir": str(self.run_dir)}
+        # the training result is saved: a failing extra (plotting dependency, preview) is a warning
         if self.info.is_main:
-            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            try:
+                plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            except Exception as e:  # noqa: BLE001 (any failure of an optional output)
+                self.log_text(f"warning: loss curve not written ({type(e).__name__}: {e}); the run is complete")
         if final_grid and (cfg.log.sample_prompts or cfg.log.sample_labels):
-            summary["grid"] = str(self.sample_grid(self.run_dir / "samples" / "final.png"))
+            try:
+                summary["grid"] = str(self.sample_grid(self.run_dir / "samples" / "final.png"))
+            except Exception as e:  # noqa: BLE001
+                self.log_text(f"warning: final sample grid not written ({type(e).__name__}: {e}); the run is complete")
         return summary
 
     # -------------------------------------------------------------------------------- samples
