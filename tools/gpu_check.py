@@ -12,13 +12,13 @@
 3. Timings in bfloat16 at DiT-XL/2 shapes (benchmarks/test_bench_ops.py): eager reference,
    torch.compile(reference), the CUDA kernels and the Triton kernels, forward and forward+backward,
    with GB/s against the measured device-to-device copy bandwidth.
-4. GPU-only kernel checks (issue 18; tools/gpu_kernel_checks.py, one process per group): ops on the last
+4. GPU-only kernel checks (tools/gpu_kernel_checks.py, one process per group): ops on the last
    device while device 0 is current, noisy_replicate_pad without host sync and under
    torch.compile(mode="reduce-overhead"), grids with B > 65535 and N > 4.2M, q/k-norm backward above 48 KB
    of shared memory (and the rejection beyond the device limit), replicate-pad offsets past 2^31.
-5. Train-step throughput (issue 6): DiT-XL/2 and mmDiT-XL/2 at 256 px (SD-VAE latents 32x32x4), bf16
+5. Train-step throughput: DiT-XL/2 and mmDiT-XL/2 at 256 px (SD-VAE latents 32x32x4), bf16
    autocast, batch 32: img/s and model FLOPs utilisation (tools/throughput.py; skip with --no-train).
-The short tables are printed last. Targets (issue 2): memory-bound ops >= 80% of copy bandwidth;
+The short tables are printed last. Targets: memory-bound ops >= 80% of copy bandwidth;
 joint_attention no slower than the unfused eager RMSNorm + cat + SDPA.
 """
 
@@ -121,7 +121,7 @@ def kernel_checks(groups: list[str]) -> list[dict]:
 
 
 def kernel_table(rows: list[dict]) -> str:
-    lines = ["| kernel check (issue 18) | backend | result | detail |", "|---|---|---|---|"]
+    lines = ["| kernel check | backend | result | detail |", "|---|---|---|---|"]
     lines += [f"| {r['check']} | {r['backend']} | {r['status']} | {r['detail']} |" for r in rows]
     return "\n".join(lines)
 

@@ -8,7 +8,7 @@
                 runs/demo` and `condiff train --config runs/demo/config.yaml` work on it; re-running
                 the demo resumes it)
 
-Design (shared/notes/cpu-training-budget.md measured that a naive 32 px DiT does not learn the layout in
+Design (docs/cpu-training-budget.md measured that a naive 32 px DiT does not learn the layout in
 ten minutes): 16 px pixels with patch 2 (64 image tokens of 12 values each), the `demo` shapes preset
 (red/blue x circle/square, two objects left/right: 8 captions), 12 text tokens (the captions' length),
 the MiniLM states of the 8 captions and of "" computed ONCE (the text encoder never runs per step),

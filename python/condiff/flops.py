@@ -53,7 +53,7 @@ PAPER_TABLE_A1: dict[str, dict[str, tuple[float, float, float]]] = {
 }
 # Cells where the paper is internally inconsistent (notes/table-a1.md): (backbone, conditioning, resolution).
 INCONSISTENT = {(b, "text", r) for b in ("pixart-alpha", "mmdit", "dit-att") for r in RESOLUTIONS}
-TOLERANCE = {"params": 0.02, "gflops": 0.05}  # the goal for every consistent cell
+TOLERANCE = {"params": 0.02, "gflops": 0.05}  # relative agreement required of every internally consistent Table A1 cell (docs/table-a1.md)
 
 
 @dataclass

@@ -11,7 +11,7 @@ in size and aspect ratio, so that:
     with flip metadata must swap left/right when asked for flip=1;
   * size conditioning is measurable: small originals are aliased and become blocky when upsampled.
 
-Vocabulary (module constants, used by the EVAL engineer's detector):
+Vocabulary (module constants, used by the shapes alignment detector, condiff.eval.align):
   COLOURS  name -> RGB; SHAPES names; LAYOUTS ("horizontal": left/right, "vertical": above/below).
 Class ids: `class_table(config)` lists every valid (layout, objects) combination in a fixed order;
 the class id is the index in that list (so no id is unused). Objects are listed in canonical order:

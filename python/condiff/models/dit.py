@@ -5,7 +5,7 @@ Att-DiT (the paper's "DiT with the class conditioning within the attention layer
 (+ control) only; the class embedding is a context token with its own q, k, v in every block that joins
 the image tokens' self-attention (`Attention(context="light")`): it is updated by its attention output
 through the block's shared output projection (no MLP), and the last block only uses its k, v. This is the
-design whose parameter count matches Table A1 (786.7M + control embedders; shared/notes/table-a1.md).
+design whose parameter count matches Table A1 (786.7M + control embedders; docs/table-a1.md).
 For text, Att-DiT's context tokens are the projected text states, and every block also gets a
 cross-attention layer to them (PixArt-style, no norm), which matches Table A1's +148.85M = 28 (4d^2 + 4d).
 

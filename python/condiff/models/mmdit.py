@@ -5,7 +5,7 @@ The semantic condition is a context sequence joined with the image tokens in eve
 concatenated sequence): one class token (class-cond) or the projected, padded text states (text-cond).
 Never added into adaLN: the adaLN input is c = t_emb (+ control embedding) (+ pooled-text projection).
 
-Three designs of the context stream (`context_stream`), shared/notes/table-a1.md:
+Three designs of the context stream (`context_stream`), docs/table-a1.md:
   shared  the context tokens are ordinary tokens of the sequence: the image stream's q,k,v, projection,
           MLP and adaLN process them too (in-context tokens). Default for class-cond: matches Table A1's
           mmDiT-XL/2 class-cond count (675.1M + control).

@@ -11,7 +11,7 @@ Hook for other backbones: `register_family(name, model_cls, config)` where `conf
 builds the model; `create` dispatches to the longest registered family that prefixes the name, and
 `model_config` resolves (and validates) the config without building anything.
 
-Defaults chosen to reproduce Table A1 at XL/2 (shared/notes/table-a1.md; measured in tests/test_models.py):
+Defaults chosen to reproduce Table A1 at XL/2 (docs/table-a1.md; measured in tests/test_models.py):
 every backbone carries control embedders (the paper's counts run 3.6-5.8M above the reference codebases):
 the baselines SDXL-style additive, `mmdit-ours` the disentangled Eq. 1 pair (E_h, E_l) with the
 power-cosine gamma (alpha = 8) and noisy-replicate text padding.
