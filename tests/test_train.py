@@ -97,8 +97,8 @@ def test_config_rejects_unusable_lr_and_eps(override):
     (["ema.warmup=-1"], "ema.warmup: expected a non-negative integer"),
     (["data.workers=-1"], "data.workers: expected a non-negative integer"),
     (["batch_size=8", "grad_accum=3"], "grad_accum: expected a divisor of batch_size=8, got 3"),
-    (["model.name=nope-tiny"], "model.name: unknown model 'nope-tiny'"),
-    (["model.name=dit-zz"], "model.name: unknown model size 'zz'"),
+    (["model.name=nope-tiny"], "<config data>: model.name: unknown model 'nope-tiny'"),
+    (["model.name=dit-zz"], "<config data>: model.name: unknown model size 'zz'"),
     (["data.shards=/nonexistent/shard-*.tar"], "data.shards: no shard file matches ['/nonexistent/shard-*.tar']"),
 ])
 def test_train_cli_rejects_bad_values_in_one_line(tmp_path, overrides, message, capsys):
@@ -189,7 +189,7 @@ def test_every_recipe_and_the_demo_train_the_edm_objective():
     1/sigma^2-on-epsilon default is only reachable by its explicit name."""
     import argparse
 
-    from condiff.train.demo import demo_overrides
+    from condiff.demo import demo_overrides
 
     for path in sorted((REPO / "configs").rglob("*.yaml")):
         if not path.name.startswith("_"):
@@ -487,8 +487,8 @@ def test_flip_augmentation_and_conditioned_control_fields_are_separate_switches(
     assert set(batch["control_h"][:, 5].tolist()) == {0.0, 1.0}  # flips are applied (and recorded)
     trainer.run(final_grid=False)
     meta = ck.read_meta(ck.latest_checkpoint(tmp_path / "r"))
-    assert meta["config"]["data"]["flip"] is True and meta["config"]["data"]["control_fields"] == fields
-    assert meta["model"]["control_fields"] == fields
+    assert meta.config["data"]["flip"] is True and meta.config["data"]["control_fields"] == fields
+    assert meta.model["control_fields"] == fields
     with pytest.raises(ConfigError, match="data.control_fields"):
         load_config(overrides=["data.control_fields=[crop, mirror]"])
     with pytest.raises(ConfigError, match="model.kwargs.control_fields"):
@@ -513,7 +513,7 @@ def test_failures_after_the_last_save_are_warnings(tmp_path, shards, monkeypatch
         raise RuntimeError("preview exploded")
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    monkeypatch.setattr(loop, "sample_images", broken_grid)
+    monkeypatch.setattr(loop, "save_grid", broken_grid)
     run = tmp_path / "run"
     assert main(TINY + [f"data.shards={shards}", f"run_dir={run}", "steps=2", "log.sample_labels=[0]"]) == 0
     err = capsys.readouterr().err

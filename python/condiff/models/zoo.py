@@ -142,14 +142,6 @@ def create(name: str, conditioning: str = "class", **overrides) -> DiffusionMode
     return FAMILIES[family_of(name)].model_cls(cfg)
 
 
-def check_name(name: str) -> None:
-    """Raise ValueError unless `name` is a registered family with (for the transformer zoo) a valid
-    size, without building anything."""
-    family = _family_of(name, FAMILIES)
-    if family in TRANSFORMERS and len(name) > len(family):
-        parse_size(name[len(family) + 1:])
-
-
 def available() -> list[str]:
     """Every family x size name of the transformer zoo (registered non-transformer families by family name)."""
     sizes = ["tiny", "s/2", "b/2", "l/2", "xl/2"]

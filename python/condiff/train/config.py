@@ -215,12 +215,6 @@ class TrainConfig:
         check(self.log.every > 0, "log.every", "a positive integer")
         check(math.isfinite(self.log.sample_guidance) and self.log.sample_guidance >= 0, "log.sample_guidance",
               "a finite float >= 0")
-        from condiff.models.zoo import check_name
-
-        try:
-            check_name(self.model.name)
-        except ValueError as e:
-            raise ConfigError(f"model.name: {e}") from None
         if self.model.conditioning == "text" and not self.text.encoder:
             raise ConfigError("text.encoder: a text-conditioned model (model.conditioning=text) needs a text encoder config")
         return self
