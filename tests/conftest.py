@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -33,3 +34,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """64 samples of the demo shapes preset in 4 shards (+ dataset.json), written once per test module."""
+    from condiff.data.make_shards import write_shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    info = write_shapes(str(out), 64, seed=0, preset="demo", shard_size=16)
+    (out / "dataset.json").write_text(json.dumps(info))
+    return str(out)

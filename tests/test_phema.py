@@ -145,16 +145,6 @@ def test_power_ema_state_roundtrip_and_errors():
 
 
 # ------------------------------------------------------------------------------------------ end to end
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from condiff.data.make_shards import write_shapes
-
-    out = tmp_path_factory.mktemp("shapes")
-    info = write_shapes(str(out), 64, seed=0, preset="demo", shard_size=16)
-    (out / "dataset.json").write_text(json.dumps(info))
-    return str(out)
-
-
 TINY = [
     "model.name=mmdit-ours-tiny",
     "model.kwargs={in_channels: 3, input_size: 8, depth: 2, hidden_size: 32, num_heads: 2}",

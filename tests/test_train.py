@@ -24,16 +24,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from condiff.data.make_shards import write_shapes
-
-    out = tmp_path_factory.mktemp("shapes")
-    info = write_shapes(str(out), 64, seed=0, preset="demo", shard_size=16)
-    (out / "dataset.json").write_text(json.dumps(info))
-    return str(out)
-
-
 # ------------------------------------------------------------------------------------------ config
 def test_config_rejects_unknown_and_ill_typed_keys():
     with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'"):
