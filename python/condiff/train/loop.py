@@ -445,7 +445,7 @@ class Trainer:
             self.phema.snapshot(self.model, self.run_dir, self.step, write=self.info.is_main)  # the final weights
         wall = time.perf_counter() - t_start
         summary = {"steps": self.step, "steps_this_run": self.step - start_step, "wall_s": wall,
-                   "sec_per_step": wall / max(self.step - start_step, 1), "nonfinite_total": self.nonfinite_total,
+                   "sec_per_step": wall / (self.step - start_step) if self.step > start_step else None, "nonfinite_total": self.nonfinite_total,
                    "run_dir": str(self.run_dir)}
         # the training result is saved: a failing extra (plotting dependency, preview) is a warning
         if self.info.is_main:
