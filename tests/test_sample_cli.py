@@ -261,3 +261,24 @@ def test_condiff_align_command(capsys):
 
     assert condiff(["align", "--n", "16", "--resolution", "32"]) == 0
     assert capsys.readouterr().out.startswith("| preset | resolution | ground truth")
+
+
+def test_prompts_outside_the_training_captions_get_one_note(tmp_path, capsys):
+    """A text checkpoint whose run records its shapes set (as the demo's does): a note, not an error."""
+    from condiff.data import shapes
+    from condiff.data.make_shards import write_shapes
+    from condiff.io.checkpoint import save_checkpoint
+
+    info = write_shapes(str(tmp_path / "data"), 4, preset="demo")
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps(info))
+    pipe = Loaded.from_zoo("mmdit-ours-tiny", "text", "cpu")
+    meta = {**pipe.meta.to_dict(), "config": {"data": {"shards": str(tmp_path / "data")}}}
+    save_checkpoint(tmp_path / "run", 1, model_state=pipe.model.state_dict(), ema_state=None, meta=meta)
+    known = shapes.class_names(shapes.get_config("demo"))
+    common = ["--checkpoint", str(tmp_path / "run"), "--resolution", "16", "--steps", "1", "--quiet"]
+    assert main([*common, "--prompts", known[0], known[1], "--out", str(tmp_path / "in.png")]) == 0
+    assert "note" not in capsys.readouterr().err
+    assert main([*common, "--prompts", known[0], "a green star", "a green star", "--out", str(tmp_path / "out.png")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "1 of 2 prompts" in err and "'a green star'" in err and f"{len(known)} captions" in err
+    assert (tmp_path / "out.png").is_file()

@@ -60,6 +60,7 @@ def _prompts(args) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from condiff.inference.captions import outside_note
     from condiff.inference.generate import Generator
     from condiff.inference.grid import save_grid
     from condiff.inference.pipeline import Pipeline
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.autoencoder and not source:
             pipe = pipe.with_autoencoder(args.autoencoder, args.device)
         items = pipe.check_items(args.class_ids, _prompts(args))
+        note = outside_note(items, pipe.meta) if pipe.conditioning == "text" else None
+        if note:
+            print(f"condiff sample: {note}", file=sys.stderr)
         rows = [x for x in items for _ in range(args.n_per_cond)]
         gen = Generator(pipe, spec, rows, device=args.device)
         images = gen.generate(progress=not args.quiet)
