@@ -20,7 +20,8 @@ def test_demo_writes_grid_curve_and_report(tmp_path):
         assert 0.0 <= report["alignment"][key] <= 1.0
     assert report["alignment_of_real_images"]["colour"] == 1.0  # the detector reads real 16 px images
     grid = Image.open(out / "samples.png")
-    assert grid.size[1] == 8 * (96 + 4)  # one row per prompt
+    assert grid.size[1] == 2 + 8 * (96 + 2)  # one row per prompt, 16 px samples shown in 96 px cells
+    assert grid.size[0] > 2 + 2 * (96 + 2) + 200  # 2 per prompt, right of the caption column
     assert (out / "loss.png").stat().st_size > 1000
     meta = ck.read_meta(ck.latest_checkpoint(out))
     assert meta.model["name"] == "mmdit-ours-tiny" and meta.text_encoder["kind"] == "minilm"

@@ -35,6 +35,7 @@ from condiff.diffusion.schedule import WEIGHTINGS
 
 DEFAULT_STEPS = 3000
 PRESET = "demo"
+CELL = 96  # px: each 16 px sample is shown nearest-upscaled to a cell at least this wide
 
 
 def demo_overrides(out: Path, args) -> dict:
@@ -69,29 +70,6 @@ def demo_overrides(out: Path, args) -> dict:
     }
 
 
-def captioned_grid(images: torch.Tensor, captions: list[str], per_row: int, path: Path, cell: int = 96) -> None:
-    """Rows of `per_row` images (N, 3, h, w) in [-1, 1], nearest-upscaled to `cell` px, each row
-    labelled with its caption on the left."""
-    from PIL import Image, ImageDraw
-
-    from condiff.io.atomic import atomic_path
-    from condiff.io.images import to_uint8
-
-    n_rows = len(captions)
-    label_w = 320
-    grid = Image.new("RGB", (label_w + per_row * (cell + 4), n_rows * (cell + 4)), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    u8 = to_uint8(images)  # (N, h, w, 3)
-    for r, caption in enumerate(captions):
-        y = r * (cell + 4)
-        draw.text((6, y + cell // 2 - 6), caption, fill=(0, 0, 0))
-        for c in range(per_row):
-            tile = Image.fromarray(u8[r * per_row + c]).resize((cell, cell), Image.NEAREST)
-            grid.paste(tile, (label_w + c * (cell + 4), y + 2))
-    with atomic_path(path, suffix=".png") as tmp:
-        grid.save(tmp, format="PNG")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="condiff demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
@@ -118,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from condiff.data.make_shards import write_shapes
+    from condiff.inference.grid import save_grid
     from condiff.train.config import load_config
     from condiff.train.loop import Trainer, plot_loss_curve, preview_generator
 
@@ -153,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                             autoencoder=trainer.autoencoder, train_sizes=trainer.train_sizes, seed=args.seed + 1)
     images = gen.generate()
     captions = [c for c in prompts for _ in range(args.per_prompt)]
-    captioned_grid(images, prompts, args.per_prompt, out / "samples.png")
+    save_grid(images, out / "samples.png", nrow=args.per_prompt, min_cell=CELL, row_captions=prompts)
     plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
     from condiff.eval.align import score_images
 
