@@ -83,3 +83,17 @@ def test_ops_info_selftest(monkeypatch, capsys):
     assert main(["--selftest"]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split()[0] for ln in lines if "FAIL" in ln] == ["adaln_modulate"]
+
+
+def test_ops_info_names_cuda_build_once(monkeypatch, capsys):
+    """CUDA kernels compiled in but no device: `condiff ops-info` says so on one line, once."""
+    from condiff.ops import _native
+    from condiff.ops.info import main
+
+    if not _native.LOADED:
+        pytest.skip("native extension not built")
+    monkeypatch.setattr(_native, "cuda_compiled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.count("compiled in") == 1 and "CUDA kernels compiled in (nvcc" in out

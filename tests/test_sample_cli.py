@@ -68,7 +68,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_zoo_smoke_run_writes_a_grid(tmp_path):
-    rc, out = run(tmp_path, "zoo.png", "--model", "dit-tiny", "--class-ids", "1", "2", "3")
+    rc, out = run(tmp_path, "zoo.png", "--model", "dit-tiny", "--class-ids", "1", "2", "3", "--raw-grid")
     assert rc == 0
     img = pixels(out)
     assert img.shape == (2 + 2 * 34, 2 + 2 * 34, 3) and img.dtype == np.uint8  # 3 images of 32 px, 2 per row
@@ -76,8 +76,28 @@ def test_zoo_smoke_run_writes_a_grid(tmp_path):
     assert record["captions"] == ["class 1", "class 2", "class 3"] and record["resolution"] == 32
 
 
+def test_default_grid_is_upscaled_and_captioned_per_row(tmp_path):
+    """Default: one row per class, 32 px samples nearest-upscaled x3 to 96 px cells, a caption column on the
+    left; --raw-grid: the same samples at their own pixels."""
+    args = ["--model", "dit-tiny", "--class-ids", "1", "2", "--n-per-cond", "2"]
+    _, raw = run(tmp_path, "raw.png", *args, "--raw-grid")
+    _, big = run(tmp_path, "big.png", *args)
+    raw, big = pixels(raw), pixels(big)
+    assert raw.shape == (2 + 2 * 34, 2 + 2 * 34, 3)
+    label_w = big.shape[1] - (2 + 2 * 98)
+    assert big.shape[0] == 2 + 2 * 98 and label_w > 40  # 2 rows of 2 cells of 96 px + 2 px padding, captions
+    for r in range(2):
+        for c in range(2):
+            tile = raw[2 + 34 * r: 34 + 34 * r, 2 + 34 * c: 34 + 34 * c]
+            shown = big[2 + 98 * r: 98 + 98 * r, label_w + 2 + 98 * c: label_w + 98 + 98 * c]
+            assert np.array_equal(shown, tile.repeat(3, 0).repeat(3, 1))
+        band = big[2 + 98 * r: 98 + 98 * r, :label_w]
+        assert (band < 128).any()  # the row's caption ("class 1", "class 2") is drawn
+    assert (big[:, :label_w] >= 128).mean() > 0.9  # on a white column
+
+
 def test_checkpoint_run_is_deterministic_and_uses_what_training_stored(tmp_path, checkpoint):
-    args = ["--checkpoint", str(checkpoint), "--class-ids", "1", "7", "--n-per-cond", "2", "--guidance", "3"]
+    args = ["--checkpoint", str(checkpoint), "--class-ids", "1", "7", "--n-per-cond", "2", "--guidance", "3", "--raw-grid"]
     rc, a = run(tmp_path, "a.png", *args)
     rc2, b = run(tmp_path, "b.png", *args)
     rc3, c = run(tmp_path, "c.png", *args, "--seed", "1")
@@ -95,7 +115,7 @@ def test_checkpoint_run_is_deterministic_and_uses_what_training_stored(tmp_path,
 
 def test_guidance_law_and_fixed_size_at_another_resolution(tmp_path, checkpoint):
     rc, out = run(tmp_path, "hr.png", "--checkpoint", str(checkpoint), "--class-ids", "2", "--guidance", "1.5",
-                  "--resolution", "32", "--orig-size", "512", "--sampler", "heun", "--guidance-resolution", "16")
+                  "--resolution", "32", "--orig-size", "512", "--sampler", "heun", "--guidance-resolution", "16", "--raw-grid")
     assert rc == 0
     rec = json.loads(out.with_name("hr.png.json").read_text())
     assert rec["guidance"] == 2.0  # Eq. 4: s = 32 / 16 = 2, lambda 1.5 -> 2.0
@@ -203,7 +223,7 @@ def test_latent_checkpoint_decodes_through_its_autoencoder(tmp_path):
                "--out", str(tmp_path / "bare.png")])
     assert rc == 2
     rc = main(["--checkpoint", str(tmp_path / "bare"), "--class-ids", "1", "--steps", "1", "--quiet",
-               "--autoencoder", str(tmp_path / "vae"), "--out", str(tmp_path / "bare.png")])
+               "--autoencoder", str(tmp_path / "vae"), "--raw-grid", "--out", str(tmp_path / "bare.png")])
     assert rc == 0 and pixels(tmp_path / "bare.png").shape == (16, 16, 3)
 
 
@@ -229,7 +249,7 @@ def test_end_to_end_train_then_sample(tmp_path):
     assert train(["--config", str(recipe), f"run_dir={tmp_path / 'run'}",
                   f"data.shards={tmp_path / 'shapes'}", "steps=3", "save_every=3", "batch_size=8",
                   "log.sample_every=0", "data.workers=0", "log.progress=false"]) == 0
-    rc, out = run(tmp_path, "s.png", "--checkpoint", str(tmp_path / "run"), "--class-ids", "0", "1", "2")
+    rc, out = run(tmp_path, "s.png", "--checkpoint", str(tmp_path / "run"), "--class-ids", "0", "1", "2", "--raw-grid")
     assert rc == 0 and pixels(out).shape == (2 + 2 * 18, 2 + 2 * 18, 3)
     rec = json.loads(out.with_name("s.png.json").read_text())
     meta = json.loads((tmp_path / "run" / "step_00000003" / "meta.json").read_text())
@@ -261,3 +281,24 @@ def test_condiff_align_command(capsys):
 
     assert condiff(["align", "--n", "16", "--resolution", "32"]) == 0
     assert capsys.readouterr().out.startswith("| preset | resolution | ground truth")
+
+
+def test_prompts_outside_the_training_captions_get_one_note(tmp_path, capsys):
+    """A text checkpoint whose run records its shapes set (as the demo's does): a note, not an error."""
+    from condiff.data import shapes
+    from condiff.data.make_shards import write_shapes
+    from condiff.io.checkpoint import save_checkpoint
+
+    info = write_shapes(str(tmp_path / "data"), 4, preset="demo")
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps(info))
+    pipe = Loaded.from_zoo("mmdit-ours-tiny", "text", "cpu")
+    meta = {**pipe.meta.to_dict(), "config": {"data": {"shards": str(tmp_path / "data")}}}
+    save_checkpoint(tmp_path / "run", 1, model_state=pipe.model.state_dict(), ema_state=None, meta=meta)
+    known = shapes.class_names(shapes.get_config("demo"))
+    common = ["--checkpoint", str(tmp_path / "run"), "--resolution", "16", "--steps", "1", "--quiet"]
+    assert main([*common, "--prompts", known[0], known[1], "--out", str(tmp_path / "in.png")]) == 0
+    assert "note" not in capsys.readouterr().err
+    assert main([*common, "--prompts", known[0], "a green star", "a green star", "--out", str(tmp_path / "out.png")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "1 of 2 prompts" in err and "'a green star'" in err and f"{len(known)} captions" in err
+    assert (tmp_path / "out.png").is_file()

@@ -322,6 +322,17 @@ def test_single_process_resume_is_exact_with_two_workers_at_an_odd_step(tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_no_steps_left_reports_no_step_time(tmp_path, shards):
+    """A finished run re-run: 0 steps this run, so no seconds per step (not wall / 1)."""
+    from condiff.train.loop import Trainer
+
+    common = TINY + [f"data.shards={shards}", f"run_dir={tmp_path}/r", "steps=1", "save_every=1"]
+    first = Trainer(load_config(overrides=common)).run(final_grid=False)
+    again = Trainer(load_config(overrides=common)).run(final_grid=False)
+    assert first["steps_this_run"] == 1 and first["sec_per_step"] > 0
+    assert again["steps"] == 1 and again["steps_this_run"] == 0 and again["sec_per_step"] is None
+
+
 # ------------------------------------------------------------------------------------------ guard
 def _nan_after(stream_cls, bad_steps):
     """Patch TrainStream.__next__ so that the batches of `bad_steps` (1-based) have NaN images."""

@@ -17,7 +17,8 @@ benchmarks/RESULTS.md "Loss weighting on the shapes demo" for the comparison wit
 former 1/sigma^2-on-epsilon default),
 batch 32 and lr 1e-3 (more updates per second beat bigger batches at this budget), EMA 0.998.
 `--steps` is the knob: the default fits about ten minutes on an unloaded 2-core laptop CPU;
-the demo reports its own s/step so you can scale it.
+the demo reports its own s/step so you can scale it. Intra-op threads default to the cores the load
+average leaves free (`choose_threads`; reported in report.json), so other work slows it less.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from condiff.diffusion.schedule import WEIGHTINGS
 
 DEFAULT_STEPS = 3000
 PRESET = "demo"
+CELL = 96  # px: each 16 px sample is shown nearest-upscaled to a cell at least this wide
 
 
 def demo_overrides(out: Path, args) -> dict:
@@ -69,27 +71,24 @@ def demo_overrides(out: Path, args) -> dict:
     }
 
 
-def captioned_grid(images: torch.Tensor, captions: list[str], per_row: int, path: Path, cell: int = 96) -> None:
-    """Rows of `per_row` images (N, 3, h, w) in [-1, 1], nearest-upscaled to `cell` px, each row
-    labelled with its caption on the left."""
-    from PIL import Image, ImageDraw
+def free_threads(cores: int, load_1min: float) -> int:
+    """Intra-op threads for the cores other work leaves free: cores minus the 1-minute load average,
+    rounded, in [1, cores]. Threads beyond the free cores spin against the other processes: each op then
+    waits for its slowest thread, which is worse than running on fewer threads."""
+    return max(1, min(cores, int(cores - load_1min + 0.5)))
 
-    from condiff.io.atomic import atomic_path
-    from condiff.io.images import to_uint8
 
-    n_rows = len(captions)
-    label_w = 320
-    grid = Image.new("RGB", (label_w + per_row * (cell + 4), n_rows * (cell + 4)), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    u8 = to_uint8(images)  # (N, h, w, 3)
-    for r, caption in enumerate(captions):
-        y = r * (cell + 4)
-        draw.text((6, y + cell // 2 - 6), caption, fill=(0, 0, 0))
-        for c in range(per_row):
-            tile = Image.fromarray(u8[r * per_row + c]).resize((cell, cell), Image.NEAREST)
-            grid.paste(tile, (label_w + c * (cell + 4), y + 2))
-    with atomic_path(path, suffix=".png") as tmp:
-        grid.save(tmp, format="PNG")
+def choose_threads(requested: int) -> dict:
+    """The demo's thread count and why: `requested` (> 0, `--threads`) as given, else `free_threads` of this
+    process's usable cores and the load before the demo starts (recorded in report.json)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested > 0:
+        return {"threads": requested, "rule": "--threads", "cores": cores}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return {"threads": free_threads(cores, load), "rule": "cores - load average (1 min), rounded, >= 1",
+            "cores": cores, "load_1min": round(load, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,17 +106,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-every", type=int, default=0, help="also write EMA grids every K steps (0: only at the end)")
     p.add_argument("--weighting", default="edm", choices=WEIGHTINGS,
                    help="loss weighting (default edm: App. C's 1/sigma^2 on the denoiser error = epsilon MSE)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0, default: the cores left free by other work, from the load average)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete an existing run in --out instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.steps < 1 or args.batch_size < 1 or args.resolution % 2:
         p.error("--steps and --batch-size must be >= 1 and --resolution even")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads < 0:
+        p.error("--threads must be >= 0 (0: chosen from the free cores)")
+    threads = choose_threads(args.threads)  # before the demo's own work raises the load
+    torch.set_num_threads(threads["threads"])
+    print(f"[demo] {threads['threads']} intra-op threads ({threads['rule']}; {threads['cores']} cores"
+          + (f", load {threads['load_1min']})" if "load_1min" in threads else ")"), file=sys.stderr)
 
     from condiff.data.make_shards import write_shapes
+    from condiff.inference.grid import save_grid
     from condiff.train.config import load_config
     from condiff.train.loop import Trainer, plot_loss_curve, preview_generator
 
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                             autoencoder=trainer.autoencoder, train_sizes=trainer.train_sizes, seed=args.seed + 1)
     images = gen.generate()
     captions = [c for c in prompts for _ in range(args.per_prompt)]
-    captioned_grid(images, prompts, args.per_prompt, out / "samples.png")
+    save_grid(images, out / "samples.png", nrow=args.per_prompt, min_cell=CELL, row_captions=prompts)
     plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
     from condiff.eval.align import score_images
 
@@ -172,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "sec_per_step": round(t_train / steps_run, 4) if steps_run else None,
         "img_per_s": round(steps_run * cfg.batch_size / t_train, 1) if steps_run else None,
         "threads": torch.get_num_threads(),
+        "threads_choice": threads,
         "weighting": cfg.schedule.weighting,
         "seed": cfg.seed,
         "final_loss": records[-1]["loss"] if records else None,

@@ -41,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-per-cond", type=int, default=1, help="samples per class id / prompt (one grid row each)")
     add_sampling_args(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: n-per-cond, or sqrt)")
+    p.add_argument("--nrow", type=int, default=None,
+                   help="images per grid row (default: n-per-cond, one captioned row per condition; with "
+                        "--raw-grid: n-per-cond, or sqrt)")
+    p.add_argument("--cell", type=int, default=96,
+                   help="smaller samples are nearest-upscaled by an integer factor to at least this many px (default 96)")
+    p.add_argument("--raw-grid", action="store_true",
+                   help="the samples' own pixels: no upscaling, no captions (the layout `condiff eval` uses)")
     p.add_argument("--out", default="samples.png", help="output PNG (settings go to <out>.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -60,6 +66,7 @@ def _prompts(args) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from condiff.inference.captions import outside_note
     from condiff.inference.generate import Generator
     from condiff.inference.grid import save_grid
     from condiff.inference.pipeline import Pipeline
@@ -78,16 +85,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.autoencoder and not source:
             pipe = pipe.with_autoencoder(args.autoencoder, args.device)
         items = pipe.check_items(args.class_ids, _prompts(args))
+        note = outside_note(items, pipe.meta) if pipe.conditioning == "text" else None
+        if note:
+            print(f"condiff sample: {note}", file=sys.stderr)
         rows = [x for x in items for _ in range(args.n_per_cond)]
         gen = Generator(pipe, spec, rows, device=args.device)
         images = gen.generate(progress=not args.quiet)
     except (ValueError, FileNotFoundError) as e:
         print(f"condiff sample: error: {e}", file=sys.stderr)
         return 2
-    nrow = args.nrow or (args.n_per_cond if args.n_per_cond > 1 else math.ceil(math.sqrt(len(images))))
     captions = [str(r) if pipe.conditioning == "text" else f"class {r}" for r in rows]
+    if args.raw_grid:
+        nrow = args.nrow or (args.n_per_cond if args.n_per_cond > 1 else math.ceil(math.sqrt(len(images))))
+        layout = {"nrow": nrow}
+    else:  # one row per condition, captioned, small samples upscaled (the demo's presentation)
+        nrow = args.nrow or args.n_per_cond
+        row_captions = captions[::nrow] if nrow == args.n_per_cond else None
+        layout = {"nrow": nrow, "min_cell": args.cell, "row_captions": row_captions}
     control_l = gen.sizes(list(range(len(rows)))).tolist() if pipe.has_control else None
-    out = save_grid(images, Path(args.out), nrow, record={**gen.record(), "captions": captions, "control_l": control_l})
+    out = save_grid(images, Path(args.out), **layout,
+                    record={**gen.record(), "captions": captions, "control_l": control_l})
     print(f"wrote {out} ({len(images)} images, {gen.resolution} px, lambda {gen.guidance:g} used)")
     return 0
 

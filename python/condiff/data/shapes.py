@@ -185,6 +185,16 @@ def class_names(config: ShapesConfig) -> list[str]:
     return [make_caption(entry) for entry in class_table(config)]
 
 
+def all_captions(config: ShapesConfig) -> list[str]:
+    """Every caption `render` can write under `config` (both forms of a relation when `config.paraphrase`)."""
+    out = []
+    for entry in class_table(config):
+        out.append(make_caption(entry))
+        if config.paraphrase and entry[0] != "single":
+            out.append(make_caption(entry, swap=True))
+    return out
+
+
 def make_caption(entry: tuple, swap: bool = False) -> str:
     """The caption of a class-table entry; `swap` names the second object first (paraphrase)."""
     layout = entry[0]

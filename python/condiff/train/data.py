@@ -14,6 +14,9 @@ resumable position.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,37 @@ def dataset_info(shards: str) -> dict:
         return {}
     path = first.parent / "dataset.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# Built-in sets a recipe may name by path: created on first use (the recipes in configs/tiny/ point here).
+BUILTIN_SHARDS = {"data/shapes-demo": {"preset": "demo", "n": 4096, "seed": 0}}
+
+
+def builtin_command(shards: str) -> str | None:
+    """The `condiff make-shards` command that writes the built-in set `shards` names (None if it names none)."""
+    spec = BUILTIN_SHARDS.get(os.path.normpath(str(shards)))
+    if spec is None:
+        return None
+    return f"condiff make-shards shapes --preset {spec['preset']} --n {spec['n']} --seed {spec['seed']} --out {shards}"
+
+
+def ensure_builtin_shards(cfg: DataConfig) -> None:
+    """Write the built-in set named by `cfg.shards` when it is missing (stating so, with the command, on
+    stderr); other specs are left to `check_shards`. Atomic: written beside the target, then renamed."""
+    from condiff.data.make_shards import write_shapes
+
+    key = os.path.normpath(str(cfg.shards or ""))
+    if key not in BUILTIN_SHARDS or Path(key, "dataset.json").is_file():
+        return
+    spec = BUILTIN_SHARDS[key]
+    print(f"[condiff] {cfg.shards} is missing: creating the built-in shapes set ({spec['n']} images, about a "
+          f"minute on a CPU), the same as `{builtin_command(cfg.shards)}`", file=sys.stderr)
+    tmp = Path(f"{key}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_shapes(str(tmp), spec["n"], seed=spec["seed"], preset=spec["preset"])
+    if Path(key).exists():
+        shutil.rmtree(key)
+    os.replace(tmp, key)
 
 
 def check_shards(cfg: DataConfig, conditioning: str, peek: int = 16) -> list[str]:

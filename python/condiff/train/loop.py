@@ -39,7 +39,7 @@ from condiff.inference.grid import save_grid
 from condiff.io import checkpoint as ckpt
 from condiff.train import distributed as D
 from condiff.train.config import ConfigError, TrainConfig, dump_config
-from condiff.train.data import TrainStream, check_shards, dataset_info, merge_positions
+from condiff.train.data import TrainStream, check_shards, dataset_info, ensure_builtin_shards, merge_positions
 from condiff.train.ema import EMA
 from condiff.io.phema import load_checkpoint_state
 from condiff.train.guard import StepGuard
@@ -178,6 +178,9 @@ class Trainer:
         self.autoencoder = build_autoencoder(cfg)
 
         self.step = 0
+        if self.info.is_main:
+            ensure_builtin_shards(cfg.data)
+        D.barrier()
         check_shards(cfg.data, cfg.model.conditioning)
         self.num_classes = cfg.data.num_classes or int(dataset_info(cfg.data.shards).get("num_classes", 0))
         if cfg.model.conditioning == "class" and not self.num_classes:
@@ -442,7 +445,7 @@ class Trainer:
             self.phema.snapshot(self.model, self.run_dir, self.step, write=self.info.is_main)  # the final weights
         wall = time.perf_counter() - t_start
         summary = {"steps": self.step, "steps_this_run": self.step - start_step, "wall_s": wall,
-                   "sec_per_step": wall / max(self.step - start_step, 1), "nonfinite_total": self.nonfinite_total,
+                   "sec_per_step": wall / (self.step - start_step) if self.step > start_step else None, "nonfinite_total": self.nonfinite_total,
                    "run_dir": str(self.run_dir)}
         # the training result is saved: a failing extra (plotting dependency, preview) is a warning
         if self.info.is_main:
