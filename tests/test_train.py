@@ -503,6 +503,27 @@ def test_resume_false_never_overwrites_unless_asked(tmp_path, shards, two_saves)
     assert [p.name for p in ck.list_checkpoints(run)] == ["step_00000002"]
 
 
+@pytest.mark.parametrize("name", ["ema.safetensors", "meta.json"])
+def test_sample_names_the_checkpoint_file_it_cannot_read(tmp_path, two_saves, name, capsys):
+    import shutil
+
+    from condiff.sample import main
+
+    run = tmp_path / "r"
+    shutil.copytree(two_saves, run)
+    path = run / "step_00000004" / name
+    path.write_bytes(path.read_bytes()[:-50])
+    assert main([str(run), "--class-ids", "0", "--steps", "2", "--out", str(tmp_path / "g.png")]) == 2
+    assert f"{path}: " in capsys.readouterr().err
+
+
+def test_eval_output_goes_under_the_run_not_into_a_step_dir(tmp_path):
+    from condiff.eval.__main__ import default_out_dir
+
+    out = default_out_dir(tmp_path / "run" / "step_00000004")
+    assert out.parent == tmp_path / "run" / "eval" and out.name.startswith("step_00000004-")
+
+
 def test_second_trainer_on_a_run_dir_names_the_holder(tmp_path, shards):
     import socket
 
