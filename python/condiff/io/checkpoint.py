@@ -254,6 +254,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class RunDirInUse(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
 class RunLock:
     """Exclusive lock on a run directory: `run_dir/.lock` holds {"pid", "host"} of the holder.
 
@@ -278,7 +282,7 @@ class RunLock:
                 if host == self.me["host"] and (pid == self.me["pid"] or not _pid_alive(pid)):
                     self.path.unlink(missing_ok=True)  # stale (dead holder) or ours: take it over
                     continue
-                raise RuntimeError(f"{self.path}: the run directory is in use by pid {pid} on host {host}; "
+                raise RunDirInUse(f"{self.path}: the run directory is in use by pid {pid} on host {host}; "
                                    f"stop that process (or delete the lock file if it is gone)")
             with os.fdopen(fd, "w") as f:
                 json.dump(self.me, f)
