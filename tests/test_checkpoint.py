@@ -52,9 +52,78 @@ def test_keep_last_and_resave_same_step(tmp_path):
     for s in (1, 2, 3, 4):
         _save(tmp_path, s, keep_last=2)
     assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
-    _save(tmp_path, 4, seed=7)  # same step again: replaced atomically
+    with pytest.raises(FileExistsError, match="step_00000004: a checkpoint of step 4 already exists"):
+        _save(tmp_path, 4, seed=7)  # never replaced silently
+    _save(tmp_path, 4, seed=7, overwrite=True)  # asked for: replaced atomically
     torch.testing.assert_close(ck.load_weights(tmp_path / "step_00000004", "model")["layer0.weight"], _state(7)["layer0.weight"])
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_meta_records_size_and_hash_and_verify_names_the_bad_file(tmp_path):
+    d1, d2 = _save(tmp_path, 1), _save(tmp_path, 2)
+    files = ck.read_meta(d2).files
+    assert set(files) == {"model.safetensors", "ema.safetensors", "optim.pt", "rng.pt"}
+    assert files["optim.pt"]["size"] == (d2 / "optim.pt").stat().st_size and len(files["optim.pt"]["sha256"]) == 64
+    require = ("ema.safetensors", "optim.pt", "rng.pt")
+    assert ck.verify_checkpoint(d2, require) == [] and ck.resumable_checkpoint(tmp_path, require) == (d2, {})
+    data = (d2 / "model.safetensors").read_bytes()
+    (d2 / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    found, skipped = ck.resumable_checkpoint(tmp_path, require)
+    assert found == d1 and skipped == {d2: [f"{d2 / 'model.safetensors'}: corrupt ({len(data) // 2} bytes, "
+                                            f"meta.json records {len(data)})"]}
+    with pytest.raises(ValueError, match="model.safetensors: cannot read the weights"):
+        ck.load_weights(d2, "model")
+    (d1 / "optim.pt").write_bytes(bytes(b ^ 1 for b in (d1 / "optim.pt").read_bytes()))  # same size, flipped bits
+    assert ck.verify_checkpoint(d1) == [f"{d1 / 'optim.pt'}: corrupt (sha256 differs from the one meta.json records)"]
+    with pytest.raises(ValueError, match="optim.pt: cannot read"):
+        ck.load_pt(d1, "optim.pt")
+
+
+def test_missing_file_makes_a_checkpoint_unresumable(tmp_path):
+    d1, d2 = _save(tmp_path, 1), _save(tmp_path, 2)
+    (d2 / "rng.pt").unlink()
+    assert ck.resumable_checkpoint(tmp_path, ("rng.pt",)) == (d1, {d2: [f"{d2 / 'rng.pt'}: missing"]})
+    # a checkpoint written without records (older format) is checked for the required files' presence
+    d3 = ck.save_checkpoint(tmp_path, 3, model_state=_state(0), ema_state=None, meta={"model": {"name": "x"}})
+    assert ck.verify_checkpoint(d3, ("ema.safetensors",)) == [f"{d3 / 'ema.safetensors'}: missing"]
+
+
+def test_pruning_goes_through_trash_and_stale_leftovers_are_cleaned(tmp_path, monkeypatch):
+    for s in (1, 2):
+        _save(tmp_path, s)
+    import shutil
+
+    def killed(path, *a, **k):  # the process dies while deleting the pruned checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 3, keep_last=2)
+    monkeypatch.undo()
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    assert not (tmp_path / "step_00000001").exists()
+    (tmp_path / ".tmp-step_00000009-999999").mkdir()
+    removed = sorted(p.name for p in ck.clean_stale(tmp_path))
+    assert removed == [".tmp-step_00000009-999999", f".trash-step_00000001-{os.getpid()}"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_run_lock_names_the_holder_and_takes_over_a_dead_one(tmp_path):
+    import json
+    import socket
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname()}))
+        with pytest.raises(RuntimeError, match=f"in use by pid {proc.pid} on host {socket.gethostname()}"):
+            ck.RunLock(tmp_path).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+    lock = ck.RunLock(tmp_path).acquire()  # the holder is dead: taken over
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
 
 
 def test_shared_storage_tensors_are_saved(tmp_path):
@@ -77,8 +146,10 @@ def test_interrupted_save_keeps_latest_readable(tmp_path, stage):
         assert latest == good
         assert not (tmp_path / "step_00000006").exists()
     torch.testing.assert_close(ck.load_weights(latest, "model")["layer0.weight"], _state(5)["layer0.weight"])
-    # the next save cleans the leftovers up
+    # another save leaves them alone (they could be another writer's); clean_stale (trainer start) removes them
     _save(tmp_path, 7, seed=7)
+    assert (stage == "rename") != bool(list(tmp_path.glob(".tmp-*")))
+    ck.clean_stale(tmp_path)
     assert not list(tmp_path.glob(".tmp-*"))
     assert ck.latest_checkpoint(tmp_path).name == "step_00000007"
 

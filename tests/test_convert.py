@@ -224,6 +224,20 @@ def test_cli_dit_original_writes_a_loadable_checkpoint(tmp_path):
     assert convert_cli.main(["dit-original", str(tmp_path / "nope.pt"), str(tmp_path / "run2")]) == 1
 
 
+def test_cli_convert_never_clobbers_a_run_without_force(tmp_path, capsys):
+    from condiff.io import checkpoint as ck
+
+    torch.save(RefDiT().state_dict(), tmp_path / "dit.pt")
+    run = tmp_path / "run"
+    w = {"w": torch.zeros(2)}
+    ck.save_checkpoint(run, 20, model_state=w, ema_state=w, meta={"model": {"name": "x"}})
+    args = ["dit-original", str(tmp_path / "dit.pt"), str(run), "--num-heads", "4"]
+    assert convert_cli.main(args) == 1
+    assert "already holds checkpoints (newest: step_00000020)" in capsys.readouterr().err
+    assert ck.latest_checkpoint(run).name == "step_00000020"
+    assert convert_cli.main(args + ["--force"]) == 0 and ck.latest_checkpoint(run).name == "step_00000000"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # diffusers
 # --------------------------------------------------------------------------------------------------------------

@@ -112,6 +112,11 @@ def test_reference_stats_cached_under_content_hash(tmp_path, monkeypatch):
     other_ext = features.random_extractor(dim=8, size=32, seed=1)
     assert reference.reference_key(files, other_ext, 16, None, tmp_path / "cache") != ref.key
     assert reference.reference_key(files, ext, 20, None, tmp_path / "cache") != ref.key
+    retrained = features.random_extractor(dim=8, size=32)  # same name, other weights
+    with torch.no_grad():
+        retrained.fn.convs[0].bias.add_(1.0)
+    retrained.weights_sha256 = features.state_sha256(retrained.fn)
+    assert retrained.name == ext.name and reference.reference_key(files, retrained, 16, None, tmp_path / "cache") != ref.key
     with open(files[0], "ab") as f:
         f.write(b"\0" * 512)
     assert reference.reference_key(files, ext, 16, None, tmp_path / "cache") != ref.key
@@ -129,12 +134,12 @@ def test_reference_stats_match_direct_features(tmp_path):
 def test_missing_inception_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(features.INCEPTION_ENV, raising=False)
-    if Path("/tmp", features.INCEPTION_FILE).exists():
-        pytest.skip("an Inception file is installed in /tmp")
     with pytest.raises(FileNotFoundError) as err:
         features.resolve_inception_path(tmp_path / "nowhere")
     msg = str(err.value)
     assert features.INCEPTION_FILE in msg and features.INCEPTION_ENV in msg and "--inception" in msg
+    looked = msg.split("Looked in:")[1].split()
+    assert looked == [str(tmp_path / "nowhere"), str(tmp_path / "cache" / features.INCEPTION_FILE)]  # never /tmp
 
 
 def test_bad_extractor_spec():

@@ -429,6 +429,122 @@ def test_too_many_nonfinite_steps_stop_and_keep_last_good_checkpoint(tmp_path, s
     assert all(torch.isfinite(t).all() for t in w.values())
 
 
+# ------------------------------------------------------------------------------------------ resume safety
+@pytest.fixture(scope="module")
+def two_saves(tmp_path_factory, shards):
+    """A run directory with checkpoints at steps 2 and 4."""
+    from condiff.train.loop import Trainer
+
+    run = tmp_path_factory.mktemp("two_saves") / "r"
+    Trainer(load_config(overrides=TINY + [f"data.shards={shards}", f"run_dir={run}", "steps=4", "save_every=2"])
+            ).run(final_grid=False)
+    return run
+
+
+@pytest.mark.parametrize("damage", ["optim.pt", "rng.pt", "ema.safetensors", "truncate model.safetensors",
+                                    "truncate optim.pt"])
+def test_resume_skips_an_incomplete_or_corrupt_checkpoint(tmp_path, shards, two_saves, damage, capsys):
+    name = damage.split()[-1]
+    run = tmp_path / "r"
+    import shutil
+
+    shutil.copytree(two_saves, run)
+    path = run / "step_00000004" / name
+    if damage.startswith("truncate"):
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        path.unlink()
+    from condiff.train.loop import Trainer
+
+    t = Trainer(load_config(overrides=TINY + [f"data.shards={shards}", f"run_dir={run}", "steps=4"]))
+    assert t.step == 2  # the newest checkpoint that verifies
+    err = capsys.readouterr().err
+    why = "corrupt" if damage.startswith("truncate") else "missing"
+    assert f"skipping checkpoint step_00000004: {path}: {why}" in err
+    assert (run / "rejected" / "step_00000004").is_dir() and not (run / "step_00000004").exists()
+    t.run(final_grid=False)  # saves step 4 again, into a fresh directory
+    assert ck.verify_checkpoint(run / "step_00000004", ("optim.pt", "rng.pt", "ema.safetensors")) == []
+
+
+def test_no_complete_checkpoint_fails_unless_partial_resume_is_asked_for(tmp_path, shards, two_saves, capsys):
+    import shutil
+
+    from condiff.train.loop import Trainer
+
+    run = tmp_path / "r"
+    shutil.copytree(two_saves, run)
+    for step in (2, 4):
+        (run / f"step_{step:08d}" / "optim.pt").unlink()
+    cfg = TINY + [f"data.shards={shards}", f"run_dir={run}", "steps=4"]
+    with pytest.raises(ConfigError, match=r"no checkpoint can be resumed exactly: .*step_00000004/optim.pt: missing. "
+                                          r"Set resume_partial=true"):
+        Trainer(load_config(overrides=cfg))
+    t = Trainer(load_config(overrides=cfg + ["resume_partial=true"]))
+    assert t.step == 4 and "WARNING resume_partial=true: resuming from" in capsys.readouterr().err
+    (run / "step_00000004" / "model.safetensors").write_bytes(b"junk")  # never resumable, even partially
+    with pytest.raises(ConfigError, match=r"step_00000004/model.safetensors: corrupt"):
+        Trainer(load_config(overrides=cfg + ["resume_partial=true"]))
+
+
+def test_resume_false_never_overwrites_unless_asked(tmp_path, shards, two_saves):
+    import shutil
+
+    from condiff.train.loop import Trainer
+
+    run = tmp_path / "r"
+    shutil.copytree(two_saves, run)
+    cfg = TINY + [f"data.shards={shards}", f"run_dir={run}", "steps=2", "resume=false"]
+    with pytest.raises(ConfigError, match=r"resume=false: .* already holds checkpoints \(step_00000004 is the newest\); "
+                                          r"set overwrite=true"):
+        Trainer(load_config(overrides=cfg))
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step_00000002", "step_00000004"]
+    t = Trainer(load_config(overrides=cfg + ["overwrite=true"]))
+    assert t.step == 0 and ck.list_checkpoints(run) == [] and not (run / "latest").exists()
+    t.run(final_grid=False)
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step_00000002"]
+
+
+@pytest.mark.parametrize("name", ["ema.safetensors", "meta.json"])
+def test_sample_names_the_checkpoint_file_it_cannot_read(tmp_path, two_saves, name, capsys):
+    import shutil
+
+    from condiff.sample import main
+
+    run = tmp_path / "r"
+    shutil.copytree(two_saves, run)
+    path = run / "step_00000004" / name
+    path.write_bytes(path.read_bytes()[:-50])
+    assert main([str(run), "--class-ids", "0", "--steps", "2", "--out", str(tmp_path / "g.png")]) == 2
+    assert f"{path}: " in capsys.readouterr().err
+
+
+def test_eval_output_goes_under_the_run_not_into_a_step_dir(tmp_path):
+    from condiff.eval.__main__ import default_out_dir
+
+    out = default_out_dir(tmp_path / "run" / "step_00000004")
+    assert out.parent == tmp_path / "run" / "eval" and out.name.startswith("step_00000004-")
+
+
+def test_second_trainer_on_a_run_dir_names_the_holder(tmp_path, shards):
+    import socket
+
+    from condiff.train.loop import Trainer
+
+    run = tmp_path / "r"
+    run.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname()}))
+        with pytest.raises(RuntimeError, match=f"in use by pid {proc.pid}"):
+            Trainer(load_config(overrides=TINY + [f"data.shards={shards}", f"run_dir={run}", "steps=1"]))
+    finally:
+        proc.kill()
+        proc.wait()
+    (run / ".tmp-step_00000005-999999").mkdir()  # a killed save; its writer is gone
+    Trainer(load_config(overrides=TINY + [f"data.shards={shards}", f"run_dir={run}", "steps=1"]))  # stale lock: taken over
+    assert not (run / ".tmp-step_00000005-999999").exists()
+
+
 # ------------------------------------------------------------------------------------------ outputs
 def test_run_outputs_and_pipeline_from_checkpoint(tmp_path, shards):
     """`condiff train` (single process) end to end: resolved config, JSONL, loss curve, grid, checkpoint,

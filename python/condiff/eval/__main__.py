@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_source_args(p)
     p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's protocols; explicit flags win")
     p.add_argument("--metrics", default="fid", help=f"comma list of {METRICS}")
-    p.add_argument("--out", default=None, help="output directory (default <checkpoint>/eval-<time>)")
+    p.add_argument("--out", default=None, help="output directory (default <run dir>/eval/<step dir>-<time>)")
     g = add_sampling_args(p, steps=250, batch_size=32)
     g.add_argument("--n", "--num-samples", dest="n", type=int, default=50_000,
                    help="number of samples for fid/clip/align (under torchrun write --num-samples: torchrun's own "
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # ---- set-up: sampler, metrics, grid ----
         ckpt, inf, gen, prompts = load_generator(args, dist.device)
-        out_dir = Path(args.out or ckpt / f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
+        out_dir = Path(args.out) if args.out else default_out_dir(ckpt)
         _log(dist, f"{ckpt} | {gen.conditioning}-conditioned at {gen.resolution} px | world {dist.world} | "
                    f"metrics {args.metrics}")
         metrics = build_metrics(args, gen, prompts, dist)
@@ -343,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist.shutdown()
     return 0
+
+
+def default_out_dir(ckpt: Path) -> Path:
+    """`<run dir>/eval/<step_XXXXXXXX>-<time>`: beside the checkpoints, not inside one (pruning deletes those)."""
+    return ckpt.parent / "eval" / f"{ckpt.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _report(args, argv, world, ckpt, inf, gen, prompts, metrics: dict, values: dict, grid, out_dir: Path,

@@ -98,7 +98,7 @@ def sweep(eval_main, argv: list[str], ckpt: str, spec: str, out: str | None, met
     for sigma in sigmas:
         sub = out_dir / f"sigma_{phema.sigma_key(sigma)}"
         rec = phema.reconstruct(run, sigma, step)
-        ckpt_dir = phema.write_checkpoint(rec, run, sub / "checkpoint")
+        ckpt_dir = phema.write_checkpoint(rec, run, sub / "checkpoint", overwrite=True)  # the sweep's own output
         print(f"[condiff eval] ema sweep: sigma_rel={sigma} (fit residual {rec.residual:.2e}) -> {ckpt_dir}", flush=True)
         code = eval_main(["--ckpt", str(ckpt_dir), "--out", str(sub), *argv])
         if code != 0:

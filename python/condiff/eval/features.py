@@ -15,6 +15,7 @@ Statistics and the distance: `condiff.eval.statistics`; reference sets: `condiff
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,16 +58,21 @@ class ResizeSpec:
 class FeatureExtractor:
     """`fn((B, 3, S, S) float32 in [0, 255]) -> (B, D)`, with the resize it expects and a stable name.
 
-    `name` identifies the network and its weights (it keys the reference-statistics cache)."""
+    `weights_sha256` identifies the weights; with `name` and the resize it keys the reference-statistics
+    cache (`condiff.eval.reference.reference_key`). Computed from `fn`'s state dict when `fn` is an
+    `nn.Module` and none is given; a plain callable keeps "" (then `name` alone must identify it)."""
 
     fn: Callable[[Tensor], Tensor]
     name: str
     resize: ResizeSpec = field(default_factory=ResizeSpec)
     device: torch.device | str = "cpu"
     batch_size: int = 64
+    weights_sha256: str = ""
 
     def __post_init__(self):
         self._resizer = self.resize.build()
+        if not self.weights_sha256 and isinstance(self.fn, nn.Module):
+            self.weights_sha256 = state_sha256(self.fn)
 
     def prepare(self, images_u8: np.ndarray) -> Tensor:
         """(B, H, W, 3) uint8 -> (B, 3, S, S) float32 in [0, 255], clean-fid's per-image resize."""
@@ -85,18 +91,28 @@ class FeatureExtractor:
         return np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
 
 
+def state_sha256(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def resolve_inception_path(path: str | os.PathLike | None = None) -> Path:
     """Find clean-fid's Inception TorchScript file without downloading.
 
     Looked up in order: `path` (the file, or a directory holding it), `$CONDIFF_INCEPTION`,
-    `<cache>/inception-2015-12-05.pt` (see `default_cache_dir`), `/tmp/inception-2015-12-05.pt`
-    (where clean-fid itself downloads it on Linux)."""
+    `<cache>/inception-2015-12-05.pt` (see `default_cache_dir`). Never a fixed path in a world-writable
+    directory (clean-fid's own `/tmp` download location is not searched: anyone could plant a file there)."""
     candidates: list[Path] = []
     for p in (path, os.environ.get(INCEPTION_ENV)):
         if p:
             p = Path(p)
             candidates.append(p / INCEPTION_FILE if p.is_dir() else p)
-    candidates += [default_cache_dir() / INCEPTION_FILE, Path("/tmp") / INCEPTION_FILE]
+    candidates.append(default_cache_dir() / INCEPTION_FILE)
     for c in candidates:
         if c.is_file():
             if c.name != INCEPTION_FILE:

@@ -45,13 +45,14 @@ def _file_sha256(path: str, memo: dict) -> str:
 
 def reference_key(shards: list[str], extractor: FeatureExtractor, resolution: int, max_images: int | None,
                   cache_dir: Path) -> str:
-    """Content hash of the reference set: shard bytes (in sorted order), extractor, resize, resolution, n."""
+    """Content hash of the reference set: shard bytes (in sorted order), the extractor's name and weights
+    (`FeatureExtractor.weights_sha256`, not a file name), resize, resolution, n."""
     memo_path = cache_dir / "file_sha256.json"
     memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
     h = hashlib.sha256()
     for s in shards:
         h.update(_file_sha256(s, memo).encode())
-    setting = {"extractor": extractor.name, "resize": vars(extractor.resize), "resolution": resolution,
+    setting = {"extractor": extractor.name, "weights_sha256": extractor.weights_sha256, "resize": vars(extractor.resize), "resolution": resolution,
                "max_images": max_images, "crop": "adm-center"}
     h.update(json.dumps(setting, sort_keys=True).encode())
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,16 @@ SOURCE_SCHEDULES = {
 }
 
 
-def _write_condiff(out: Path, model: nn.Module, source: str, schedule: dict | None) -> Path:
+def _write_condiff(out: Path, model: nn.Module, source: str, schedule: dict | None, force: bool = False) -> Path:
+    """Write the model as checkpoint step 0 of run directory `out`; a directory that already holds
+    checkpoints is an error unless `force` (a later `condiff train` there would resume from step 0)."""
     from condiff.diffusion import Schedule
-    from condiff.io.checkpoint import CheckpointMeta, save_checkpoint
+    from condiff.io.checkpoint import CheckpointMeta, list_checkpoints, save_checkpoint
+
+    existing = list_checkpoints(out)
+    if existing and not force:
+        raise FileExistsError(f"{out} already holds checkpoints (newest: {existing[-1].name}); converting into it "
+                              f"would repoint `latest` to step 0. Choose an empty directory or pass --force")
 
     sched = Schedule(**schedule) if schedule else Schedule()
     note = ("DDPM schedule of the source" if schedule else
@@ -35,7 +42,7 @@ def _write_condiff(out: Path, model: nn.Module, source: str, schedule: dict | No
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     meta = CheckpointMeta(model=model.config, schedule=sched.to_dict(), base_size=model.config.get("base_size"),
                           converted_from=dict(source=source, schedule_note=note))
-    return save_checkpoint(out, 0, model_state=state, ema_state=state, meta=meta)
+    return save_checkpoint(out, 0, model_state=state, ema_state=state, meta=meta, overwrite=force)
 
 
 def _write_diffusers_dir(out: Path, class_name: str, cfg: dict, state: dict[str, Tensor]) -> Path:
@@ -73,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-heads", type=int, default=None, help="heads, if the width is not one of DiT's configs")
     p.add_argument("--raw-weights", action="store_true", help="training checkpoints: load 'model' instead of 'ema'")
     p.add_argument("--no-ema", dest="raw_weights", action="store_true", help=argparse.SUPPRESS)  # old spelling
+    p.add_argument("--force", action="store_true", help="write into a run directory that already holds checkpoints")
     p = sub.add_parser("from-diffusers", help="diffusers model directory -> condiff checkpoint")
     p.add_argument("model_dir", type=Path)
     p.add_argument("out", type=Path, help="run directory to write (step_00000000/ inside)")
+    p.add_argument("--force", action="store_true", help="write into a run directory that already holds checkpoints")
     p = sub.add_parser("to-diffusers", help="condiff checkpoint (or run directory) -> diffusers model directory")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("out", type=Path, help="directory to write (config.json + diffusion_pytorch_model.safetensors)")
@@ -87,13 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "dit-original":
             model = load_facebook_dit(args.checkpoint, args.keep_sigma, args.num_heads, use_ema=not args.raw_weights)
-            ckpt = _write_condiff(args.out, model, "facebookresearch/DiT", SOURCE_SCHEDULES["facebookresearch/DiT"])
+            ckpt = _write_condiff(args.out, model, "facebookresearch/DiT", SOURCE_SCHEDULES["facebookresearch/DiT"],
+                                  args.force)
         elif args.command == "from-diffusers":
             class_name, cfg, state = read_diffusers_dir(args.model_dir)
             name, conditioning, kwargs, sd = diffusers_to_condiff(class_name, cfg, state)
             model = create(name, conditioning, **kwargs)
             model.load_state_dict(sd)
-            ckpt = _write_condiff(args.out, model, class_name, SOURCE_SCHEDULES.get(class_name))
+            ckpt = _write_condiff(args.out, model, class_name, SOURCE_SCHEDULES.get(class_name), args.force)
         else:
             from condiff.io.checkpoint import load_model, resolve_checkpoint
 

@@ -17,7 +17,8 @@ Atomicity (a process killed at any instant never leaves `latest` pointing to a b
   2. the temporary directory is renamed to `step_XXXXXXXX/` (a POSIX rename is atomic);
   3. `latest` is rewritten through a temporary file + fsync + `os.replace` (`condiff.io.atomic`);
   4. the run directory is fsync'ed after each rename so the renames survive a power loss.
-A kill before (2) leaves only a `.tmp-*` directory, which readers ignore and the next save removes;
+A kill before (2) leaves only a `.tmp-*` directory, which readers ignore and `clean_stale` removes (the
+trainer calls it on start, holding the run's `RunLock`);
 a kill between (2) and (3) leaves `latest` on the previous complete checkpoint. `meta.json` is written
 last inside the temporary directory, so a directory with a `meta.json` is complete.
 
@@ -28,8 +29,13 @@ meta.json is `CheckpointMeta.to_dict()`; its keys (all JSON):
   train_sizes (list of [h, w] original image sizes seen in training, capped; sampling draws size
   conditions from it, Tab. 2b), data_position (per-rank position in the data stream), config (the
   resolved training config), transfer (what `init_from` changed, if anything), format (version),
-  world_size, counters, converted_from (`condiff convert`: the source format). Keys written by other
-  versions are kept in `CheckpointMeta.extra` and written back unchanged.
+  world_size, counters, converted_from (`condiff convert`: the source format), files (size in bytes and
+  sha256 of every other file of the checkpoint, written at save time; `verify_checkpoint` checks them).
+  Keys written by other versions are kept in `CheckpointMeta.extra` and written back unchanged.
+
+Resume (`resumable_checkpoint`) takes the newest checkpoint that verifies: every file it should have is
+present (`model.safetensors` plus the caller's list, e.g. optim.pt, rng.pt, ema.safetensors) and matches
+the size and hash in meta.json. Newer ones that do not verify are skipped with a reason naming the file.
 
 Loading never unpickles arbitrary code: weights come from safetensors and the `.pt` files are read
 with `torch.load(weights_only=True)` (tensors, numbers, strings, lists and dicts only).
@@ -37,9 +43,11 @@ with `torch.load(weights_only=True)` (tensors, numbers, strings, lists and dicts
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +62,8 @@ FORMAT_VERSION = 1
 PREFIX = "step_"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+LOCK = ".lock"
 TRAIN_SIZES_CAP = 4096  # at most this many [h, w] pairs are stored in meta.json
 
 
@@ -73,6 +83,7 @@ class CheckpointMeta:
     transfer: dict[str, Any] | None = None  # what `init_from` loaded / dropped / rescaled
     counters: dict[str, Any] = field(default_factory=dict)
     converted_from: dict[str, Any] | None = None  # `condiff convert`: source format and schedule note
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # {file name: {"size", "sha256"}} at save time
     step: int = 0
     format: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
@@ -113,6 +124,16 @@ def _tensors_for_safetensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """{"size": bytes, "sha256": hex digest} of one checkpoint file (the `files` entries of meta.json)."""
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
 def is_complete(ckpt_dir: Path) -> bool:
     ckpt_dir = Path(ckpt_dir)
     return (ckpt_dir / "meta.json").is_file() and (ckpt_dir / "model.safetensors").is_file()
@@ -129,6 +150,7 @@ def save_checkpoint(
     rng_state: Any = None,
     keep_last: int | None = None,
     extra_weights: dict[str, dict[str, Tensor]] | None = None,
+    overwrite: bool = False,
     _fail_after: str | None = None,
 ) -> Path:
     """Write checkpoint `step_XXXXXXXX` atomically into `run_dir` and point `latest` at it.
@@ -136,20 +158,27 @@ def save_checkpoint(
     Called on ONE process (rank 0) with full (gathered) state dicts. `meta`: a `CheckpointMeta` (a dict is
     read with `CheckpointMeta.from_dict`); `step` and `format` are set here. `keep_last` deletes older complete
     checkpoints beyond the newest N (None keeps all). `extra_weights` {name: state} adds `name.safetensors` files
-    (e.g. the post-hoc EMA profiles, `phema`). `_fail_after` (tests only) raises right after writing the named file, to simulate
+    (e.g. the post-hoc EMA profiles, `phema`). An existing `step_XXXXXXXX` is an error (FileExistsError)
+    unless `overwrite`, which swaps it out atomically. `_fail_after` (tests only) raises right after writing the named file, to simulate
     a process killed mid-save. Returns the final checkpoint directory.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
     final = run_dir / name
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final}: a checkpoint of step {step} already exists; refusing to replace it")
     tmp = run_dir / f"{TMP_PREFIX}{name}-{os.getpid()}"
-    for stale in run_dir.glob(f"{TMP_PREFIX}*"):  # leftovers of killed saves
-        shutil.rmtree(stale, ignore_errors=True)
+    if tmp.exists():  # a save of this process that failed midway
+        shutil.rmtree(tmp)
     tmp.mkdir()
+
+    records: dict[str, dict[str, Any]] = {}
 
     def written(path: Path) -> None:
         fsync_file(path)
+        if path.name != "meta.json":
+            records[path.name] = file_record(path)
         if _fail_after == path.name:
             raise RuntimeError(f"simulated failure after writing {path.name}")
 
@@ -169,7 +198,7 @@ def save_checkpoint(
         written(tmp / "rng.pt")
     if isinstance(meta, dict):
         meta = CheckpointMeta.from_dict(meta)
-    full_meta = replace(meta, step=int(step), format=FORMAT_VERSION).to_dict()
+    full_meta = replace(meta, step=int(step), format=FORMAT_VERSION, files=records).to_dict()
     with open(tmp / "meta.json", "w") as f:
         json.dump(full_meta, f, indent=1, sort_keys=True)
         f.flush()
@@ -177,7 +206,7 @@ def save_checkpoint(
     written(tmp / "meta.json")
     fsync_dir(tmp)
 
-    if final.exists():  # re-saving the same step (e.g. final save after a periodic one): swap it out
+    if final.exists():  # overwrite: swap it out
         trash = run_dir / f"{TMP_PREFIX}old-{name}-{os.getpid()}"
         os.replace(final, trash)
         os.replace(tmp, final)
@@ -191,8 +220,82 @@ def save_checkpoint(
 
     if keep_last is not None and keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     return final
+
+
+def remove_checkpoint(ckpt_dir: Path) -> None:
+    """Delete a checkpoint: rename it to a hidden trash name first (readers and `list_checkpoints` stop
+    seeing it at once), then delete; a kill mid-delete leaves only trash, which `clean_stale` removes."""
+    ckpt_dir = Path(ckpt_dir)
+    trash = ckpt_dir.parent / f"{TRASH_PREFIX}{ckpt_dir.name}-{os.getpid()}"
+    os.replace(ckpt_dir, trash)
+    fsync_dir(ckpt_dir.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_stale(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove leftovers of killed saves and deletions (`.tmp-*`, `.trash-*`) from `run_dir`. Call it while
+    holding the run's lock (`RunLock`): no other writer can then be mid-save. Returns what was removed."""
+    run_dir = Path(run_dir)
+    stale = [p for p in run_dir.glob(".*") if p.name.startswith((TMP_PREFIX, TRASH_PREFIX))] if run_dir.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+class RunDirInUse(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunLock:
+    """Exclusive lock on a run directory: `run_dir/.lock` holds {"pid", "host"} of the holder.
+
+    `acquire()` creates it with O_EXCL; an existing lock is an error naming its holder, unless the holder
+    is a dead process on this host (a killed run) or this process, in which case it is taken over."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK
+        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text())
+                    pid, host = int(holder["pid"]), str(holder["host"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    holder, pid, host = None, -1, self.me["host"]  # unreadable: a writer killed mid-write
+                if host == self.me["host"] and (pid == self.me["pid"] or not _pid_alive(pid)):
+                    self.path.unlink(missing_ok=True)  # stale (dead holder) or ours: take it over
+                    continue
+                raise RunDirInUse(f"{self.path}: the run directory is in use by pid {pid} on host {host}; "
+                                   f"stop that process (or delete the lock file if it is gone)")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            return self
+
+    def release(self) -> None:
+        try:
+            if json.loads(self.path.read_text()) == self.me:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -215,6 +318,51 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
             return target
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def verify_checkpoint(ckpt_dir: str | os.PathLike, require: tuple[str, ...] = ()) -> list[str]:
+    """Problems that make `ckpt_dir` unfit to resume from, each naming its file ([] = verified).
+
+    Checked: meta.json reads; `model.safetensors` and every name in `require` exist; every file recorded
+    in meta.json's `files` exists with the recorded size and sha256 (a checkpoint written before the
+    records existed is checked for presence only)."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        meta = read_meta(ckpt_dir)
+    except (OSError, ValueError) as e:
+        return [f"{ckpt_dir / 'meta.json'}: unreadable ({e})"]
+    problems = [f"{ckpt_dir / name}: missing" for name in ("model.safetensors", *require)
+                if name not in meta.files and not (ckpt_dir / name).is_file()]
+    for name, rec in meta.files.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != rec.get("size"):
+            problems.append(f"{path}: corrupt ({path.stat().st_size} bytes, meta.json records {rec.get('size')})")
+        elif _sha256(path) != rec.get("sha256"):
+            problems.append(f"{path}: corrupt (sha256 differs from the one meta.json records)")
+    return problems
+
+
+def resumable_checkpoint(run_dir: str | os.PathLike, require: tuple[str, ...] = ()
+                         ) -> tuple[Path | None, dict[Path, list[str]]]:
+    """(the newest checkpoint of `run_dir` that verifies, {newer checkpoint skipped: its problems}).
+
+    Candidates are `latest` and the complete `step_*` directories, newest first. (None, {...}) when none
+    verifies: the caller decides whether to fail or to resume partially from the newest one."""
+    run_dir = Path(run_dir)
+    candidates = list_checkpoints(run_dir)[::-1]
+    pointed = latest_checkpoint(run_dir)
+    if pointed is not None and pointed in candidates:
+        candidates.remove(pointed)
+        candidates.insert(0, pointed)
+    skipped: dict[Path, list[str]] = {}
+    for cand in candidates:
+        problems = verify_checkpoint(cand, require)
+        if not problems:
+            return cand, skipped
+        skipped[cand] = problems
+    return None, skipped
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -250,7 +398,10 @@ def load_weights(ckpt_dir: str | os.PathLike, which: str = "ema", device: str | 
     path = Path(ckpt_dir) / f"{which}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (checkpoint has no {which} weights)")
-    return load_file(str(path), device=str(device))
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise ValueError(f"{path}: cannot read the weights (corrupt or truncated safetensors file: {e})") from e
 
 
 def load_pt(ckpt_dir: str | os.PathLike, name: str) -> Any:
@@ -258,7 +409,10 @@ def load_pt(ckpt_dir: str | os.PathLike, name: str) -> Any:
     path = Path(ckpt_dir) / name
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, or a pickle that weights_only refuses
+        raise ValueError(f"{path}: cannot read ({e})") from e
 
 
 def build_model_from_meta(meta: CheckpointMeta, where: str = "meta.json") -> torch.nn.Module:

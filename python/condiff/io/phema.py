@@ -239,10 +239,12 @@ def reconstruct(run_dir: str | os.PathLike, sigma_rel: float, step: int | None =
     return Reconstruction(state, float(sigma_rel), step, snaps, [float(c) for c in x], residual)
 
 
-def write_checkpoint(rec: Reconstruction, run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+def write_checkpoint(rec: Reconstruction, run_dir: str | os.PathLike, out: str | os.PathLike,
+                     overwrite: bool = False) -> Path:
     """Save `rec` as a normal checkpoint under `out` (out/step_XXXXXXXX/ + out/latest) that
     `condiff sample` / `condiff eval` load: the run's meta.json (newest checkpoint at or before the step,
-    else the newest) with `step` and a `phema` record; the weights go to model.safetensors."""
+    else the newest) with `step` and a `phema` record; the weights go to model.safetensors. An existing
+    out/step_XXXXXXXX is replaced only with `overwrite`."""
     from condiff.io import checkpoint as ckpt
 
     source = None
@@ -255,7 +257,7 @@ def write_checkpoint(rec: Reconstruction, run_dir: str | os.PathLike, out: str |
     meta.extra["phema"] = {"sigma_rel": rec.sigma_rel, "gamma": sigma_rel_to_gamma(rec.sigma_rel), "step": rec.step,
                      "residual": rec.residual, "meta_from": str(source),
                      "snapshots": [{"file": s.path.name, "coefficient": c} for s, c in zip(rec.snapshots, rec.coefficients)]}
-    return ckpt.save_checkpoint(out, rec.step, model_state=rec.state, ema_state=None, meta=meta)
+    return ckpt.save_checkpoint(out, rec.step, model_state=rec.state, ema_state=None, meta=meta, overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------------------ CLI

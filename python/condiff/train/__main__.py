@@ -5,8 +5,9 @@ Examples:
   condiff train --config configs/tiny/mmdit_ours_shapes.yaml steps=200 run_dir=runs/tiny
   torchrun --nproc_per_node=8 -m condiff.train --config configs/imagenet256/mmdit_ours.yaml
   condiff train --config configs/tiny/dit_shapes.yaml --print-config      # show the resolved config
-A run resumes automatically from `run_dir/latest` (resume=false starts over and overwrites nothing:
-new checkpoints simply get newer step numbers only if steps grows; use a fresh run_dir instead).
+A run resumes automatically from the newest checkpoint of `run_dir` that verifies (`resume_partial=true`
+accepts one missing optimizer/RNG/EMA state, loudly). resume=false on a run_dir that holds checkpoints is
+an error unless overwrite=true, which deletes them; a save never replaces an existing step directory.
 """
 
 from __future__ import annotations
@@ -35,12 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    from condiff.io.checkpoint import RunDirInUse
     from condiff.train.loop import NonFiniteError, train
 
     try:
         summary = train(cfg)
     except ConfigError as e:  # found while building the run (data, world size)
         print(f"condiff train: config error: {e}", file=sys.stderr)
+        return 2
+    except RunDirInUse as e:
+        print(f"condiff train: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
         print(f"condiff train: {e}", file=sys.stderr)

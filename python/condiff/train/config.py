@@ -152,7 +152,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     max_nonfinite: int = 20  # stop after this many consecutive non-finite steps
     init_from: str = ""  # checkpoint (or run dir) to initialise from (condiff.train.transfer; its schedule, rescaled)
-    resume: bool = True  # continue from run_dir's latest checkpoint when there is one
+    resume: bool = True  # continue from run_dir's newest checkpoint that verifies (io.checkpoint.verify_checkpoint)
+    resume_partial: bool = False  # no checkpoint verifies: resume anyway from the newest one missing optim/rng/EMA files
+    overwrite: bool = False  # resume=false on a run_dir holding checkpoints: delete them (else an error)
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu) | "cpu" | "cuda"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

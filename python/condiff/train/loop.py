@@ -22,8 +22,10 @@ they never perturb the training RNG stream.
 from __future__ import annotations
 
 import contextlib
+import atexit
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -167,12 +169,16 @@ class Trainer:
         self.micro_batch = cfg.batch_size // (world * cfg.grad_accum)
         self.run_dir = Path(cfg.run_dir)
         seed_everything(cfg.seed)  # identical on every rank: FSDP2 shards a model each rank initialised
-        if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = None
+        if self.info.is_main:  # one trainer per run directory; then remove what killed saves left behind
+            self.lock = ckpt.RunLock(self.run_dir).acquire()
+            atexit.register(self.lock.release)
+            for stale in ckpt.clean_stale(self.run_dir):
+                self.log_text(f"removed {stale.name} (left by an interrupted save or deletion)")
             dump_config(cfg, self.run_dir / "config.yaml")
         D.barrier()
 
-        resume_from = ckpt.latest_checkpoint(self.run_dir) if cfg.resume else None
+        resume_from = self._resume_source()
         meta = ckpt.read_meta(resume_from) if resume_from else None
         self.text_encoder = build_text_encoder(cfg)
         self.autoencoder = build_autoencoder(cfg)
@@ -250,6 +256,46 @@ class Trainer:
     def log_text(self, msg: str) -> None:
         if self.info.is_main:
             print(f"[condiff.train] {msg}", file=sys.stderr, flush=True)
+
+    def _resume_source(self) -> Path | None:
+        """The checkpoint to resume from: the newest that verifies (all of model, EMA, optimizer, RNG and,
+        for ema.kind=power|both, post-hoc EMA profiles present with the sizes and hashes meta.json records).
+        Newer ones that do not verify are moved to run_dir/rejected/ with a warning naming the file."""
+        cfg = self.cfg
+        existing = ckpt.list_checkpoints(self.run_dir)
+        if not cfg.resume:
+            if existing and not cfg.overwrite:
+                raise ConfigError(f"resume=false: {self.run_dir} already holds checkpoints ({existing[-1].name} is the "
+                                  f"newest); set overwrite=true to delete them, or choose another run_dir")
+            if existing and self.info.is_main:
+                for old in existing:
+                    ckpt.remove_checkpoint(old)
+                (self.run_dir / ckpt.LATEST).unlink(missing_ok=True)
+                self.log_text(f"overwrite=true: deleted {len(existing)} checkpoints of {self.run_dir}")
+            D.barrier()
+            return None
+        require = ("ema.safetensors", "optim.pt", "rng.pt") + (("phema.safetensors",) if cfg.ema.kind != "exp" else ())
+        found, skipped = ckpt.resumable_checkpoint(self.run_dir, require)
+        D.barrier()  # every rank has verified before rank 0 moves anything
+        if found is None and skipped:
+            newest, problems = next(iter(skipped.items()))
+            fixable = all(p.endswith(": missing") and not p.startswith(str(newest / "model.safetensors"))
+                          for p in problems)
+            if not (cfg.resume_partial and fixable):
+                raise ConfigError(f"{self.run_dir}: no checkpoint can be resumed exactly: " + "; ".join(problems)
+                                  + (". Set resume_partial=true to resume from it anyway" if fixable else ""))
+            self.log_text(f"WARNING resume_partial=true: resuming from {newest} although " + "; ".join(problems)
+                          + ": missing state restarts from scratch (not an exact resume)")
+            return newest
+        for bad, problems in skipped.items():
+            self.log_text(f"WARNING skipping checkpoint {bad.name}: " + "; ".join(problems)
+                          + f"; moved to {self.run_dir / 'rejected' / bad.name}")
+            if self.info.is_main:
+                (self.run_dir / "rejected").mkdir(exist_ok=True)
+                target = self.run_dir / "rejected" / bad.name
+                os.replace(bad, target if not target.exists() else target.with_name(f"{bad.name}-{os.getpid()}"))
+        D.barrier()
+        return found
 
     def _resume(self, path: Path, meta: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
