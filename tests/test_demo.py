@@ -29,18 +29,66 @@ def test_demo_writes_grid_curve_and_report(tmp_path):
     assert json.loads((out / "data" / "dataset.json").read_text())["preset"] == "demo"
 
 
-def test_demo_threads_follow_the_free_cores(monkeypatch):
+def test_demo_thread_policy(monkeypatch):
     import os
 
     from condiff import demo
+    from condiff.train.threads import free_threads
 
-    assert demo.free_threads(2, 0.1) == 2  # quiet 2-core machine
-    assert demo.free_threads(2, 1.0) == 1  # one competing CPU-bound process
-    assert demo.free_threads(2, 0.6) == 1 and demo.free_threads(2, 0.4) == 2  # rounded
-    assert demo.free_threads(2, 7.5) == 1 and demo.free_threads(16, 3.2) == 13
-    assert demo.free_threads(4, -1.0) == 4  # never above the cores
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert free_threads(2, 0.1) == 2  # quiet 2-core machine
+    assert free_threads(2, 1.0) == 1  # one competing CPU-bound process
+    assert free_threads(2, 0.6) == 1 and free_threads(2, 0.4) == 2  # rounded
+    assert free_threads(2, 7.5) == 1 and free_threads(16, 3.2) == 13
+    assert free_threads(4, -1.0) == 4  # never above the cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (1.3, 0.5, 0.2), raising=False)
-    assert demo.choose_threads(0) == {"threads": 1, "rule": "cores - load average (1 min), rounded, >= 1",
-                                      "cores": 2, "load_1min": 1.3}
-    assert demo.choose_threads(3)["threads"] == 3 and demo.choose_threads(3)["rule"] == "--threads"
+    before = __import__("torch").get_num_threads()
+    try:
+        info, tuner = demo.choose_threads(0)
+        assert info == {"cores": 4, "load_1min": 1.3, "first_guess": 3} and tuner.candidates == [3, 1, 4]
+        info, tuner = demo.choose_threads(2)
+        assert tuner is None and info == {"threads": 2, "rule": "--threads", "cores": 4}
+    finally:
+        __import__("torch").set_num_threads(before)
+
+
+def test_thread_tuner_keeps_the_fastest_and_remeasures():
+    from condiff.train.threads import ThreadTuner
+
+    applied = []
+    tuner = ThreadTuner([2, 1], probe_steps=3, every=5, warmup=2, set_threads=applied.append)
+    cost = {1: 0.1, 2: 0.3}  # a busy machine: 1 thread is faster
+    used = []
+
+    def step():
+        tuner.before_step()
+        used.append(applied[-1])
+        tuner.after_step(cost[applied[-1]])
+
+    for _ in range(2 + 3 + 3):  # warm-up on the first candidate, then 3 steps of 2 and 3 of 1
+        step()
+    assert used == [2, 2, 2, 2, 2, 1, 1, 1]
+    assert tuner.threads == 1 and tuner.probes == [{"step": 8, "sec_per_step": {"2": 0.3, "1": 0.1}, "chose": 1}]
+    cost = {1: 0.2, 2: 0.05}  # the other work ended: 2 threads now win, found at the next probe
+    for _ in range(5 + 6):
+        step()
+    assert used[8:13] == [1] * 5 and used[13:19] == [2, 2, 2, 1, 1, 1]
+    assert tuner.threads == 2 and applied[-1] == 2 and tuner.probes[-1]["chose"] == 2
+    assert tuner.record()["candidates"] == [2, 1] and len(tuner.record()["probes"]) == 2
+    # the first step after each switch is not timed: a slow switch step does not decide
+    tuner = ThreadTuner([1, 2], probe_steps=2, every=5, warmup=0, set_threads=lambda n: None)
+    for seconds in (9.0, 0.1, 9.0, 0.2):
+        tuner.before_step()
+        tuner.after_step(seconds)
+    assert tuner.threads == 1 and tuner.probes[0]["sec_per_step"] == {"1": 0.1, "2": 0.2}
+
+
+def test_thread_tuner_rejects_bad_settings():
+    import pytest
+
+    from condiff.train.threads import ThreadTuner
+
+    with pytest.raises(ValueError, match="candidates must be thread counts >= 1"):
+        ThreadTuner([0, 2])
+    with pytest.raises(ValueError, match="probe_steps >= 2"):
+        ThreadTuner([1], probe_steps=1)

@@ -17,8 +17,9 @@ benchmarks/RESULTS.md "Loss weighting on the shapes demo" for the comparison wit
 former 1/sigma^2-on-epsilon default),
 batch 32 and lr 1e-3 (more updates per second beat bigger batches at this budget), EMA 0.998.
 `--steps` is the knob: the default fits about ten minutes on an unloaded 2-core laptop CPU;
-the demo reports its own s/step so you can scale it. Intra-op threads default to the cores the load
-average leaves free (`choose_threads`; reported in report.json), so other work slows it less.
+the demo reports its own s/step so you can scale it. Intra-op threads are chosen by timing training steps
+at 1, the load-based guess and all cores, re-timed every 300 steps (`condiff.train.threads.ThreadTuner`;
+the history is in report.json `threads_choice`), so other work on the machine slows it less.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from condiff.diffusion.schedule import WEIGHTINGS
+from condiff.train.threads import ThreadTuner, candidate_threads, free_threads, usable_cores
 
 DEFAULT_STEPS = 3000
 PRESET = "demo"
@@ -71,24 +73,19 @@ def demo_overrides(out: Path, args) -> dict:
     }
 
 
-def free_threads(cores: int, load_1min: float) -> int:
-    """Intra-op threads for the cores other work leaves free: cores minus the 1-minute load average,
-    rounded, in [1, cores]. Threads beyond the free cores spin against the other processes: each op then
-    waits for its slowest thread, which is worse than running on fewer threads."""
-    return max(1, min(cores, int(cores - load_1min + 0.5)))
-
-
-def choose_threads(requested: int) -> dict:
-    """The demo's thread count and why: `requested` (> 0, `--threads`) as given, else `free_threads` of this
-    process's usable cores and the load before the demo starts (recorded in report.json)."""
+def choose_threads(requested: int) -> tuple[dict, ThreadTuner | None]:
+    """The demo's thread policy: `requested` (> 0, `--threads`) fixed, else a `ThreadTuner` over
+    1, the load-based guess and all usable cores, first trying the guess."""
     import os
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if requested > 0:
-        return {"threads": requested, "rule": "--threads", "cores": cores}
+        torch.set_num_threads(requested)
+        return {"threads": requested, "rule": "--threads", "cores": cores}, None
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return {"threads": free_threads(cores, load), "rule": "cores - load average (1 min), rounded, >= 1",
-            "cores": cores, "load_1min": round(load, 2)}
+    guess = free_threads(cores, load)
+    candidates = [guess] + [c for c in candidate_threads(cores, load) if c != guess]
+    return {"cores": cores, "load_1min": round(load, 2), "first_guess": guess}, ThreadTuner(candidates)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weighting", default="edm", choices=WEIGHTINGS,
                    help="loss weighting (default edm: App. C's 1/sigma^2 on the denoiser error = epsilon MSE)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads (0, default: the cores left free by other work, from the load average)")
+                   help="torch intra-op threads (0, default: chosen by timing training steps, see ThreadTuner)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete an existing run in --out instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -115,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.batch_size < 1 or args.resolution % 2:
         p.error("--steps and --batch-size must be >= 1 and --resolution even")
     if args.threads < 0:
-        p.error("--threads must be >= 0 (0: chosen from the free cores)")
-    threads = choose_threads(args.threads)  # before the demo's own work raises the load
-    torch.set_num_threads(threads["threads"])
-    print(f"[demo] {threads['threads']} intra-op threads ({threads['rule']}; {threads['cores']} cores"
-          + (f", load {threads['load_1min']})" if "load_1min" in threads else ")"), file=sys.stderr)
+        p.error("--threads must be >= 0 (0: chosen by timing training steps)")
+    threads, tuner = choose_threads(args.threads)  # before the demo's own work raises the load
+    print("[demo] intra-op threads: " + (f"{args.threads} (--threads)" if tuner is None else
+          f"timed among {tuner.candidates} every {tuner.every} steps (load {threads['load_1min']}, "
+          f"{threads['cores']} cores)"), file=sys.stderr)
 
     from condiff.data.make_shards import write_shapes
     from condiff.inference.grid import save_grid
@@ -141,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(data=demo_overrides(out, args))
     trainer = Trainer(cfg)
+    if tuner is not None:
+        trainer.train_step = tuner.wrap(trainer.train_step)
     prompts = list(cfg.log.sample_prompts)
     trainer.text_encoder.precompute(prompts + [""])  # the whole caption vocabulary, encoded once
     t_setup = time.perf_counter() - t0
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "sec_per_step": round(t_train / steps_run, 4) if steps_run else None,
         "img_per_s": round(steps_run * cfg.batch_size / t_train, 1) if steps_run else None,
         "threads": torch.get_num_threads(),
-        "threads_choice": threads,
+        "threads_choice": threads if tuner is None else {**threads, **tuner.record()},
         "weighting": cfg.schedule.weighting,
         "seed": cfg.seed,
         "final_loss": records[-1]["loss"] if records else None,
