@@ -252,7 +252,7 @@ def test_sampling_rules_are_condiff_samples(setup):
 
     inf = Pipeline.from_checkpoint(setup / "run")
     gen = Generator(inf, SamplingSpec(resolution=32, guidance=1.5, steps=4))
-    assert gen.resolution == 32 and gen.resolved.latent_size == 32 and gen.guidance == pytest.approx(2.0)
+    assert gen.resolution == 32 and gen.resolved.latent_hw == (32, 32) and gen.guidance == pytest.approx(2.0)
     assert gen.size_cond.mode == "train-dist" and len(gen.timesteps) == 4
     assert Generator(inf, SamplingSpec(resolution=32, guidance=1.5, guidance_law=False)).guidance == 1.5
     fixed = Generator(inf, SamplingSpec(size_cond="fixed:40x48"))

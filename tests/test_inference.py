@@ -56,6 +56,33 @@ def test_guidance_is_lambda_at_the_base_resolution():
     assert resolve(pipe, SamplingSpec(guidance=1.5, resolution=256)).guidance == 1.5
 
 
+def test_non_square_size_resolves_shape_aspect_and_pixel_count_guidance():
+    pipe = _pipe(256)  # base 256 px, latent factor 8, patch 2: sides are multiples of 16 px
+    r = resolve(pipe, SamplingSpec(guidance=1.5, size=(256, 512)))
+    assert r.size == (256, 512) and r.latent_hw == (32, 64) and r.aspect == 2.0
+    assert r.guidance_scale_s == pytest.approx(2 ** 0.5) and r.guidance == pytest.approx(1 + 2 ** 0.5 * 0.5)
+    assert r.resolution == pytest.approx(2 ** 0.5 * 256)  # the pixel-count side
+    assert resolve(pipe, SamplingSpec(guidance=1.5, size=(512, 256))).guidance == r.guidance  # transposed
+    assert resolve(pipe, SamplingSpec(guidance=1.5, size=(512, 512))).guidance == 2.0  # square: Eq. 4 as before
+    rec = r.to_record()
+    assert rec["size"] == [256, 512] and rec["latent_hw"] == [32, 64] and json.loads(json.dumps(rec)) == rec
+    for bad, msg in (((256, 264), "--size 264: the latent side 33"), ((256, 4), "--size 4: must be a positive")):
+        with pytest.raises(ValueError, match=msg):
+            resolve(pipe, SamplingSpec(size=bad))
+    args = parse_args(["run", "--preset", "fid-256", "--ref-train", "x", "--size", "256", "384"])
+    assert spec_of(args).size == (256, 384)
+
+
+def test_generator_noise_and_control_follow_the_requested_shape():
+    pipe = Pipeline.from_zoo("dit-tiny", seed=0)  # 32 px, pixel space
+    gen = Generator(pipe, SamplingSpec(steps=1, size=(16, 48), batch_size=2))
+    assert gen.noise(0).shape == (3, 16, 48)
+    cond = gen.cond([0, 1])
+    assert cond.control_h[:, 4].tolist() == [3.0, 3.0] and cond.control_l.tolist() == [[16.0, 48.0]] * 2
+    images = gen.generate(2)
+    assert images.shape == (2, 3, 16, 48)
+
+
 def test_size_cond_syntax():
     assert parse_size_cond("fixed:512").size == (512.0, 512.0)
     assert parse_size_cond("fixed:384x512").size == (384.0, 512.0)

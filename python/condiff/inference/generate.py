@@ -3,7 +3,7 @@ and training previews all sample through `Generator`.
 
 Sample i (0 <= i < n) is a pure function of (pipeline, spec, rows, i), whatever the batch size, the
 number of ranks or which rank draws it (up to float reduction order):
-  * initial noise: N(0, I) of shape (C, h, w) from a CPU `torch.Generator` seeded with `index_seed(seed, i)`
+  * initial noise: N(0, I) of shape (C, h, w) (the latent grid of the output H x W) from a CPU `torch.Generator` seeded with `index_seed(seed, i)`
     (numpy's SeedSequence of (seed, i): the CPU generator keeps only 32 bits of its seed, so `seed * 2^32 + i`
     would ignore the seed);
   * condition: `rows[i % len(rows)]`, a class id or a prompt (eval's class models: rows = every class,
@@ -63,6 +63,7 @@ class Generator:
         self.num_classes = pipeline.num_classes
         self.resolved = r = resolve(pipeline, spec)
         self.resolution, self.train_resolution, self.guidance = r.resolution, r.train_resolution, r.guidance
+        self.size = r.size  # output (H, W) pixels
         self.schedule, self.spacing, self.timesteps, self.size_cond = r.schedule, r.spacing, r.timesteps, r.size_cond
         if self.conditioning == "text":
             if not rows:
@@ -94,7 +95,7 @@ class Generator:
 
     def sizes(self, indices: list[int]) -> Tensor:
         """(B, 2) phi_l of the samples (see the module docstring)."""
-        out_hw = (self.resolution, self.resolution)
+        out_hw = self.size
         sc = self.size_cond
         if sc.mode in ("train-dist", "uniform"):
             rows = []
@@ -107,14 +108,14 @@ class Generator:
         return inference_control(len(indices), out_hw, size=sc.size)[1]
 
     def noise_from(self, g: torch.Generator) -> Tensor:
-        h = self.resolved.latent_size
-        return torch.randn(self.resolved.channels, h, h, generator=g)
+        h, w = self.resolved.latent_hw
+        return torch.randn(self.resolved.channels, h, w, generator=g)  # (C, h, w)
 
     def cond(self, indices: list[int], sizes: Tensor | None = None) -> Cond:
         cond = self.pipe.semantic_cond([self.rows[i % len(self.rows)] for i in indices], self.device)
         if self.has_control:  # a model with control "none" ignores it; leaving it out skips the eps(0,s) row
             control_l = self.sizes(indices) if sizes is None else sizes
-            control_h = full_crop_control_h(control_l, (self.resolution, self.resolution))
+            control_h = full_crop_control_h(control_l, self.size)  # aspect_ratio = W / H of the output
             cond = replace(cond, control_h=control_h.to(self.device), control_l=control_l.to(self.device))
         return cond
 
