@@ -116,6 +116,13 @@ def test_save_grid_writes_png_and_record(tmp_path):
     big = save_grid(imgs, tmp_path / "big.png", nrow=4, min_cell=32)
     assert Image.open(big).size == (4 * 32 + 5 * 2, 32 + 2 * 2)  # nearest x4 upscaling
     assert not list(tmp_path.glob(".*tmp*"))
+    from condiff.inference.grid import pad_to_common
+
+    wide, tall = torch.ones(3, 4, 8), -torch.ones(1, 3, 8, 2)  # mixed aspects: centred on grey (0)
+    both = pad_to_common([wide, tall])
+    assert both.shape == (2, 3, 8, 8)
+    assert torch.equal(both[0, :, 2:6], wide) and both[0, :, :2].abs().sum() == 0 and both[0, :, 6:].abs().sum() == 0
+    assert torch.equal(both[1, :, :, 3:5], tall[0]) and both[1, :, :, :3].abs().sum() == 0
 
 
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*512/*.yaml")))

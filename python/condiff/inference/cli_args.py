@@ -72,5 +72,6 @@ def spec_of(args: argparse.Namespace) -> SamplingSpec:
                         guidance=args.guidance, guidance_resolution=args.guidance_resolution,
                         guidance_law=not args.no_guidance_law, control_guidance=args.control_guidance,
                         size_cond=size_cond, resolution=args.resolution,
-                        size=tuple(args.size) if args.size else None, rescale_schedule=args.rescale_schedule,
+                        size=tuple(args.size) if args.size else None, aspects=getattr(args, "aspects", None),
+                        rescale_schedule=args.rescale_schedule,
                         batch_size=args.batch_size, precision=args.precision)

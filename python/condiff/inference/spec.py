@@ -11,6 +11,8 @@ actually used; every record (grid JSON, eval manifest) writes it.
 Output shape: `size` (H, W) pixels (any positive multiple of the autoencoder factor x the model's patch,
 or of the UNet's downsample factor) or `resolution` (square); neither: the training resolution.
 `Resolved.resolution` is the side of the square with the output's pixel count (Eq. 3 and Eq. 4 read it).
+Mixed aspects (`aspects`, eval presets): sample i is drawn at aspects[i % k] (W / H) with the output's pixel
+count, each shape resolved on its own (`resolve_shapes`: its lambda by Eq. 4, its size bucket).
 
 Size conditioning phi_l (Table 2b), one syntax for every command and config (`parse_size_cond`):
   auto            train-dist when the checkpoint stores training sizes, else output (the default)
@@ -23,7 +25,7 @@ Size conditioning phi_l (Table 2b), one syntax for every command and config (`pa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -54,6 +56,7 @@ class SamplingSpec:
     size_cond: str = "auto"  # SIZE_COND_SYNTAX
     resolution: int | None = None  # output pixels (square); None: the training resolution
     size: tuple[int, int] | None = None  # output (H, W) pixels, any aspect; exclusive with resolution
+    aspects: tuple[float, ...] | None = None  # mixed aspects: sample i at aspects[i % k] (W / H), `resolve_shapes`
     rescale_schedule: bool = False  # Eq. 3 for the sampling resolution (zero-shot resolution change)
     batch_size: int = 16
     precision: str = "fp32"  # fp32 | bf16 (autocast of the model forward)
@@ -175,6 +178,29 @@ def resolve(pipeline, spec: SamplingSpec) -> Resolved:
                     size_cond=size_cond, size_distribution=drawn, size_bucket=bucket)
 
 
+def resolve_shapes(pipeline, spec: SamplingSpec) -> list[Resolved]:
+    """One `Resolved` per output shape: [resolve(spec)], or with `spec.aspects` one per aspect a = W / H, of
+    about the same pixel count as the output (H, W) = (R / sqrt(a), R sqrt(a)), R = the output's pixel-count
+    side, each side rounded to the nearest positive multiple of the autoencoder factor x patch."""
+    base = resolve(pipeline, spec)
+    if not spec.aspects:
+        return [base]
+    step = base.ae_factor * shape_multiple(pipeline)
+    shapes = []
+    for a in spec.aspects:
+        if not (isinstance(a, (int, float)) and 0 < a < float("inf")):
+            raise ValueError(f"--aspects: each aspect (width / height) must be a positive number, got {a!r}")
+        h = max(step, step * round(base.resolution / a ** 0.5 / step))
+        w = max(step, step * round(base.resolution * a ** 0.5 / step))
+        shapes.append(resolve(pipeline, replace(spec, size=(h, w), resolution=None, aspects=None)))
+    return shapes
+
+
+def shape_multiple(pipeline) -> int:
+    """What a latent side must be a multiple of: the model's patch size (the UNet: its downsample factor)."""
+    return int(getattr(pipeline.model, "downsample_factor", None) or pipeline.model.config.get("patch_size", 1))
+
+
 def output_size(pipeline, spec: SamplingSpec, train_res: int) -> tuple[int, int]:
     """The output (H, W) in pixels from `spec.size` / `spec.resolution` (default: train_res square); each side
     a positive multiple of the autoencoder factor whose latent side is a multiple of the model's patch (the
@@ -188,8 +214,7 @@ def output_size(pipeline, spec: SamplingSpec, train_res: int) -> tuple[int, int]
     else:
         flag, H = "--resolution", int(spec.resolution or train_res)
         W = H
-    factor = pipeline.ae_factor
-    patch = int(getattr(pipeline.model, "downsample_factor", None) or pipeline.model.config.get("patch_size", 1))
+    factor, patch = pipeline.ae_factor, shape_multiple(pipeline)
     for side in (H, W):
         if side <= 0 or side % factor:
             raise ValueError(f"{flag} {side}: must be a positive multiple of the autoencoder factor {factor}")
