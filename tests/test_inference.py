@@ -69,8 +69,10 @@ def test_non_square_size_resolves_shape_aspect_and_pixel_count_guidance():
     for bad, msg in (((256, 264), "--size 264: the latent side 33"), ((256, 4), "--size 4: must be a positive")):
         with pytest.raises(ValueError, match=msg):
             resolve(pipe, SamplingSpec(size=bad))
-    args = parse_args(["run", "--preset", "fid-256", "--ref-train", "x", "--size", "256", "384"])
+    args = parse_args(["run", "--preset", "shapes", "--size", "256", "384"])
     assert spec_of(args).size == (256, 384)
+    with pytest.raises(SystemExit):  # FID's references are square centre crops
+        parse_args(["run", "--preset", "fid-256", "--ref-train", "x", "--size", "256", "384"])
 
 
 def test_generator_noise_and_control_follow_the_requested_shape():
