@@ -281,6 +281,10 @@ def test_text_zoo_model_uses_the_empty_prompt_as_null(tmp_path):
     images, r = generate(loaded, cond, null, Settings(steps=1, guidance=3.0, resolution=16), progress=False)
     assert images.shape == (2, 3, 16, 16)
     assert r["guidance"] == 2.0  # Eq. 4 downwards: s = 16 / 32 = 0.5
+    for hw in ((16, 32), (32, 16)):  # the paper's mmDiT at 2:1 and 1:2 (W:H), aspect conditioned
+        gen = Generator(loaded, Settings(steps=1, guidance=3.0, size=hw), cond)
+        assert gen.generate().shape == (2, 3, *hw)
+        assert gen.cond([0, 1]).control_h[:, 4].tolist() == [hw[1] / hw[0]] * 2
 
 
 @pytest.mark.slow
