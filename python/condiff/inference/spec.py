@@ -111,7 +111,7 @@ class Resolved:
     train_resolution: int
     size: tuple[int, int]  # output (H, W) pixels
     aspect: float  # W / H of the output: phi_h's aspect_ratio
-    resolution: float  # sqrt(H W): the side of the square with the output's pixel count (= H when square)
+    resolution: float  # sqrt(H W): the side of the square with the output's pixel count (the int H if square)
     latent_hw: tuple[int, int]  # (h, w) of the sampled latent (or pixel) grid
     guidance_given: float  # the spec's lambda, at guidance_resolution
     guidance_resolution: float
