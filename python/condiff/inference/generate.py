@@ -4,8 +4,8 @@ and training previews all sample through `Generator`.
 Sample i (0 <= i < n) is a pure function of (pipeline, spec, rows, i), whatever the batch size, the
 number of ranks or which rank draws it (up to float reduction order):
   * initial noise: N(0, I) of shape (C, h, w) (the latent grid of the output H x W) from a CPU
-    `torch.Generator` seeded with `index_seed(seed, i)` (numpy's SeedSequence of (seed, i): the CPU generator keeps only 32 bits of its seed, so `seed * 2^32 + i`
-    would ignore the seed);
+    `torch.Generator` seeded with `index_seed(seed, i)` (numpy's SeedSequence of (seed, i): the CPU
+    generator keeps only 32 bits of its seed, so `seed * 2^32 + i` would ignore the seed);
   * condition: `rows[i % len(rows)]`, a class id or a prompt (eval's class models: rows = every class,
     ADM's balanced protocol; `condiff sample`: each requested id / prompt repeated --n-per-cond times);
   * size conditioning phi_l (Table 2b, `condiff.inference.spec`): fixed, the output size, drawn from the
