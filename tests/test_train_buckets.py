@@ -128,7 +128,27 @@ def test_text_mmdit_on_bucketed_latents_resumes_exactly(wide, tmp_path):
     assert sum(len(b["key"]) for b in batches) == 64
     assert all(b["latent"].shape[-2:] == b["bucket"] for b in batches)  # pixel autoencoder: latent = bucket
     assert len({b["bucket"] for b in batches}) >= 2
-    data = [f"data.shards={lat}", "data.crop=mix", "text.encoder={kind: tiny-clip, max_length: 16}",  # precompute's
+    # each stored view is the image's bucket crop: pixels autoencoder, so latent view 0 == BucketCrop's output
+    import numpy as np
+    from safetensors.torch import load as st_load
+
+    from condiff.data import shapes
+    from condiff.data.buckets import BucketCrop
+    from condiff.data.loader import _seed_int, iter_raw_samples
+
+    crop = BucketCrop([(8, 16), (12, 12), (16, 8)], strategy="mix", flip_prob=0.0)
+    source = shapes.get_config("wide", size_range=(12, 20))  # the fixture's shapes
+    for raw in list(iter_raw_samples(sorted(str(p) for p in Path(lat).glob("*.tar")), {}))[:6]:
+        t, meta = st_load(raw["safetensors"]), json.loads(raw["json"])
+        bucket, x, ch, cl, _ = crop(shapes.render(int(raw["__key__"]), source, 0).image,
+                                    np.random.default_rng(_seed_int(0, 0, raw["__key__"])))
+        assert t["latent"].shape == (4, 3, *bucket) and meta["precompute"]["bucket"] == f"{bucket[0]}x{bucket[1]}"
+        torch.testing.assert_close(t["latent"][0], x)
+        torch.testing.assert_close(t["latent"][1], x.flip(-1))  # its mirror
+        assert t["control_h"][:, 4].tolist() == [bucket[1] / bucket[0]] * 4
+    with pytest.raises(ValueError, match=r"data.buckets none \(square\) differ .* hold buckets"):
+        ShardLoader(LoaderConfig(shards=lat, conditioning="text", crop="mix"))
+    data = [f"data.shards={lat}", "data.crop=mix", "text.encoder.dim=64",  # the tiny-clip that precompute used
             "model.kwargs={in_channels: 3, input_size: 8, depth: 2, hidden_size: 32, num_heads: 2, text_dim: 64, pooled_dim: 64}"]
     full = _train(tmp_path, "full", 6, *data)
     _train(tmp_path, "split", 3, *data)

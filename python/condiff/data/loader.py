@@ -268,8 +268,9 @@ PRECOMPUTE_SETTINGS = "precompute.json"
 
 
 def check_latent_views(cfg: LoaderConfig, shards: list[str]) -> dict | None:
-    """For latent shards (a `precompute.json` beside the first shard): refuse a crop strategy or flips that
-    the stored views cannot provide, naming both. Returns the precompute settings, or None for image shards."""
+    """For latent shards (a `precompute.json` beside the first shard): refuse a crop strategy, flips or aspect
+    buckets that the stored views cannot provide, naming both. Returns the precompute settings, or None for
+    image shards."""
     path = os.path.join(os.path.dirname(os.path.abspath(shards[0])), PRECOMPUTE_SETTINGS) if shards else ""
     if not os.path.isfile(path):
         return None
@@ -284,6 +285,12 @@ def check_latent_views(cfg: LoaderConfig, shards: list[str]) -> dict | None:
     if cfg.flip_prob > 0 and not flips:
         raise ValueError(f"flips (data.flip, flip_prob {cfg.flip_prob}) cannot be provided by {where}: re-run "
                          f"`condiff precompute --flip`, or set data.flip=false")
+    stored = settings.get("buckets")
+    if stored != cfg.buckets:
+        have = f"buckets {stored} (--buckets {settings.get('bucket_spec')!r})" if stored else "square latents (no --buckets)"
+        raise ValueError(f"data.buckets {cfg.buckets or 'none (square)'} differ from the latent shards beside {path}, "
+                         f"which hold {have}: train with the buckets they were precomputed with, or re-run "
+                         f"`condiff precompute --buckets ...`")
     return settings
 
 
