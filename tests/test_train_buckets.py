@@ -100,8 +100,8 @@ def test_text_mmdit_on_buckets_resumes_exactly_mid_epoch(wide, tmp_path):
     counts = meta.counters["bucket_images"]
     assert sum(counts.values()) == meta.counters["images_seen"] == 24 and len(counts) >= 2
     assert ck.read_meta(split / "step_00000006").counters["bucket_images"] == counts  # counts survive the resume
-    assert set(meta.bucket_sizes) == set(counts) <= {"8x16", "12x12", "16x8"}
-    for key, sizes in meta.bucket_sizes.items():
+    assert set(meta.train_sizes_by_bucket) == set(counts) <= {"8x16", "12x12", "16x8"}
+    for key, sizes in meta.train_sizes_by_bucket.items():
         assert len(sizes) == counts[key]
         h, w = (int(v) for v in key.split("x"))
         if h != w:  # originals in a non-square bucket lean the bucket's way
@@ -111,8 +111,8 @@ def test_text_mmdit_on_buckets_resumes_exactly_mid_epoch(wide, tmp_path):
     assert all(len(b) == 1 and set(b) <= set(counts) and list(b.values())[0] > 0 for b in per_bucket)  # one bucket a step
     # sampling at an aspect draws the sizes trained at the nearest bucket
     d = meta.to_dict()
-    if "8x16" in meta.bucket_sizes:
-        assert size_distribution_from_meta(d, (64, 200)) == [[float(h), float(w)] for h, w in meta.bucket_sizes["8x16"]]
+    if "8x16" in meta.train_sizes_by_bucket:
+        assert size_distribution_from_meta(d, (64, 200)) == [[float(h), float(w)] for h, w in meta.train_sizes_by_bucket["8x16"]]
     assert size_distribution_from_meta(d) == [[float(h), float(w)] for h, w in meta.train_sizes]
 
 

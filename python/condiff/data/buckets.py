@@ -19,7 +19,7 @@ autoencoder factor: every side must be a multiple of it so the patch grid is who
   "HxW,HxW,..."  an explicit list, e.g. "16x32,32x16"
 
 Keys: a bucket is written "HxW" (e.g. "128x512" = 128 rows, 512 columns) wherever it names a dict key
-(per-bucket counts, throughput, checkpoint meta `bucket_sizes`).
+(per-bucket counts, throughput, checkpoint meta `train_sizes_by_bucket`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ SDXL_BASE = 1024
 
 
 def bucket_key(bucket: tuple[int, int]) -> str:
-    """(H, W) -> "HxW", the key used for per-bucket counts and the checkpoint's `bucket_sizes`."""
+    """(H, W) -> "HxW", the key used for per-bucket counts and the checkpoint's `train_sizes_by_bucket`."""
     return f"{int(bucket[0])}x{int(bucket[1])}"
 
 

@@ -23,24 +23,8 @@ from torch import Tensor
 SIZE_META_KEYS = ("size_distribution", "train_sizes")
 
 
-def size_distribution_from_meta(meta: dict, out_hw: tuple[int, int] | None = None) -> list[list[float]] | None:
-    """The training size distribution stored in checkpoint meta (first key of SIZE_META_KEYS found), or None.
-
-    With `out_hw` (the output (H, W) in pixels) and per-bucket sizes in the meta (`bucket_sizes`:
-    {"HxW": [[h, w], ...]}, written by multi-aspect training), the sizes of the bucket whose aspect W / H is
-    nearest to the output's in log space (ties: the first key in sorted order): Table 2b's D_train, given
-    the output aspect."""
-    buckets = meta.get("bucket_sizes") or {}
-    if out_hw is not None and buckets:
-        target = math.log(out_hw[1] / out_hw[0])
-
-        def distance(key: str) -> float:
-            h, w = (int(v) for v in key.lower().split("x"))
-            return abs(math.log(w / h) - target)
-
-        key = min(sorted(k for k, v in buckets.items() if v), key=distance, default=None)
-        if key is not None:
-            return validate_sizes(buckets[key], f"meta['bucket_sizes'][{key!r}]")
+def size_distribution_from_meta(meta: dict) -> list[list[float]] | None:
+    """The training size distribution stored in checkpoint meta (first key of SIZE_META_KEYS found), or None."""
     for key in SIZE_META_KEYS:
         sizes = meta.get(key)
         if sizes:

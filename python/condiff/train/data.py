@@ -126,7 +126,7 @@ def resolve_train_buckets(cfg: DataConfig, multiple: int) -> list[list[int]] | N
 
 class BucketSizes:
     """Original [h, w] sizes seen in training per bucket ("HxW" -> [[h, w], ...], at most `cap` each):
-    checkpoint meta `bucket_sizes` (see `condiff.io.checkpoint`)."""
+    checkpoint meta `train_sizes_by_bucket` (see `condiff.io.checkpoint`)."""
 
     def __init__(self, sizes: dict | None = None, cap: int = 1024):
         self.cap = cap

@@ -209,7 +209,7 @@ class Trainer:
         if meta is not None and meta.data_position:
             self.data.load_state_dict(meta.data_position)
         self.train_sizes: list[list[int]] = list(meta.train_sizes) if meta else []
-        self.bucket_sizes = BucketSizes(meta.bucket_sizes if meta else None)
+        self.train_sizes_by_bucket = BucketSizes(meta.train_sizes_by_bucket if meta else None)
         # images per bucket ("HxW"): all ranks up to the resumed checkpoint, this rank since then / since the last log
         self.bucket_images_resumed = Counter(meta.counters.get("bucket_images", {}) if meta else {})
         self.rank_buckets: Counter = Counter()
@@ -355,7 +355,7 @@ class Trainer:
                 model=self.model_config, schedule=self.schedule.to_dict(),
                 text_encoder=getattr(self.text_encoder, "config", None), autoencoder=self.autoencoder.config,
                 base_size=getattr(self.model, "base_size", None), train_sizes=ckpt.cap_sizes(self.train_sizes),
-                bucket_sizes=self.bucket_sizes.sizes,
+                train_sizes_by_bucket=self.train_sizes_by_bucket.sizes,
                 data_position=positions, world_size=self.info.world_size, config=self.cfg.to_dict(),
                 transfer=self.transfer_info,
                 counters={"nonfinite_total": self.nonfinite_total, "images_seen": self.images_seen,
@@ -383,7 +383,7 @@ class Trainer:
             self.window_buckets[bucket_key(batch["bucket"])] += x0.shape[0]
             self.rank_buckets[bucket_key(batch["bucket"])] += x0.shape[0]
             if "control_l" in batch:
-                self.bucket_sizes.add(batch["bucket"], batch["control_l"])
+                self.train_sizes_by_bucket.add(batch["bucket"], batch["control_l"])
         with torch.no_grad():
             cond = build_cond(batch, self.text_encoder, device=self.device)
         if self.cfg.model.conditioning == "class":
