@@ -53,10 +53,12 @@ def _mae_1d(dim, pos):
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def _mae_2d(dim, grid_size):
+def _mae_2d(dim, grid_size, grid_w_size=None):
+    """MAE's `get_2d_sincos_pos_embed` (DiT's table); grid_w_size: the same function on a (h, w) arange grid."""
+    grid_w_size = grid_w_size or grid_size
     grid_h = np.arange(grid_size, dtype=np.float32)
-    grid_w = np.arange(grid_size, dtype=np.float32)
-    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)  # w goes first
+    grid_w = np.arange(grid_w_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_w_size)  # w goes first
     return np.concatenate([_mae_1d(dim // 2, grid[0]), _mae_1d(dim // 2, grid[1])], axis=1)
 
 
@@ -156,12 +158,16 @@ class RefDiT(nn.Module):
         self.final_layer = _RefFinal(d, p, self.out_c)
 
     def forward(self, x, t, y):
-        x = self.x_embedder(x) + self.pos_embed
+        """DiT's forward; a non-square x (DiT itself is square-only: a fixed table, h = w = sqrt(N)) takes MAE's
+        table on its (h, w) arange grid and unpatchifies to (h, w): the natural extension a converted model
+        (pos_grid "arange") must reproduce."""
+        h, w = x.shape[-2] // self.p, x.shape[-1] // self.p
+        pos = self.pos_embed if h == w else torch.from_numpy(_mae_2d(self.pos_embed.shape[-1], h, w)).float()[None]
+        x = self.x_embedder(x) + pos
         c = self.t_embedder(t) + self.y_embedder.embedding_table(y)
         for block in self.blocks:
             x = block(x, c)
         x = self.final_layer(x, c)
-        h = w = int(x.shape[1] ** 0.5)
         x = x.reshape(x.shape[0], h, w, self.p, self.p, self.out_c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], self.out_c, h * self.p, w * self.p)
 
@@ -184,6 +190,9 @@ def test_facebook_dit_state_dict_loads_and_matches(tmp_path):
     assert ours.config["pos_grid"] == "arange" and ours.config["num_classes"] == 10
     assert ours.final_layer.linear.out_features == 2 * 2 * 4  # only the epsilon half is kept
     torch.testing.assert_close(ours(x, t, Cond(labels=y)), expected[:, :4], **TOL)
+    for hw in ((8, 16), (16, 8)):  # non-square: MAE's table on the (h, w) arange grid, both orientations
+        xn = torch.randn(3, 4, *hw)
+        torch.testing.assert_close(ours(xn, t, Cond(labels=y)), ref(xn, t, y)[:, :4], **TOL)
     # keep_sigma: same eps; the full 8-channel head is kept
     full = interop.load_facebook_dit(ref.state_dict(), keep_sigma=True, num_heads=4)
     assert full.config["learn_sigma"] and full.final_layer.linear.out_features == 2 * 2 * 8
@@ -254,6 +263,32 @@ def _diffusers_dit(out_channels=8, norm_eps=1e-6):
     return m.eval()
 
 
+class _Captured(Exception):
+    pass
+
+
+def _diffusers_dit_tokens_out(theirs, x, t, y):
+    """diffusers DiT on a non-square x: their whole network up to `proj_out_2` (their unpatchify assumes
+    h = w = sqrt(N)), then their unpatchify's reshape with the actual (h, w)."""
+    got = {}
+
+    def grab(module, args, out):
+        got["tokens"] = out
+        raise _Captured
+
+    handle = theirs.proj_out_2.register_forward_hook(grab)
+    try:
+        theirs(x, timestep=t, class_labels=y)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    p, c = theirs.config.patch_size, theirs.out_channels
+    h, w = x.shape[-2] // p, x.shape[-1] // p
+    tokens = got["tokens"].reshape(-1, h, w, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", tokens).reshape(-1, c, h * p, w * p)
+
+
 def test_diffusers_dit_parity_and_round_trip():
     theirs = _diffusers_dit()
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 870.0]), torch.tensor([4, 10])
@@ -262,9 +297,13 @@ def test_diffusers_dit_parity_and_round_trip():
         ours = interop.from_diffusers(theirs)
         assert ours.config["t_freq_shift"] == 1.0 and ours.config["pos_grid"] == "scaled"
         torch.testing.assert_close(ours(x, t, Cond(labels=y)), expected[:, :4], **TOL)
-        x2 = torch.randn(1, 4, 12, 12)  # another size (diffusers DiT is square-only): positions re-gridded alike
+        x2 = torch.randn(1, 4, 12, 12)  # another size: positions re-gridded alike
         torch.testing.assert_close(ours(x2, t[:1], Cond(labels=y[:1])),
                                    theirs(x2, timestep=t[:1], class_labels=y[:1]).sample[:, :4], **TOL)
+        for hw in ((8, 12), (12, 8), (4, 16)):  # non-square: their PatchEmbed re-grids (h, w), blocks run as is
+            xn = torch.randn(2, 4, *hw)
+            torch.testing.assert_close(ours(xn, t, Cond(labels=y)), _diffusers_dit_tokens_out(theirs, xn, t, y)[:, :4],
+                                       **TOL)
         back = interop.to_diffusers(ours)  # 4 output channels (the sigma half was dropped)
         torch.testing.assert_close(back(x, timestep=t, class_labels=y).sample, expected[:, :4], **TOL)
         again = interop.from_diffusers(back)
@@ -310,15 +349,12 @@ def test_diffusers_pixart_parity_and_round_trip(interpolation_scale):
         back = interop.to_diffusers(ours)
         torch.testing.assert_close(back(x, encoder_hidden_states=text, timestep=t, **kw).sample, expected[:, :4],
                                    **TOL)
-        # other resolutions, square and not: both re-grid their sin-cos positions the same way
-        x2 = torch.randn(1, 4, 8, 12)
-        torch.testing.assert_close(ours(x2, t[:1], Cond(text=text[:1])),
-                                   theirs(x2, encoder_hidden_states=text[:1], timestep=t[:1], **kw).sample[:, :4],
-                                   **TOL)
-        x2 = torch.randn(1, 4, 12, 12)
-        torch.testing.assert_close(ours(x2, t[:1], Cond(text=text[:1])),
-                                   theirs(x2, encoder_hidden_states=text[:1], timestep=t[:1], **kw).sample[:, :4],
-                                   **TOL)
+        # other resolutions, square and not (both orientations): both re-grid their sin-cos positions alike
+        for hw in ((8, 12), (12, 8), (4, 16), (12, 12)):
+            x2 = torch.randn(1, 4, *hw)
+            torch.testing.assert_close(ours(x2, t[:1], Cond(text=text[:1])),
+                                       theirs(x2, encoder_hidden_states=text[:1], timestep=t[:1], **kw).sample[:, :4],
+                                       **TOL)
     _assert_same_state(interop.from_diffusers(back).state_dict(), ours.state_dict())
 
 
@@ -337,11 +373,12 @@ def test_diffusers_sd3_parity_and_round_trip(qk_norm):
         ours = interop.from_diffusers(theirs)
         assert ours.config["context_stream"] == "full" and ours.config["pos_grid"] == "sd3"
         torch.testing.assert_close(ours(x, t, Cond(text=text, pooled=pooled)), expected, **TOL)
-        # a non-square latent: SD3 crops its position table around the centre, per axis
-        x2 = torch.randn(1, 4, 12, 16)
-        want = theirs(hidden_states=x2, encoder_hidden_states=text[:1], pooled_projections=pooled[:1],
-                      timestep=t[:1]).sample
-        torch.testing.assert_close(ours(x2, t[:1], Cond(text=text[:1], pooled=pooled[:1])), want, **TOL)
+        # non-square latents: SD3 crops its position table around the centre, per axis
+        for hw in ((12, 16), (16, 12), (8, 24)):
+            x2 = torch.randn(1, 4, *hw)
+            want = theirs(hidden_states=x2, encoder_hidden_states=text[:1], pooled_projections=pooled[:1],
+                          timestep=t[:1]).sample
+            torch.testing.assert_close(ours(x2, t[:1], Cond(text=text[:1], pooled=pooled[:1])), want, **TOL)
         back = interop.to_diffusers(ours)
         torch.testing.assert_close(back(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
                                         timestep=t).sample, expected, **TOL)
@@ -410,6 +447,10 @@ def test_unet_matches_diffusers_unet2dcondition_both_ways():
         assert list(theirs.config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
         want = theirs(x, t, encoder_hidden_states=text, class_labels=pooled).sample
         torch.testing.assert_close(ours(x, t, Cond(text=text, pooled=pooled)), want, **TOL)
+        for hw in ((16, 32), (32, 16)):  # non-square latents (sides multiples of the downsample factor 4)
+            xn = torch.randn(2, 4, *hw)
+            want = theirs(xn, t, encoder_hidden_states=text, class_labels=pooled).sample
+            torch.testing.assert_close(ours(xn, t, Cond(text=text, pooled=pooled)), want, **TOL)
         again = interop.from_diffusers(theirs)
     _assert_same_state(again.state_dict(), ours.state_dict())
     assert again.config == ours.config

@@ -193,6 +193,42 @@ def test_text_model_eval_align(tmp_path):
     assert m.settings["n_prompts"] == 8
 
 
+def test_shapes_aspects_preset_samples_mixed_aspects(setup, tmp_path, capsys):
+    """The `shapes-aspects` preset: sample i at 1:2, 1:1, 2:1 (W:H) in turn, at the trained pixel count (16 px
+    model: 22x12, 16x16, 12x22 (H x W) with patch 2); batches hold one shape, and the grid keeps each sample's shape."""
+    from condiff.eval.__main__ import main, parse_args
+    from condiff.inference.cli_args import spec_of
+    from condiff.inference.generate import Generator
+    from condiff.inference.pipeline import Pipeline
+
+    out = tmp_path / "mixed"
+    assert main(["--checkpoint", str(setup / "run"), "--preset", "shapes-aspects", "--prompts", "shapes:demo",
+                 "--n", "6", "--steps", "2", "--batch-size", "4", "--grid", "6", "--out", str(out)]) == 0
+    m = M.load(out)
+    assert m.metrics["align/n"] == 6 and m.settings["aspects"] == [0.5, 1.0, 2.0]
+    shapes = m.settings["shapes"]
+    assert [s["size"] for s in shapes] == [[22, 12], [16, 16], [12, 22]]
+    assert [s["aspect"] for s in shapes] == [12 / 22, 1.0, 22 / 12]
+    for s in shapes:  # each shape's own Eq. 4 lambda: s = sqrt(H W) / base (16 px)
+        assert s["guidance"] == pytest.approx(1 + (s["size"][0] * s["size"][1]) ** 0.5 / 16 * 2.0)
+    rec = json.loads((out / "grid.png.json").read_text())
+    assert rec["shapes"] == shapes and rec["indices"] == list(range(6))
+    gen = Generator(Pipeline.from_checkpoint(str(setup / "run"), "cpu"),
+                    spec_of(parse_args(["run", "--preset", "shapes-aspects", "--batch-size", "4"])), list(range(8)))
+    batches = gen.shape_batches(n=8)
+    assert batches == [[0, 3, 6], [1, 4, 7], [2, 5]]  # one shape per batch
+    assert [tuple(gen.noise(i).shape) for i in range(3)] == [(3, 22, 12), (3, 16, 16), (3, 12, 22)]
+    assert gen.cond([0, 2]).control_h[:, 4].tolist() == pytest.approx([12 / 22, 22 / 12])
+    idx, images = next(gen.batches(n=8))
+    assert idx == [0, 3, 6] and images.shape == (3, 3, 22, 12)
+    with pytest.raises(SystemExit):
+        parse_args(["run", "--metrics", "fid", "--ref-train", "x", "--aspects", "1:2,2:1"])
+    assert "square centre crops" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["run", "--preset", "shapes-aspects", "--aspects", "1:0"])
+    assert "'1:0' is not a positive W:H" in capsys.readouterr().err
+
+
 def test_prompts_checked_before_sampling(setup, tmp_path, capsys):
     from condiff.eval.__main__ import main
 
@@ -252,7 +288,7 @@ def test_sampling_rules_are_condiff_samples(setup):
 
     inf = Pipeline.from_checkpoint(setup / "run")
     gen = Generator(inf, SamplingSpec(resolution=32, guidance=1.5, steps=4))
-    assert gen.resolution == 32 and gen.resolved.latent_size == 32 and gen.guidance == pytest.approx(2.0)
+    assert gen.resolution == 32 and gen.resolved.latent_hw == (32, 32) and gen.guidance == pytest.approx(2.0)
     assert gen.size_cond.mode == "train-dist" and len(gen.timesteps) == 4
     assert Generator(inf, SamplingSpec(resolution=32, guidance=1.5, guidance_law=False)).guidance == 1.5
     fixed = Generator(inf, SamplingSpec(size_cond="fixed:40x48"))

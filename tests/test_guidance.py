@@ -11,7 +11,14 @@ from condiff.diffusion.guidance import (
     control_guidance_weights,
     guidance_scale_for_resolution,
 )
-from condiff.diffusion.size_cond import draw_sizes, full_crop_control_h, inference_control, size_distribution_from_meta
+from condiff.diffusion.size_cond import (
+    draw_sizes,
+    full_crop_control_h,
+    inference_control,
+    nearest_bucket,
+    size_distribution_from_meta,
+    sizes_for_output,
+)
 
 NUM_CLASSES = 5
 
@@ -139,6 +146,22 @@ def test_guidance_law_eq4():
     assert w == {"cs": 2.75, "0s": -0.75, "00": -1.0} and sum(w.values()) == 1.0
 
 
+def test_guidance_law_pixel_count_scale_for_non_square_outputs():
+    """s of Eq. 4 for H x W = sqrt(H W) / sqrt(H0 W0) (App. D: s^2 observations per low-resolution patch)."""
+    from condiff.diffusion.guidance import resolution_scale
+
+    assert resolution_scale((512, 512), (256, 256)) == 2.0  # square: exactly H / H0
+    assert resolution_scale((384, 384), (256, 256)) == 1.5
+    assert resolution_scale((256, 512), (256, 256)) == pytest.approx(2 ** 0.5, rel=1e-15)
+    assert resolution_scale((512, 256), (256, 256)) == resolution_scale((256, 512), (256, 256))  # transposed
+    assert resolution_scale((192, 320), (256, 256)) == pytest.approx((192 * 320) ** 0.5 / 256, rel=1e-15)
+    assert resolution_scale((512, 1024), (256, 256)) == pytest.approx(8 ** 0.5, rel=1e-15)
+    lam = guidance_scale_for_resolution(1.5, resolution_scale((256, 512), (256, 256)))
+    assert lam == pytest.approx(1 + 2 ** 0.5 * 0.5, rel=1e-15)
+    with pytest.raises(ValueError, match="sizes must be > 0"):
+        resolution_scale((0, 256), (256, 256))
+
+
 def test_full_centred_crop_control():
     h = full_crop_control_h(torch.tensor([[480.0, 640.0], [800.0, 600.0], [256.0, 256.0]]), (32, 32))
     expected = torch.tensor([[0, 80, 480, 480, 1, 0], [100, 0, 600, 600, 1, 0], [0, 0, 256, 256, 1, 0]]).float()
@@ -177,6 +200,33 @@ def test_size_conditioning_fixed_drawn_and_default():
         size_distribution_from_meta({"train_sizes": [[1, 2], [3]]})
     with pytest.raises(ValueError, match="expected \\(height, width\\)"):
         inference_control(1, (8, 8), size=(0, 4))
+
+
+def test_per_bucket_size_distribution_draws_from_the_nearest_aspect():
+    """Multi-aspect checkpoints store {"HxW": [[h, w], ...]} (bucket output size -> original sizes); train-dist
+    draws from the bucket whose aspect is nearest the output's; a single list is used at every aspect."""
+    buckets = {"256x256": [[500, 500]], "192x320": [[600, 1000], [300, 500]], "320x192": [[900, 540]],
+               "128x512": [[100, 400]]}
+    assert nearest_bucket(buckets, (16, 16)) == "256x256"
+    assert nearest_bucket(buckets, (32, 64)) == "192x320"  # 2:1 -> log distance to 5:3 < to 4:1
+    assert nearest_bucket(buckets, (64, 32)) == "320x192"
+    assert nearest_bucket(buckets, (32, 96)) == "128x512"  # 3:1: log(3) is nearer log(4) than log(5/3)
+    assert nearest_bucket({"256x128": [[1, 1]], "512x256": [[2, 2]]}, (500, 250)) == "512x256"  # tie: pixel count
+    _, drawn = inference_control(400, (32, 64), size_distribution=buckets, generator=torch.Generator().manual_seed(0))
+    assert {tuple(r) for r in drawn.tolist()} == {(600.0, 1000.0), (300.0, 500.0)}
+    ctrl_h, _ = inference_control(2, (32, 64), size_distribution=buckets, generator=torch.Generator().manual_seed(0))
+    assert ctrl_h[:, 4].tolist() == [2.0, 2.0]  # phi_h's aspect is the output's, W / H
+    assert sizes_for_output([[1, 2]], (32, 64)) == ([[1, 2]], None)
+    # where it is stored: a dict under any SIZE_META_KEYS key wins over a list
+    meta = {"train_sizes": [[64, 64]], "train_sizes_by_bucket": buckets}
+    got = size_distribution_from_meta(meta)
+    assert got["192x320"] == [[600.0, 1000.0], [300.0, 500.0]] and set(got) == set(buckets)
+    assert size_distribution_from_meta({"size_distribution": buckets})["128x512"] == [[100.0, 400.0]]
+    assert size_distribution_from_meta({"train_sizes": [[64, 64]]}) == [[64.0, 64.0]]
+    with pytest.raises(ValueError, match=r"bucket key '256' must be 'HxW'"):
+        size_distribution_from_meta({"train_sizes": {"256": [[1, 1]]}})
+    with pytest.raises(ValueError, match=r"meta\['train_sizes'\]\['8x8'\]\[0\]: expected \[height, width\]"):
+        size_distribution_from_meta({"train_sizes": {"8x8": [[1]]}})
 
 
 def test_eq2_with_a_real_text_model_and_control():

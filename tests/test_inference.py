@@ -56,6 +56,35 @@ def test_guidance_is_lambda_at_the_base_resolution():
     assert resolve(pipe, SamplingSpec(guidance=1.5, resolution=256)).guidance == 1.5
 
 
+def test_non_square_size_resolves_shape_aspect_and_pixel_count_guidance():
+    pipe = _pipe(256)  # base 256 px, latent factor 8, patch 2: sides are multiples of 16 px
+    r = resolve(pipe, SamplingSpec(guidance=1.5, size=(256, 512)))
+    assert r.size == (256, 512) and r.latent_hw == (32, 64) and r.aspect == 2.0
+    assert r.guidance_scale_s == pytest.approx(2 ** 0.5) and r.guidance == pytest.approx(1 + 2 ** 0.5 * 0.5)
+    assert r.resolution == pytest.approx(2 ** 0.5 * 256)  # the pixel-count side
+    assert resolve(pipe, SamplingSpec(guidance=1.5, size=(512, 256))).guidance == r.guidance  # transposed
+    assert resolve(pipe, SamplingSpec(guidance=1.5, size=(512, 512))).guidance == 2.0  # square: Eq. 4 as before
+    rec = r.to_record()
+    assert rec["size"] == [256, 512] and rec["latent_hw"] == [32, 64] and json.loads(json.dumps(rec)) == rec
+    for bad, msg in (((256, 264), "--size 264: the latent side 33"), ((256, 4), "--size 4: must be a positive")):
+        with pytest.raises(ValueError, match=msg):
+            resolve(pipe, SamplingSpec(size=bad))
+    args = parse_args(["run", "--preset", "shapes", "--size", "256", "384"])
+    assert spec_of(args).size == (256, 384)
+    with pytest.raises(SystemExit):  # FID's references are square centre crops
+        parse_args(["run", "--preset", "fid-256", "--ref-train", "x", "--size", "256", "384"])
+
+
+def test_generator_noise_and_control_follow_the_requested_shape():
+    pipe = Pipeline.from_zoo("dit-tiny", seed=0)  # 32 px, pixel space
+    gen = Generator(pipe, SamplingSpec(steps=1, size=(16, 48), batch_size=2))
+    assert gen.noise(0).shape == (3, 16, 48)
+    cond = gen.cond([0, 1])
+    assert cond.control_h[:, 4].tolist() == [3.0, 3.0] and cond.control_l.tolist() == [[16.0, 48.0]] * 2
+    images = gen.generate(2)
+    assert images.shape == (2, 3, 16, 48)
+
+
 def test_size_cond_syntax():
     assert parse_size_cond("fixed:512").size == (512.0, 512.0)
     assert parse_size_cond("fixed:384x512").size == (384.0, 512.0)
@@ -89,6 +118,13 @@ def test_save_grid_writes_png_and_record(tmp_path):
     big = save_grid(imgs, tmp_path / "big.png", nrow=4, min_cell=32)
     assert Image.open(big).size == (4 * 32 + 5 * 2, 32 + 2 * 2)  # nearest x4 upscaling
     assert not list(tmp_path.glob(".*tmp*"))
+    from condiff.inference.grid import pad_to_common
+
+    wide, tall = torch.ones(3, 4, 8), -torch.ones(1, 3, 8, 2)  # mixed aspects: centred on grey (0)
+    both = pad_to_common([wide, tall])
+    assert both.shape == (2, 3, 8, 8)
+    assert torch.equal(both[0, :, 2:6], wide) and both[0, :, :2].abs().sum() == 0 and both[0, :, 6:].abs().sum() == 0
+    assert torch.equal(both[1, :, :, 3:5], tall[0]) and both[1, :, :, :3].abs().sum() == 0
 
 
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*512/*.yaml")))

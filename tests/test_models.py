@@ -280,3 +280,83 @@ def test_meta_init_then_to_empty_and_initialize_weights(family, conditioning):
             assert 0.5 < (p.std() / ref.std()).item() < 2.0, n
     x, t, cond = model.example_inputs(2)
     assert torch.equal(model(x, t, cond), torch.zeros(2, 4, 8, 8))
+
+
+# --- non-square inputs (H != W) ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,conditioning", CASES)
+def test_non_square_inputs_give_non_square_outputs(family, conditioning):
+    """(B, C, H, W) with H != W, both multiples of the patch, runs every backbone: output (B, C, H, W); a full
+    forward on the wide input equals the per-sample forwards (no cross-talk through a square assumption)."""
+    model = perturb(tiny(family, conditioning)).eval()
+    for hw in ((16, 32), (32, 16)):
+        x, t, cond = model.example_inputs(2, input_size=hw, generator=torch.Generator().manual_seed(0))
+        assert cond.control_h[0, 4] == hw[1] / hw[0]  # aspect = width / height
+        out = model(x, t, cond)
+        assert out.shape == (2, 4, *hw) and torch.isfinite(out).all()
+        torch.testing.assert_close(model(x[1:], t[1:], cond.index(slice(1, 2))), out[1:], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="multiples of the patch size 2"):
+        model(torch.randn(1, 4, 8, 9), t[:1], cond.index(slice(0, 1)))
+
+
+@pytest.mark.parametrize("family,conditioning", [("dit", "class"), ("mdt-v2", "class"), ("pixart-alpha", "text"),
+                                                 ("mmdit-ours", "text")])
+def test_transposed_shape_gets_its_own_positional_grid(family, conditioning):
+    """A model made at one (square) size and run at H x W and at W x H adds the rectified table of that very
+    grid (App. C, one step sqrt(gh gw)-equivalent on both axes), not a square or height-anchored one."""
+    from condiff.models.posemb import rectified_step, sincos_1d
+
+    model = perturb(tiny(family, conditioning)).eval()  # input_size 8, patch 2: base grid 4
+    D = model.cfg.hidden_size
+    for gh, gw in ((4, 8), (8, 4), (2, 8)):
+        x = torch.randn(1, 4, 2 * gh, 2 * gw)
+        tokens, grid = model.embed_input(x)
+        assert grid == (gh, gw)
+        step = 4 / ((gh * gw) ** 0.5 - 1)
+        assert rectified_step(gh, gw, 4) == pytest.approx(step, rel=1e-15)
+        pos = tokens - model.x_embedder(x)[0]  # (1, N, D): what was added
+        for h, w in ((0, 0), (gh - 1, gw - 1), (gh // 2, 1)):
+            want = torch.cat([sincos_1d(D // 2, torch.tensor([w * step])),
+                              sincos_1d(D // 2, torch.tensor([h * step]))], 1).float()[0]
+            torch.testing.assert_close(pos[0, h * gw + w], want, rtol=0, atol=1e-5)
+    wide = model.pos_embed(4, 8, "cpu", torch.float32)[0].view(4, 8, D)
+    tall = model.pos_embed(8, 4, "cpu", torch.float32)[0].view(8, 4, D)
+    swap = torch.cat([wide[..., D // 2:], wide[..., : D // 2]], -1).transpose(0, 1)  # w <-> h features
+    torch.testing.assert_close(tall, swap, rtol=0, atol=0)
+    square = model.pos_embed(4, 4, "cpu", torch.float32)[0].view(4, 4, D)
+    assert not torch.allclose(wide[:, :4], square) and not torch.allclose(tall[:4], square)
+
+
+def test_mdt_non_square_masked_pass_and_relative_bias():
+    """mDT on a non-square grid: the masked pass runs and is reproducible; the relative-position bias of a
+    gh x gw grid reads the base table at offset (dh, dw) * (W - 1) / (sqrt(gh gw) - 1), bilinearly."""
+    from condiff.models.mdt import RelativePositionBias
+
+    model = perturb(tiny("mdt-v2", "class")).train()
+    x, t, cond = model.example_inputs(2, input_size=(8, 16))
+    a = model(x, t, cond, mask_ratio=0.5, generator=torch.Generator().manual_seed(3))
+    b = model(x, t, cond, mask_ratio=0.5, generator=torch.Generator().manual_seed(3))
+    assert a.shape == (2, 4, 8, 16) and torch.equal(a, b)
+    assert not torch.allclose(a, model(x, t, cond))
+
+    bias = RelativePositionBias((4, 4), num_heads=2)
+    base = bias.relative_position_bias_table[:-3].detach().view(7, 7, 2)
+
+    def bilerp(y, x):  # the base table at a fractional offset (y, x) in [-3, 3]
+        y, x = y + 3, x + 3
+        y0, x0 = min(int(y), 5), min(int(x), 5)
+        fy, fx = y - y0, x - x0
+        return ((1 - fy) * (1 - fx) * base[y0, x0] + (1 - fy) * fx * base[y0, x0 + 1]
+                + fy * (1 - fx) * base[y0 + 1, x0] + fy * fx * base[y0 + 1, x0 + 1])
+
+    for gh, gw in ((4, 8), (8, 4)):
+        scale = 3 / ((gh * gw) ** 0.5 - 1)
+        table = bias.table(gh, gw).detach().view(2 * gh - 1, 2 * gw - 1, 2)
+        for dh, dw in ((0, 0), (1, -2), (-(gh - 1), gw - 1), (gh - 2, 0)):
+            want = bilerp(max(-3, min(3, dh * scale)), max(-3, min(3, dw * scale)))
+            torch.testing.assert_close(table[dh + gh - 1, dw + gw - 1], want, rtol=0, atol=1e-6)
+    # a grid with the base token count (2 x 8): the base table, w offsets past the window take its edge
+    assert bias.table(2, 8) is bias.relative_position_bias_table
+    idx = bias.index(2, 8, "cpu")  # (16, 16)
+    assert idx[0, 7].item() == 3 * 7 + (0 - 3 + 3)  # dh 0, dw -7 -> clamped to -3
+    assert idx[7, 0].item() == 3 * 7 + (3 + 3)  # dw +7 -> +3

@@ -137,6 +137,48 @@ def test_guidance_law_and_fixed_size_at_another_resolution(tmp_path, checkpoint)
     assert resolve(loaded, Settings(resolution=32))["schedule"] == loaded.schedule
 
 
+@pytest.mark.parametrize("hw", [(16, 32), (32, 16)])
+def test_size_samples_any_aspect_and_records_its_conditioning(tmp_path, checkpoint, hw):
+    """--size H W: H x W images from a model trained at 16 x 16; phi_h's aspect = W / H and the size
+    conditions go to grid.png.json; lambda follows Eq. 4 with the pixel-count s = sqrt(H W) / base."""
+    h, w = hw
+    rc, out = run(tmp_path, "grid.png", "--checkpoint", str(checkpoint), "--class-ids", "2", "5", "--size", str(h),
+                  str(w), "--guidance", "1.5", "--raw-grid", "--nrow", "2")
+    assert rc == 0
+    assert pixels(out).shape == (h + 4, 2 * w + 6, 3)  # 1 row of 2 H x W images, 2 px padding
+    rec = json.loads(out.with_name("grid.png.json").read_text())
+    assert rec["size"] == [h, w] and rec["aspect"] == w / h and rec["latent_hw"] == [h, w]
+    assert [row[4] for row in rec["control_h"]] == [w / h] * 2  # aspect_ratio conditioning
+    assert rec["size_cond"] == "train-dist" and rec["size_bucket"] is None  # one stored list: drawn from it
+    for (top, left, ch, cw, aspect, flip), (oh, ow) in zip(rec["control_h"], rec["control_l"]):
+        assert [oh, ow] in [[40.0, 60.0], [100.0, 80.0], [64.0, 64.0]]
+        assert cw / ch == pytest.approx(w / h) and (ch == oh or cw == ow) and flip == 0.0  # full centred crop
+    s = (h * w) ** 0.5 / 8  # the stored Eq. 3 base is 8 px
+    assert rec["guidance_scale_s"] == pytest.approx(s) and rec["guidance"] == pytest.approx(1 + s * 0.5)
+    rc, sq = run(tmp_path, "sq.png", "--checkpoint", str(checkpoint), "--class-ids", "2", "5", "--raw-grid",
+                 "--guidance", "1.5", "--nrow", "2")
+    assert json.loads(sq.with_name("sq.png.json").read_text())["size"] == [16, 16]  # default: the trained size
+
+
+def test_size_draws_from_the_nearest_aspect_bucket(tmp_path, checkpoint):
+    """A per-bucket training size distribution ({"HxW": [[h, w], ...]}): train-dist draws from the bucket
+    whose aspect is nearest the requested output's."""
+    from condiff.io.checkpoint import read_meta, resolve_checkpoint, save_checkpoint
+
+    src = read_meta(resolve_checkpoint(str(checkpoint))).to_dict()
+    model = load_checkpoint(str(checkpoint), "cpu").model
+    buckets = {"16x16": [[64, 64]], "12x20": [[300, 500], [60, 100]], "20x12": [[500, 300]]}
+    meta = {k: src[k] for k in ("model", "schedule", "text_encoder", "autoencoder", "base_size")}
+    save_checkpoint(tmp_path / "run", 10, model_state=model.state_dict(), ema_state=model.state_dict(),
+                    meta={**meta, "train_sizes_by_bucket": buckets})
+    for hw, bucket in (((16, 32), "12x20"), ((32, 16), "20x12"), ((16, 16), "16x16")):
+        rc, out = run(tmp_path, "b.png", str(tmp_path / "run"), "--class-ids", "1", "--n-per-cond", "3",
+                      "--size", *map(str, hw), "--raw-grid")
+        rec = json.loads(out.with_name("b.png.json").read_text())
+        assert rc == 0 and rec["size_bucket"] == bucket and rec["size_cond"] == "train-dist"
+        assert all(row in buckets[bucket] for row in rec["control_l"])
+
+
 def test_generate_depends_on_condition_and_guidance(checkpoint):
     loaded = load_checkpoint(str(checkpoint), "cpu")
     assert isinstance(loaded, Loaded) and loaded.schedule == Schedule(base_resolution=8, resolution=16)
@@ -167,6 +209,9 @@ def test_generate_depends_on_condition_and_guidance(checkpoint):
         (["--class-ids", "1", "--sampler", "heun", "--eta", "1"], "--eta applies to ddim only"),
         (["--prompts-file", "/nonexistent/prompts.txt"], "--prompts-file /nonexistent/prompts.txt: no such file"),
         (["--class-ids", "1", "--orig-size", "1", "2", "3"], "--orig-size takes H or H W"),
+        (["--class-ids", "1", "--size", "16", "21"], "--size 21: the latent side 21 must be a multiple of the patch"),
+        (["--class-ids", "1", "--size", "16", "0"], "--size 0: must be a positive multiple"),
+        (["--class-ids", "1", "--size", "16", "32", "--resolution", "16"], "give one of them"),
     ],
 )
 def test_bad_arguments_give_clear_errors(tmp_path, checkpoint, capsys, args, message):
@@ -213,7 +258,7 @@ def test_latent_checkpoint_decodes_through_its_autoencoder(tmp_path):
     loaded.autoencoder.decode = lambda z: seen.append(z) or decode(z)
     cond, null, _ = semantic_conditions(loaded, [0, 3], None, 1)
     images, r = generate(loaded, cond, null, Settings(steps=1), progress=False)
-    assert r["ae_factor"] == 2 and r["latent_size"] == 8 and r["resolution"] == 16
+    assert r["ae_factor"] == 2 and r["latent_hw"] == (8, 8) and r["resolution"] == 16
     assert seen[0].shape == (2, 4, 8, 8) and images.shape == (2, 3, 16, 16)
     torch.testing.assert_close(images, decode(seen[0]).clamp(-1, 1))
     # a latent checkpoint without an autoencoder (e.g. converted from DiT) takes one on the command line

@@ -42,11 +42,33 @@ def test_higher_resolution_interpolates_inside_the_base_range():
     # the four corners sit at the same positions (0 and BASE) as at the base resolution
     for (i, j), (bi, bj) in {(0, 0): (0, 0), (0, -1): (0, -1), (-1, 0): (-1, 0), (-1, -1): (-1, -1)}.items():
         torch.testing.assert_close(up[i, j], base[bi, bj], rtol=0, atol=1e-6)
-    # a non-square grid keeps one step on both axes: width spans BASE * grid_w / grid_h
-    wide_w = grid_coords(2 * BASE, BASE * 2.0)
-    assert wide_w[-1] == pytest.approx(2 * BASE)
-    emb = sincos_pos_embed_2d(dim, BASE, 2 * BASE, base_size=BASE).view(BASE, 2 * BASE, dim)
-    torch.testing.assert_close(emb[0, -1, : dim // 2], sincos_1d(dim // 2, wide_w[-1:]).float()[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("gh,gw", [(BASE, 2 * BASE), (2 * BASE, BASE), (8, 32), (12, 20)])
+def test_non_square_grids_follow_each_kinds_convention(gh, gw):
+    """rectified: ONE step on both axes, that of the square grid with the same token count (base / (sqrt(gh gw)
+    - 1)); scaled (PixArt / diffusers): each axis spans [0, base) on its own; arange: arange per axis."""
+    dim = 32
+    step = BASE / ((gh * gw) ** 0.5 - 1)
+    for kind, coord_h, coord_w in (
+        ("rectified", lambda h: h * step, lambda w: w * step),
+        ("scaled", lambda h: h * BASE / gh, lambda w: w * BASE / gw),
+        ("arange", float, float),
+    ):
+        emb = sincos_pos_embed_2d(dim, gh, gw, base_size=BASE, kind=kind).view(gh, gw, dim)
+        for h, w in ((0, 0), (gh - 1, gw - 1), (gh // 3, gw // 2 + 1)):
+            want = torch.cat([sincos_1d(dim // 2, torch.tensor([coord_w(w)], dtype=torch.float64)),
+                              sincos_1d(dim // 2, torch.tensor([coord_h(h)], dtype=torch.float64))], 1).float()[0]
+            torch.testing.assert_close(emb[h, w], want, rtol=0, atol=1e-6, msg=f"{kind} at ({h}, {w})")
+    # the transposed grid is the transposed table (w and h feature halves swapped); square stays linspace
+    emb = sincos_pos_embed_2d(dim, gh, gw, base_size=BASE).view(gh, gw, dim)
+    tr = sincos_pos_embed_2d(dim, gw, gh, base_size=BASE).view(gw, gh, dim)
+    torch.testing.assert_close(tr, torch.cat([emb[..., dim // 2:], emb[..., : dim // 2]], -1).transpose(0, 1),
+                               rtol=0, atol=0)
+    sq = torch.linspace(0, BASE, gh, dtype=torch.float64)
+    assert torch.equal(sincos_pos_embed_2d(dim, gh, gh, base_size=BASE),
+                       torch.cat([sincos_1d(dim // 2, sq.repeat(gh)), sincos_1d(dim // 2, sq.repeat_interleave(gh))],
+                                 1).float())
 
 
 def test_eq3_schedule_travels_with_the_checkpoint_dict():

@@ -43,8 +43,15 @@ def test_shapes_and_zero_init_predicts_zero(conditioning):
     _randomize_zero_params(model)
     out = model(x, t, cond)
     assert out.abs().min() > 0 and torch.isfinite(out).all()
-    # non-square latents work (all levels see even sizes)
-    assert model(torch.randn(3, 4, 8, 12), t, cond).shape == (3, 4, 8, 12)
+    # non-square latents work (all levels see even sizes); a row's output does not depend on the batch's shape
+    for hw in ((8, 12), (16, 32), (32, 16)):
+        xn = torch.randn(3, 4, *hw)
+        out = model(xn, t, cond)
+        assert out.shape == (3, 4, *hw) and torch.isfinite(out).all()
+        torch.testing.assert_close(model(xn[:1], t[:1], cond.index(slice(0, 1))), out[:1], rtol=1e-4, atol=1e-5)
+    f = model.downsample_factor
+    with pytest.raises(ValueError, match=f"H, W divisible by {f}"):
+        model(torch.randn(1, 4, 4 * f, 4 * f + f // 2), t[:1], cond.index(slice(0, 1)))
 
 
 def test_every_block_starts_as_identity():

@@ -3,6 +3,7 @@
     condiff sample runs/imagenet256 --class-ids 207 360 387 --n-per-cond 4 --guidance 1.5
     condiff sample runs/cc12m --prompts "a corgi on a beach" --resolution 512 --size-cond uniform:512-1024
     condiff sample --model dit-tiny --class-ids 1 2 3            # random weights, pixel space, 32 px
+    condiff sample runs/shapes --prompts "a red circle" --size 32 64   # 2:1 (H 32, W 64): aspect 2 conditioned
 
 What it does (every choice is written next to the PNG in `<out>.json`, the lambda actually used included):
   1. model: `Pipeline.from_checkpoint(RUN)` (EMA weights unless --raw-weights; the checkpoint's schedule,
@@ -11,7 +12,11 @@ What it does (every choice is written next to the PNG in `<out>.json`, the lambd
      condition of guidance is the null class or the encoding of "" (condiff.conditioning.cond).
   3. sampling: `condiff.inference` (the same path as `condiff eval` and training previews): size
      conditioning (--size-cond, Table 2b), guidance Eq. 2 with lambda = --guidance at the model's base
-     resolution (Eq. 4 at other output resolutions) and beta = --control-guidance, the sampler over --steps.
+     resolution (Eq. 4 at other output resolutions; s = sqrt(H W) / base for an --size H W output) and
+     beta = --control-guidance, the sampler over --steps. --size H W samples any aspect (default: the
+     trained size); phi_h's aspect_ratio is W / H and phi_l follows --size-cond for that shape.
+  4. record: `<out>.json` holds the spec, the resolved settings (size [H, W], aspect W / H, the lambda
+     used, the size bucket drawn from), and each sample's control_h / control_l.
 Determinism: sample i's noise and size draw come from a generator seeded with (--seed, i), so the same
 seed and settings give the same PNG whatever --batch-size (bit-exact on the same machine and device).
 """
@@ -102,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         nrow = args.nrow or args.n_per_cond
         row_captions = captions[::nrow] if nrow == args.n_per_cond else None
         layout = {"nrow": nrow, "min_cell": args.cell, "row_captions": row_captions}
-    control_l = gen.sizes(list(range(len(rows)))).tolist() if pipe.has_control else None
-    out = save_grid(images, Path(args.out), **layout,
-                    record={**gen.record(), "captions": captions, "control_l": control_l})
-    print(f"wrote {out} ({len(images)} images, {gen.resolution} px, lambda {gen.guidance:g} used)")
+    cond = gen.cond(list(range(len(rows)))) if pipe.has_control else None
+    control = {f: None if cond is None else getattr(cond, f).tolist() for f in ("control_h", "control_l")}
+    out = save_grid(images, Path(args.out), **layout, record={**gen.record(), "captions": captions, **control})
+    (h, w) = gen.size
+    print(f"wrote {out} ({len(images)} images, {h}x{w} px, lambda {gen.guidance:g} used)")
     return 0
 
 

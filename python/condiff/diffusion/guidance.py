@@ -1,5 +1,8 @@
 """Classifier-free guidance, the paper's disentangled control guidance (Eq. 2) and the guidance law (Eq. 4).
 
+The guidance law's s for a non-square H x W output is the pixel-count scale sqrt(H W) / sqrt(H0 W0)
+(`resolution_scale`, following App. D's derivation).
+
 A guidance wrapper turns a model into a `model_fn(x, t, cond) -> eps` with the samplers' signature.
 Guidance is applied to every output channel (facebookresearch/DiT's sampling script guides only the
 first 3 latent channels by default; we do not reproduce that).
@@ -12,6 +15,7 @@ row (broadcast) or one row per sample; the null CONTROL condition is `control_ke
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -28,7 +32,6 @@ def guidance_weight_arg(text: str) -> float:
     (0 drops the branch's condition, 1 is the plain conditional model; negative weights are not part
     of Eq. 2's use in the paper, and NaN / inf would only write black images)."""
     import argparse
-    import math
 
     try:
         value = float(text)
@@ -40,11 +43,30 @@ def guidance_weight_arg(text: str) -> float:
 
 
 def guidance_scale_for_resolution(lam: float, scale: float) -> float:
-    """Eq. 4 (App. D, Prop. 2): lambda'(s) = 1 + s (lambda - 1), s = new resolution / base resolution.
+    """Eq. 4 (App. D, Prop. 2): lambda'(s) = 1 + s (lambda - 1), s = new resolution / base resolution
+    (`resolution_scale`: the pixel-count scale for non-square outputs).
     E.g. lambda = 1.5 tuned at 256 px -> 2.0 at 512 px (s = 2)."""
     if not scale > 0:
         raise ValueError(f"guidance law: the resolution scale s must be > 0, got {scale!r}")
     return 1.0 + scale * (lam - 1.0)
+
+
+def resolution_scale(out_hw: tuple[float, float], base_hw: tuple[float, float]) -> float:
+    """s of Eq. 4 for an H x W output whose lambda is given at H0 x W0: the pixel-count scale
+    s = sqrt(H W) / sqrt(H0 W0) (= H / H0 for square outputs and base, exactly).
+
+    Why the pixel count: App. D derives Eq. 4 from "after upsampling by a scale factor of s, the same low
+    resolution patch has s^2 observations", so s^2 is the ratio of pixel counts, whatever the aspect. A
+    256 x 512 output of a 256 px model therefore uses s = sqrt(2), not 2 (its longer side) nor 1 (its
+    shorter one), and a transposed output the same s.
+    """
+    h, w = map(float, out_hw)
+    h0, w0 = map(float, base_hw)
+    if not (h > 0 and w > 0 and h0 > 0 and w0 > 0):
+        raise ValueError(f"guidance law: sizes must be > 0, got output {out_hw!r}, base {base_hw!r}")
+    if h == w and h0 == w0:
+        return h / h0
+    return math.sqrt(h * w) / math.sqrt(h0 * w0)
 
 
 def guidance_base_resolution(schedule_config, model_config: dict, ae_factor: int = 1) -> float:

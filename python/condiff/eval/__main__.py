@@ -55,6 +55,9 @@ PRESETS: dict[str, dict] = {
     "lpips": dict(metrics="lpips", lpips_prompts=10_000, sampler="ddim", steps=250, guidance=1.5),
     # offline: the shapes dataset's captions, scored by the analytic detector; lambda 3.0 at the base.
     "shapes": dict(metrics="align", n=512, sampler="ddim", steps=50, guidance=3.0, prompts="shapes"),
+    # the same at mixed aspects: sample i at 1:2, 1:1, 2:1 (W:H) in turn, each at the trained pixel count.
+    "shapes-aspects": dict(metrics="align", n=512, sampler="ddim", steps=50, guidance=3.0, prompts="shapes",
+                           aspects="1:2,1:1,2:1"),
 }
 
 
@@ -73,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file (one prompt per line), JSONL ('caption' or 'text' field), or shapes[:PRESET] "
                         "(the shapes class captions); for class models: class names used as captions")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--aspects", default=None, metavar="A,B,...",
+                   help="mixed aspects: sample i at the i mod k-th aspect, W:H or W/H (e.g. 1:2,1:1,2:1), each "
+                        "at the output's pixel count; align / clip only (FID's references are square crops)")
     f = p.add_argument_group("fid")
     f.add_argument("--ref-train", default=None, help="training shard set (brace/glob): FID_train")
     f.add_argument("--ref-val", default=None, help="validation shard set: FID_val")
@@ -121,7 +127,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--metrics fid needs --ref-train and/or --ref-val (reference shard sets)")
     if "fid" in metrics and args.n < 2:
         parser.error("--metrics fid needs --n >= 2")
+    try:
+        args.aspects = parse_aspects(args.aspects)
+    except ValueError as e:
+        parser.error(str(e))
+    non_square = args.aspects or (args.size and args.size[0] != args.size[1])
+    if non_square and ("fid" in metrics or (args.aspects and "lpips" in metrics)):
+        parser.error("--metrics fid compares with square centre crops of the references (ADM protocol) and lpips "
+                     "sweeps sizes at one shape: evaluate them at a square size, without --aspects "
+                     "(fid also without a non-square --size)")
     return args
+
+
+def parse_aspects(text: str | None) -> tuple[float, ...] | None:
+    """'1:2,1:1,2:1' or '0.5,1,2' (width / height) -> (0.5, 1.0, 2.0); None stays None."""
+    if text is None:
+        return None
+    out = []
+    for item in (t.strip() for t in str(text).split(",")):
+        w, sep, h = item.partition(":")
+        try:
+            value = float(w) / float(h) if sep else float(w)
+        except (ValueError, ZeroDivisionError):
+            value = float("nan")
+        if not 0 < value < float("inf"):
+            raise ValueError(f"--aspects {text!r}: {item!r} is not a positive W:H or W/H (e.g. 1:2,1:1,2:1)")
+        out.append(value)
+    return tuple(out)
 
 
 def load_prompts(spec: str | None) -> list[str] | None:
@@ -270,9 +302,9 @@ def build_metrics(args: argparse.Namespace, gen, prompts: list[str] | None, dist
 
         if not gen.has_control:
             raise ValueError("--metrics lpips measures size conditioning, but this model has no control conditioning")
-        sizes = ([int(s) for s in args.lpips_sizes.split(",")] if args.lpips_sizes
-                 else lpips_size.default_sizes(gen.resolution))
-        sizes = lpips_size.protocol_sizes(sizes, gen.resolution, args.lpips_include_low)
+        res = round(gen.resolution)  # the pixel-count side of a non-square output
+        sizes = ([int(s) for s in args.lpips_sizes.split(",")] if args.lpips_sizes else lpips_size.default_sizes(res))
+        sizes = lpips_size.protocol_sizes(sizes, res, args.lpips_include_low)
         net = lpips_size.lpips_model(args.lpips_net, args.lpips_backbone, args.lpips_random, device=dist.device)
         record = {"lpips_net": args.lpips_net,
                   "lpips_backbone": "random" if args.lpips_random else str(args.lpips_backbone or "default")}
@@ -301,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         # ---- set-up: sampler, metrics, grid ----
         ckpt, inf, gen, prompts = load_generator(args, dist.device)
         out_dir = Path(args.out) if args.out else default_out_dir(ckpt)
-        _log(dist, f"{ckpt} | {gen.conditioning}-conditioned at {gen.resolution} px | world {dist.world} | "
+        shapes = ", ".join(f"{r.size[0]}x{r.size[1]}" for r in gen.shapes)
+        _log(dist, f"{ckpt} | {gen.conditioning}-conditioned at {shapes} px | world {dist.world} | "
                    f"metrics {args.metrics}")
         metrics = build_metrics(args, gen, prompts, dist)
         streams = list(dict.fromkeys(m.stream for m in metrics.values()))  # distinct, in metric order
@@ -315,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         for stream in streams:
             fed = [c for c in consumers if c.stream == stream]
             t_gen, done = time.time(), 0
-            n_batches = -(-len(range(dist.rank, stream.n, dist.world)) // batch_samples(args.batch_size, stream))
+            n_batches = (gen.num_batches(dist.rank, dist.world, stream.n) if stream.sizes is None else
+                         -(-len(range(dist.rank, stream.n, dist.world)) // batch_samples(args.batch_size, stream)))
             for b, (idx, images) in enumerate(generate(gen, stream, dist.rank, dist.world)):
                 for consumer in fed:
                     consumer.update(images, idx)
@@ -364,13 +398,14 @@ def _report(args, argv, world, ckpt, inf, gen, prompts, metrics: dict, values: d
                     guidance_resolution=gen.resolved.guidance_resolution, train_resolution=gen.train_resolution,
                     weights=inf.weights, prompts=args.prompts, n_prompts=len(prompts) if prompts else None,
                     autoencoder=inf.meta.autoencoder, features=None, clip=None, ref_shards={}, ref_n={},
-                    wall_s=round(wall_s, 2))
+                    output_size=list(gen.size), shapes=gen.record().get("shapes"), wall_s=round(wall_s, 2))
     for metric in metrics.values():
         settings.update(metric.settings())
     m = manifest.Manifest(
         checkpoint=str(ckpt), checkpoint_hash=manifest.checkpoint_hash(ckpt), sampler=spec.sampler,
         steps=spec.steps, guidance=gen.guidance, control_guidance=spec.control_guidance,
-        size_cond=str(gen.size_cond), n=args.n if needs_samples else 0, seed=spec.seed, resolution=gen.resolution,
+        size_cond=str(gen.size_cond), n=args.n if needs_samples else 0, seed=spec.seed,
+        resolution=round(gen.resolution),
         metrics=values, reference=metrics["fid"].reference_keys() if "fid" in metrics else {},
         settings=settings, world_size=world, command=" ".join(["condiff eval", *argv]))
     manifest.save(m, out_dir)

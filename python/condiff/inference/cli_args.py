@@ -12,7 +12,8 @@ from condiff.inference.spec import PRECISIONS, SIZE_COND_SYNTAX, SamplingSpec
 GUIDANCE_HELP = ("lambda of Eq. 2 (semantic guidance; 1 = none), given at the model's BASE resolution (the schedule's "
                  "Eq. 3 base, else its positional-grid anchor, else its training resolution; --guidance-resolution "
                  "overrides); at another output resolution Eq. 4 gives the lambda actually used, "
-                 "1 + s (lambda - 1) with s = output / base, which every record writes. Default %(default)s")
+                 "1 + s (lambda - 1) with s = output / base (H x W outputs: sqrt(H W) / base, the pixel-count "
+                 "scale), which every record writes. Default %(default)s")
 
 
 def add_source_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -52,6 +53,9 @@ def add_sampling_args(p: argparse.ArgumentParser, steps: int = SamplingSpec.step
                         "checkpoint stores training sizes, else output")
     g.add_argument("--orig-size", type=float, nargs="+", default=None, help=argparse.SUPPRESS)  # = fixed:HxW
     g.add_argument("--resolution", type=int, default=None, help="output pixels (default: the training resolution)")
+    g.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="output height and width in pixels, any aspect (each a multiple of the autoencoder factor x "
+                        "the patch); the aspect and size conditions follow it; instead of --resolution")
     g.add_argument("--rescale-schedule", action="store_true", help="apply Eq. 3 for the sampling resolution")
     g.add_argument("--batch-size", type=int, default=batch_size)
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="autocast of the model forward")
@@ -67,5 +71,7 @@ def spec_of(args: argparse.Namespace) -> SamplingSpec:
     return SamplingSpec(seed=args.seed, sampler=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta,
                         guidance=args.guidance, guidance_resolution=args.guidance_resolution,
                         guidance_law=not args.no_guidance_law, control_guidance=args.control_guidance,
-                        size_cond=size_cond, resolution=args.resolution, rescale_schedule=args.rescale_schedule,
+                        size_cond=size_cond, resolution=args.resolution,
+                        size=tuple(args.size) if args.size else None, aspects=getattr(args, "aspects", None),
+                        rescale_schedule=args.rescale_schedule,
                         batch_size=args.batch_size, precision=args.precision)

@@ -3,7 +3,7 @@ and training previews all sample through `Generator`.
 
 Sample i (0 <= i < n) is a pure function of (pipeline, spec, rows, i), whatever the batch size, the
 number of ranks or which rank draws it (up to float reduction order):
-  * initial noise: N(0, I) of shape (C, h, w) from a CPU `torch.Generator` seeded with `index_seed(seed, i)`
+  * initial noise: N(0, I) of shape (C, h, w) (the latent grid of the output H x W) from a CPU `torch.Generator` seeded with `index_seed(seed, i)`
     (numpy's SeedSequence of (seed, i): the CPU generator keeps only 32 bits of its seed, so `seed * 2^32 + i`
     would ignore the seed);
   * condition: `rows[i % len(rows)]`, a class id or a prompt (eval's class models: rows = every class,
@@ -14,13 +14,15 @@ number of ranks or which rank draws it (up to float reduction order):
   * deterministic samplers (DDIM with eta = 0, DPM-Solver++(2M), Heun) add no noise; DDIM with eta > 0
     draws its per-step noise from one generator per batch seeded with the batch's first index (so eta > 0
     depends on the batching).
+  * shape: the output H x W (`--size` / `--resolution`), or with mixed aspects (`spec.aspects`, eval) the
+    shape aspects[i % k] (`spec.resolve_shapes`: each with its own Eq. 4 lambda and size bucket); a batch
+    holds one shape.
 Rank r of W takes the indices r, r + W, r + 2W, ...; results carry their indices so gathered lists can
 be put back in global order.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -35,7 +37,7 @@ from condiff.diffusion.guidance import ControlGuidance
 from condiff.diffusion.sampling import get_sampler
 from condiff.diffusion.size_cond import full_crop_control_h, inference_control
 from condiff.inference.pipeline import Pipeline
-from condiff.inference.spec import SamplingSpec, resolve
+from condiff.inference.spec import Resolved, SamplingSpec, resolve_shapes
 
 
 def index_seed(seed: int, i: int, stream: int = 0) -> int:
@@ -61,8 +63,10 @@ class Generator:
         self.model = pipeline.model
         self.conditioning, self.has_control = pipeline.conditioning, pipeline.has_control
         self.num_classes = pipeline.num_classes
-        self.resolved = r = resolve(pipeline, spec)
+        self.shapes = resolve_shapes(pipeline, spec)  # one Resolved per output shape (mixed aspects: several)
+        self.resolved = r = self.shapes[0]
         self.resolution, self.train_resolution, self.guidance = r.resolution, r.train_resolution, r.guidance
+        self.size = r.size  # output (H, W) pixels
         self.schedule, self.spacing, self.timesteps, self.size_cond = r.schedule, r.spacing, r.timesteps, r.size_cond
         if self.conditioning == "text":
             if not rows:
@@ -88,33 +92,37 @@ class Generator:
     def index_generator(self, i: int) -> torch.Generator:
         return torch.Generator().manual_seed(index_seed(self.spec.seed, i))
 
+    def shape(self, i: int) -> Resolved:
+        """The resolved output shape of global sample i (module docstring)."""
+        return self.shapes[i % len(self.shapes)]
+
     def noise(self, i: int) -> Tensor:
         """(C, h, w) initial noise of global sample i."""
-        return self.noise_from(self.index_generator(i))
+        return self.noise_from(self.index_generator(i), self.shape(i))
 
     def sizes(self, indices: list[int]) -> Tensor:
         """(B, 2) phi_l of the samples (see the module docstring)."""
-        out_hw = (self.resolution, self.resolution)
         sc = self.size_cond
         if sc.mode in ("train-dist", "uniform"):
             rows = []
             for i in indices:
-                g = self.index_generator(i)
-                self.noise_from(g)  # the noise comes first
-                rows.append(inference_control(1, out_hw, size_distribution=self.resolved.size_distribution,
+                g, r = self.index_generator(i), self.shape(i)
+                self.noise_from(g, r)  # the noise comes first
+                rows.append(inference_control(1, r.size, size_distribution=r.size_distribution,
                                               size_range=sc.range, generator=g)[1])
             return torch.cat(rows)
-        return inference_control(len(indices), out_hw, size=sc.size)[1]
+        return torch.cat([inference_control(1, self.shape(i).size, size=sc.size)[1] for i in indices])
 
-    def noise_from(self, g: torch.Generator) -> Tensor:
-        h = self.resolved.latent_size
-        return torch.randn(self.resolved.channels, h, h, generator=g)
+    def noise_from(self, g: torch.Generator, r: Resolved) -> Tensor:
+        h, w = r.latent_hw
+        return torch.randn(r.channels, h, w, generator=g)  # (C, h, w)
 
     def cond(self, indices: list[int], sizes: Tensor | None = None) -> Cond:
         cond = self.pipe.semantic_cond([self.rows[i % len(self.rows)] for i in indices], self.device)
         if self.has_control:  # a model with control "none" ignores it; leaving it out skips the eps(0,s) row
             control_l = self.sizes(indices) if sizes is None else sizes
-            control_h = full_crop_control_h(control_l, (self.resolution, self.resolution))
+            control_h = torch.cat([full_crop_control_h(control_l[j:j + 1], self.shape(i).size)  # aspect W / H
+                                   for j, i in enumerate(indices)])
             cond = replace(cond, control_h=control_h.to(self.device), control_l=control_l.to(self.device))
         return cond
 
@@ -122,14 +130,16 @@ class Generator:
     @torch.no_grad()
     def sample(self, noise: Tensor, cond: Cond, first_index: int = 0,
                callback: Callable[[dict], None] | None = None) -> Tensor:
-        """Noise (B, C, h, w) + Cond -> images (B, 3, H, W) float32 in [-1, 1] on the device."""
-        model_fn = ControlGuidance(self.model, self.null_cond, lam=self.guidance, beta=self.spec.control_guidance)
+        """Noise (B, C, h, w) + Cond -> images (B, 3, H, W) float32 in [-1, 1] on the device; the lambda,
+        schedule and timesteps of sample `first_index`'s shape (a batch holds one shape)."""
+        r = self.shape(first_index)
+        model_fn = ControlGuidance(self.model, self.null_cond, lam=r.guidance, beta=self.spec.control_guidance)
         gen = torch.Generator(device=self.device).manual_seed(index_seed(self.spec.seed, first_index, 1))
         options = {"eta": self.spec.eta} if self.spec.sampler == "ddim" else {}
         autocast = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
                     if self.spec.precision == "bf16" else nullcontext())
         with autocast:
-            x0 = self.sampler(model_fn, noise.to(self.device), self.timesteps, cond, schedule=self.schedule,
+            x0 = self.sampler(model_fn, noise.to(self.device), r.timesteps, cond, schedule=r.schedule,
                               generator=gen, callback=callback, **options)
         x0 = x0.float()
         if self.pipe.autoencoder is not None:
@@ -137,25 +147,35 @@ class Generator:
         return x0.float().clamp(-1, 1)
 
     def images(self, indices: list[int], callback: Callable[[dict], None] | None = None) -> Tensor:
+        """Images (B, 3, H, W) of samples of one shape."""
         noise = torch.stack([self.noise(i) for i in indices])
         return self.sample(noise, self.cond(indices), indices[0], callback)
 
+    def shape_batches(self, rank: int = 0, world_size: int = 1, n: int | None = None) -> list[list[int]]:
+        """This rank's share of range(n) (default: one per row) in batches of at most `spec.batch_size`
+        indices of one shape (shape by shape, indices in order within each)."""
+        mine = rank_indices(len(self.rows) if n is None else n, rank, world_size)
+        k, bs = len(self.shapes), self.spec.batch_size
+        groups = [[i for i in mine if i % k == s] for s in range(k)] if k > 1 else [mine]
+        return [g[start:start + bs] for g in groups for start in range(0, len(g), bs)]
+
     def batches(self, rank: int = 0, world_size: int = 1, n: int | None = None,
                 callback: Callable[[dict], None] | None = None) -> Iterator[tuple[list[int], Tensor]]:
-        """Yield (global indices, images) for this rank's share of range(n) (default: one per row),
-        `spec.batch_size` at a time."""
-        mine = rank_indices(len(self.rows) if n is None else n, rank, world_size)
-        bs = self.spec.batch_size
-        for start in range(0, len(mine), bs):
-            idx = mine[start:start + bs]
+        """Yield (global indices, images) for this rank's share of range(n) (`shape_batches`)."""
+        for idx in self.shape_batches(rank, world_size, n):
             yield idx, self.images(idx, callback)
 
     def num_batches(self, rank: int = 0, world_size: int = 1, n: int | None = None) -> int:
-        return math.ceil(len(rank_indices(len(self.rows) if n is None else n, rank, world_size)) / self.spec.batch_size)
+        return len(self.shape_batches(rank, world_size, n))
 
     def generate(self, n: int | None = None, progress: bool = False) -> Tensor:
-        """All n images (default: one per row) in index order, on the CPU."""
+        """All n images (default: one per row) in index order, on the CPU (one output shape: mixed aspects
+        give images of several shapes, read them from `batches`)."""
         from tqdm.auto import tqdm
+
+        if len(self.shapes) > 1:
+            raise ValueError("Generator.generate returns one (N, 3, H, W) tensor: with mixed aspects "
+                             "(spec.aspects) iterate Generator.batches instead")
 
         bar = tqdm(total=self.num_batches(n=n) * len(self.timesteps), desc="sampling", unit="step",
                    disable=not progress, file=sys.stderr)
@@ -166,5 +186,9 @@ class Generator:
     def record(self) -> dict:
         """What shaped the images (JSON-able): source, weights, spec, resolved settings (the lambda
         actually used is `guidance`)."""
-        return {"source": self.pipe.source, "weights": self.pipe.weights, "autoencoder": self.pipe.meta.autoencoder,
-                "spec": self.spec.to_dict(), **self.resolved.to_record()}
+        out = {"source": self.pipe.source, "weights": self.pipe.weights, "autoencoder": self.pipe.meta.autoencoder,
+               "spec": self.spec.to_dict(), **self.resolved.to_record()}
+        if len(self.shapes) > 1:  # mixed aspects: what differs per shape (sample i has shapes[i % k])
+            keys = ("size", "aspect", "latent_hw", "guidance_scale_s", "guidance", "size_bucket")
+            out["shapes"] = [{k: r.to_record()[k] for k in keys} for r in self.shapes]
+        return out

@@ -42,6 +42,19 @@ def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None, 
     return path
 
 
+def pad_to_common(images: list[Tensor]) -> Tensor:
+    """Images (3, H_i, W_i) (or batches (B, 3, H_i, W_i)) of several shapes -> (N, 3, H, W), H and W the
+    largest sides, each image centred on grey (0 in [-1, 1], the grid's padding colour): a grid of mixed
+    aspects keeps every sample's own pixels and shape."""
+    flat = [x.reshape(-1, *x.shape[-3:]) for x in images]  # (B_i, 3, H_i, W_i)
+    H, W = max(x.shape[-2] for x in flat), max(x.shape[-1] for x in flat)
+    out = []
+    for x in flat:
+        dh, dw = H - x.shape[-2], W - x.shape[-1]
+        out.append(torch.nn.functional.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), value=0.0))
+    return torch.cat(out)  # (N, 3, H, W)
+
+
 def _caption_rows(grid, captions: list[str], n_rows: int, cell: int):
     """`grid` (PIL) with a white caption column on its left, caption r centred on row r (rows `cell` px apart)."""
     from PIL import Image, ImageDraw

@@ -201,17 +201,18 @@ class DiffusionModel(nn.Module, ABC):
         states = pad_text(text, lengths, self.cfg.text_padding, beta, generator, backend=self.cfg.ops_backend)
         return states.to(self.param_dtype)  # (B, T, text_dim) in the model's dtype
 
-    def example_inputs(self, batch_size: int = 1, input_size: int | None = None, device=None,
+    def example_inputs(self, batch_size: int = 1, input_size: int | tuple[int, int] | None = None, device=None,
                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Cond]:
-        """Random (x_t, t, cond) of the right shapes for this model (tests, FLOP counting, smoke runs)."""
+        """Random (x_t, t, cond) of the right shapes for this model (tests, FLOP counting, smoke runs).
+        input_size: S (square) or (H, W) latent cells; the control is a full H x W crop of an 8x larger image."""
         cfg, B = self.cfg, batch_size
         device = device or next(self.parameters()).device
-        S = input_size or cfg.input_size
-        x = torch.randn(B, cfg.in_channels, S, S, generator=generator).to(device)
+        H, W = (input_size, input_size) if isinstance(input_size, int) else (input_size or (cfg.input_size,) * 2)
+        x = torch.randn(B, cfg.in_channels, H, W, generator=generator).to(device)
         t = (torch.rand(B, generator=generator) * (cfg.num_timesteps - 1)).to(device)
-        size = float(S * 8)
-        control = dict(control_h=torch.tensor([[0.0, 0.0, size, size, 1.0, 0.0]]).repeat(B, 1).to(device),
-                       control_l=torch.tensor([[size, size]]).repeat(B, 1).to(device))
+        h, w = float(H * 8), float(W * 8)
+        control = dict(control_h=torch.tensor([[0.0, 0.0, h, w, w / h, 0.0]]).repeat(B, 1).to(device),
+                       control_l=torch.tensor([[h, w]]).repeat(B, 1).to(device))
         if cfg.conditioning == "class":
             cond = Cond(labels=torch.randint(0, cfg.num_classes, (B,), generator=generator).to(device), **control)
         else:

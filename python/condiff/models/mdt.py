@@ -44,9 +44,10 @@ class RelativePositionBias(nn.Module):
     was, trained at), so a 256 -> 512 transfer loads it unchanged. On another grid (gh, gw) the table is
     resampled like the absolute sin-cos grid of App. C (`resample=True`, pos_grid "rectified"): positions
     span [0, base] at any resolution, so a token offset d on the gh grid is the offset d (Wh-1)/(gh-1) of the
-    base grid, read from the table by bilinear interpolation (the same scale on both axes: one step size, as
-    `posemb` keeps for non-square grids; offsets past the table's edge take its edge). On the base grid this
-    is the table itself, exactly. `resample=False` (integer grids such as "arange") reads integer offsets and
+    base grid, read from the table by bilinear interpolation. A non-square grid_h x grid_w grid has the
+    step of the square grid with the same token count (`posemb`'s rectified convention): the same scale on
+    both axes, and a wide grid reads w offsets the base window did not have (offsets past the table's edge
+    take its edge, as BEiT clamps). On a grid with the base token count the scale is 1: the table itself. `resample=False` (integer grids such as "arange") reads integer offsets and
     clamps those beyond the base window (MDT's bias at the base grid).
     The 3 extra rows of BEiT's table (cls-token entries) are kept for state-dict compatibility; unused.
     """
@@ -62,15 +63,18 @@ class RelativePositionBias(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def _scale(self, grid_h: int) -> float:
-        """Base-grid offset per token step on a grid of grid_h rows (1 on the base grid or without resampling)."""
-        if not self.resample or grid_h < 2 or grid_h == self.window[0]:
+    def _scale(self, grid_h: int, grid_w: int) -> float:
+        """Base-grid offset per token step on a grid_h x grid_w grid: the ratio of the rectified grid steps
+        (`posemb.rectified_step`) (W - 1) / (sqrt(grid_h grid_w) - 1), one scale for both axes; 1 on a grid
+        with the base token count or without resampling."""
+        g = (grid_h * grid_w) ** 0.5  # exact for square grids
+        if not self.resample or g < 2 or g == self.window[0]:
             return 1.0
-        return (self.window[0] - 1) / (grid_h - 1)
+        return (self.window[0] - 1) / (g - 1)
 
     def index(self, grid_h: int, grid_w: int, device) -> Tensor:
         """(N, N) long index of every (query, key) pair on a grid_h x grid_w grid into `table(grid_h, grid_w)`."""
-        wh, ww = (grid_h, grid_w) if self._scale(grid_h) != 1.0 else self.window
+        wh, ww = (grid_h, grid_w) if self._scale(grid_h, grid_w) != 1.0 else self.window
         hh, ww_ = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device),
                                  indexing="ij")
         coords = torch.stack([hh.flatten(), ww_.flatten()])  # (2, N)
@@ -82,7 +86,7 @@ class RelativePositionBias(nn.Module):
     def table(self, grid_h: int, grid_w: int) -> Tensor:
         """The bias of every offset of a grid_h x grid_w grid: the base table, or its resampling
         ((2 grid_h - 1) (2 grid_w - 1), H) when the grid step differs from the base one."""
-        scale = self._scale(grid_h)
+        scale = self._scale(grid_h, grid_w)
         if scale == 1.0:
             return self.relative_position_bias_table
         wh, ww = self.window

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
 from condiff.eval.metrics.base import IndexedState, Stream
+from condiff.inference.grid import pad_to_common
 
 
 class Grid(IndexedState):
@@ -33,7 +33,8 @@ class Grid(IndexedState):
         return None if self.stream.sizes is None else len(self.stream.sizes)
 
     def images(self) -> Tensor | None:
+        """(N, 3, H, W) or (N K, 3, H, W) in index order; mixed aspects centred on grey at the largest sides."""
         _, shown = self.ordered()
         if not shown:
             return None
-        return torch.cat([img.reshape(-1, *img.shape[-3:]) for img in shown])  # (N, 3, H, W) or (N K, 3, H, W)
+        return pad_to_common(shown)
