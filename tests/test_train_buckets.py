@@ -12,7 +12,6 @@ import torch
 from condiff.cli import main as cli
 from condiff.data.loader import LoaderConfig, ShardLoader
 from condiff.data.make_shards import write_shapes
-from condiff.diffusion.size_cond import size_distribution_from_meta
 from condiff.io import checkpoint as ck
 from condiff.models.zoo import model_config
 from condiff.train.config import load_config
@@ -109,11 +108,23 @@ def test_text_mmdit_on_buckets_resumes_exactly_mid_epoch(wide, tmp_path):
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     per_bucket = [r["bucket_img_per_s"] for r in records]
     assert all(len(b) == 1 and set(b) <= set(counts) and list(b.values())[0] > 0 for b in per_bucket)  # one bucket a step
-    # sampling at an aspect draws the sizes trained at the nearest bucket
-    d = meta.to_dict()
-    if "8x16" in meta.train_sizes_by_bucket:
-        assert size_distribution_from_meta(d, (64, 200)) == [[float(h), float(w)] for h, w in meta.train_sizes_by_bucket["8x16"]]
-    assert size_distribution_from_meta(d) == [[float(h), float(w)] for h, w in meta.train_sizes]
+    _sample_both_aspects(full)
+
+
+def _sample_both_aspects(run: Path, strict: bool = True) -> None:
+    """`condiff sample --size` at 2:1 and 1:2: the aspect conditioning is the output's W / H and the size
+    conditions come from the trained bucket of that aspect (grid.png.json)."""
+    meta = ck.read_meta(run / "step_00000006")
+    for (h, w), bucket in (((8, 16), "8x16"), ((16, 8), "16x8")):
+        out = run / f"grid_{h}x{w}.png"
+        assert cli(["sample", str(run), "--prompts", "a red circle", "a blue square", "--size", str(h), str(w),
+                    "--steps", "2", "--quiet", "--out", str(out)]) == 0
+        rec = json.loads(out.with_name(out.name + ".json").read_text())
+        assert rec["size"] == [h, w] and [row[4] for row in rec["control_h"]] == [w / h] * 2
+        assert bucket in meta.train_sizes_by_bucket or not strict  # seed 0 trains on both in 6 steps
+        if bucket in meta.train_sizes_by_bucket:
+            assert rec["size_bucket"] == bucket
+            assert all([int(v) for v in row] in meta.train_sizes_by_bucket[bucket] for row in rec["control_l"])
 
 
 def test_text_mmdit_on_bucketed_latents_resumes_exactly(wide, tmp_path):
@@ -155,3 +166,4 @@ def test_text_mmdit_on_bucketed_latents_resumes_exactly(wide, tmp_path):
     split = _train(tmp_path, "split", 6, *data)
     _assert_same_weights(full / "step_00000006", split / "step_00000006")
     assert len(ck.read_meta(full / "step_00000006").counters["bucket_images"]) >= 2
+    _sample_both_aspects(full, strict=False)
