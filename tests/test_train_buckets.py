@@ -86,7 +86,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 def test_text_mmdit_on_buckets_resumes_exactly_mid_epoch(wide, tmp_path):
     """3 + resume + 3 steps == 6 steps, bit for bit, with samples waiting in partial buckets at the save;
     per-bucket throughput in the log, per-bucket sizes and counts in the checkpoint."""
-    data = [f"data.shards={wide}"]
+    data = [f"data.shards={wide}", "log.sample_prompts=[a red circle]", "log.sample_steps=2", "log.sample_per_prompt=1"]
     full = _train(tmp_path, "full", 6, *data)
     split = _train(tmp_path, "split", 3, *data)
     mid = ck.read_meta(split / "step_00000003")
@@ -108,6 +108,8 @@ def test_text_mmdit_on_buckets_resumes_exactly_mid_epoch(wide, tmp_path):
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     per_bucket = [r["bucket_img_per_s"] for r in records]
     assert all(len(b) == 1 and set(b) <= set(counts) and list(b.values())[0] > 0 for b in per_bucket)  # one bucket a step
+    preview = json.loads((full / "samples" / "final.png.json").read_text())
+    assert preview["size_bucket"] == "12x12"  # the square preview draws the square bucket's training sizes
     _sample_both_aspects(full)
 
 
@@ -127,7 +129,7 @@ def _sample_both_aspects(run: Path, strict: bool = True) -> None:
             assert all([int(v) for v in row] in meta.train_sizes_by_bucket[bucket] for row in rec["control_l"])
 
 
-def test_text_mmdit_on_bucketed_latents_resumes_exactly(wide, tmp_path):
+def test_text_mmdit_on_bucketed_latents_resumes_exactly(wide, tmp_path, capsys):
     """`condiff precompute --buckets` (two views per image, flips) then the same exact resume on latents."""
     lat = str(tmp_path / "lat")
     assert cli(["precompute", wide, "--out", lat, "--resolution", "12", "--buckets", BUCKETS, "--multiple", "2",
@@ -161,6 +163,8 @@ def test_text_mmdit_on_bucketed_latents_resumes_exactly(wide, tmp_path):
         ShardLoader(LoaderConfig(shards=lat, conditioning="text", crop="mix"))
     data = [f"data.shards={lat}", "data.crop=mix", "text.encoder.dim=64",  # the tiny-clip that precompute used
             "model.kwargs={in_channels: 3, input_size: 8, depth: 2, hidden_size: 32, num_heads: 2, text_dim: 64, pooled_dim: 64}"]
+    assert cli(["train", *TINY_TEXT, *data, "data.buckets=auto", f"run_dir={tmp_path}/other", "steps=1"]) == 2
+    assert "data.buckets [[24, 6]" in capsys.readouterr().err  # other buckets than the precompute's: one line
     full = _train(tmp_path, "full", 6, *data)
     _train(tmp_path, "split", 3, *data)
     split = _train(tmp_path, "split", 6, *data)

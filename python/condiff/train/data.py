@@ -148,12 +148,16 @@ class TrainStream:
                  num_classes: int, null_text=None, buckets: list[list[int]] | None = None):
         from condiff.data.conditions import CondDropout, DropoutConfig
         from condiff.data.loader import LoaderConfig, ShardLoader
+        from condiff.train.config import ConfigError
 
         self.cfg, self.num_classes = cfg, num_classes
-        self.loader = ShardLoader(LoaderConfig(
-            shards=cfg.shards, batch_size=batch_size, resolution=cfg.resolution, buckets=buckets, crop=cfg.crop,
-            flip_prob=0.5 if cfg.flip else 0.0, conditioning=conditioning, num_workers=cfg.workers, seed=seed,
-            rank=rank, world_size=world_size, shuffle_buffer=cfg.shuffle_buffer))
+        try:  # a crop, flips or buckets that latent shards cannot provide: one line naming the data.* key
+            self.loader = ShardLoader(LoaderConfig(
+                shards=cfg.shards, batch_size=batch_size, resolution=cfg.resolution, buckets=buckets, crop=cfg.crop,
+                flip_prob=0.5 if cfg.flip else 0.0, conditioning=conditioning, num_workers=cfg.workers, seed=seed,
+                rank=rank, world_size=world_size, shuffle_buffer=cfg.shuffle_buffer))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.dropout = CondDropout(DropoutConfig.independent(cfg.label_drop, cfg.control_drop), num_classes, null_text)
         self._it = None
 

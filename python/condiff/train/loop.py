@@ -547,13 +547,14 @@ class Trainer:
         model.load_state_dict(ema_state)
         model.to(self.device).eval()
         gen = preview_generator(model, self.schedule, self.cfg, text_encoder=self.text_encoder,
-                                autoencoder=self.autoencoder, train_sizes=self.train_sizes, device=self.device)
+                                autoencoder=self.autoencoder, train_sizes=self.train_sizes,
+                                train_sizes_by_bucket=self.train_sizes_by_bucket.sizes, device=self.device)
         return save_grid(gen.generate(), path, nrow=self.cfg.log.sample_per_prompt, min_cell=64,
                          record={**gen.record(), "step": self.step})
 
 
 def preview_generator(model: nn.Module, schedule: Any, cfg: TrainConfig, *, text_encoder=None, autoencoder=None,
-                      train_sizes=(), device="cpu", seed: int = 1234):
+                      train_sizes=(), train_sizes_by_bucket=None, device="cpu", seed: int = 1234):
     """The `condiff.inference.generate.Generator` of a training grid: rows = prompts (or labels) x
     sample_per_prompt, DDIM over log.sample_steps, lambda = log.sample_guidance and size conditioning
     log.sample_size_cond read exactly as `condiff sample` reads --guidance and --size-cond."""
@@ -563,7 +564,8 @@ def preview_generator(model: nn.Module, schedule: Any, cfg: TrainConfig, *, text
 
     items = cfg.log.sample_prompts if cfg.model.conditioning == "text" else [int(x) for x in cfg.log.sample_labels]
     rows = [x for x in items for _ in range(cfg.log.sample_per_prompt)]
-    meta = ckpt.CheckpointMeta(model=dict(model.config), schedule=schedule.to_dict(), train_sizes=list(train_sizes))
+    meta = ckpt.CheckpointMeta(model=dict(model.config), schedule=schedule.to_dict(), train_sizes=list(train_sizes),
+                               train_sizes_by_bucket=dict(train_sizes_by_bucket or {}))
     pipe = Pipeline(model, schedule, text_encoder, autoencoder, meta, source="training preview", weights="ema")
     spec = SamplingSpec(seed=seed, sampler="ddim", steps=cfg.log.sample_steps, guidance=cfg.log.sample_guidance,
                         size_cond=cfg.log.sample_size_cond, batch_size=max(1, len(rows)))
