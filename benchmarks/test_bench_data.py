@@ -60,3 +60,50 @@ def test_loader_throughput(benchmark, shard_sets, dataset, workers):
     assert n >= N
     benchmark.extra_info["samples_per_s"] = round(N / benchmark.stats.stats.mean, 1)
     benchmark.extra_info["resolution"] = resolution
+
+
+def test_bucket_vs_square_throughput(tmp_path):
+    """Aspect buckets vs square crops on the same shards in one run (rounds interleaved, so machine load hits
+    both alike): samples/s, pixels/s and the ratio; padding waste = the share of batch rows or pixels that
+    are not a sample's own pixels (0 by construction: every batch is one bucket, full size, no padding).
+
+    Shards: the `wide` shapes preset (originals 1:4 .. 4:1, short side 48-256 px), 1024 samples; output a
+    64^2 pixel budget: square 64 x 64 crops vs `auto` buckets (sides multiples of 16, 1:4 .. 4:1)."""
+    import time
+
+    from condiff.data.buckets import resolve_buckets
+
+    write_shapes(str(tmp_path / "wide"), n=1024, seed=0, preset="wide", shard_size=128)
+    buckets = [list(b) for b in resolve_buckets("auto", 64, multiple=16)]
+    cfgs = {
+        "square": LoaderConfig(shards=str(tmp_path / "wide"), batch_size=32, resolution=64, crop="global", shuffle_buffer=256),
+        "buckets": LoaderConfig(shards=str(tmp_path / "wide"), batch_size=32, resolution=64, buckets=buckets, crop="global",
+                                shuffle_buffer=256),
+    }
+    times = {k: [] for k in cfgs}
+    stats = {k: {"samples": 0, "pixels": 0, "rows": 0, "partial": 0, "buckets": set()} for k in cfgs}
+    for _ in range(3):
+        for name, cfg in cfgs.items():
+            t0, n = time.perf_counter(), 0
+            for batch in ShardLoader(cfg):
+                s = stats[name]
+                x = batch["image"]
+                s["rows"] += x.shape[0]
+                s["partial"] += x.shape[0] < cfg.batch_size
+                s["pixels"] += x.shape[0] * x.shape[2] * x.shape[3]
+                s["buckets"].add(batch["bucket"])
+                assert x.shape[2:] == batch["bucket"]
+                n += len(batch["key"])
+                if n >= N:
+                    break
+            times[name].append(time.perf_counter() - t0)
+            stats[name]["samples"] += n
+    out = {}
+    for name in cfgs:
+        s, t = stats[name], sum(times[name])
+        out[name] = {"samples_per_s": round(s["samples"] / t, 1), "mpixels_per_s": round(s["pixels"] / t / 1e6, 3),
+                     "padding_waste": 1 - s["samples"] / s["rows"], "partial_batches": s["partial"],
+                     "buckets_used": len(s["buckets"])}
+        assert out[name]["padding_waste"] == 0 and s["partial"] == 0
+    out["ratio_buckets_over_square"] = round(out["buckets"]["samples_per_s"] / out["square"]["samples_per_s"], 3)
+    print(out)

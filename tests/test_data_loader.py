@@ -168,12 +168,15 @@ def test_position_checks_and_merge(shapes_dir):
     loader = ShardLoader(_cfg(shapes_dir, num_workers=0))
     next(iter(loader))
     state = loader.state_dict()
-    assert state["slots"] == {"0": [0, state["slots"]["0"][1]]} and state["world_size"] == 1
+    assert state["slots"] == {"0": [0, state["slots"]["0"][1], []]} and state["world_size"] == 1
     other = ShardLoader(_cfg(shapes_dir, num_workers=2))
     with pytest.raises(ValueError, match="num_workers"):
         other.load_state_dict(state)
     other = ShardLoader(_cfg(shapes_dir, seed=5))
     with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(state)
+    other = ShardLoader(_cfg(shapes_dir, buckets=[[16, 32], [32, 16]]))
+    with pytest.raises(ValueError, match="buckets"):
         other.load_state_dict(state)
     assert merge_positions([{"0": [1, 2]}, {"1": [0, 5]}]) == {"0": [1, 2], "1": [0, 5]}
 

@@ -16,7 +16,7 @@ def test_deterministic_by_seed_and_index():
     assert a.image.size != c.image.size or not np.array_equal(np.asarray(a.image), np.asarray(c.image))
 
 
-@pytest.mark.parametrize("preset", ["default", "demo"])
+@pytest.mark.parametrize("preset", ["default", "demo", "wide"])
 def test_caption_parses_back_to_label_and_objects_are_where_the_caption_says(preset):
     cfg = shapes.get_config(preset)
     swapped = 0
@@ -80,6 +80,15 @@ def test_vocabulary_and_class_table():
         shapes.parse_caption("a pink circle")
     with pytest.raises(ValueError, match="not a class"):
         shapes.class_of_caption("a yellow star", demo)
+
+
+def test_wide_preset_spans_one_to_four_both_ways():
+    aspects = [s.image.size[0] / s.image.size[1] for s in (shapes.render(i, "wide", 0) for i in range(200))]
+    assert min(aspects) < 0.3 and max(aspects) > 3.3  # 1:4 .. 4:1, log-uniform
+    assert 0.25 - 0.02 <= min(aspects) and max(aspects) <= 4.0 + 0.02
+    assert sum(a < 1 for a in aspects) > 60 and sum(a > 1 for a in aspects) > 60
+    with pytest.raises(ValueError, match="aspect_range"):
+        shapes.get_config("default", aspect_range=(0.0, 2.0))
 
 
 def test_configurable_and_validated():

@@ -12,6 +12,7 @@ Sample layout read (one tar member per field, grouped by key, parsed by the `web
            crops. A `crop` or flips the stored views cannot provide is an error (`check_latent_views`).
 
 Batches (docs/ARCHITECTURE.md): `image` (B,3,R,R) float32 in [-1,1] or `latent` (B,C,h,w) float32;
+`bucket` (H, W) the image-space size of the batch (R, R without buckets; h, w times the autoencoder factor);
 `label` (B,) int64 (class data); `caption` list[str] (text data); `control_h` (B,6), `control_l` (B,2)
 float32; `key` list[str]; precomputed text adds `text` (B,T,C), `text_lengths` (B,) int64, `pooled` (B,Cp).
 
@@ -29,9 +30,17 @@ received (prefetched batches do not count). `ShardLoader.state_dict()` returns i
 position, so the next batches are identical to those an uninterrupted run would have produced. The
 position also records which worker's batch is due next (`next_worker`; DataLoader takes batches from
 its workers round-robin), and a resumed loader rotates its workers to continue that rotation.
-A position is only valid for the same shard list, seed, world size and number of workers (checked).
+A position is only valid for the same shard list, seed, world size, number of workers and buckets (checked).
 In DDP each rank holds only its own slots: gather every rank's `state_dict()["slots"]` and merge them
 (`merge_positions`) before saving; every rank can load the merged dict.
+
+Aspect buckets (`LoaderConfig.buckets`, see `buckets.py`): each image goes to the bucket nearest its
+aspect ratio and is cropped to it; latents are grouped by their stored size. A slot keeps one partial
+batch per bucket and emits a bucket's batch when it holds `batch_size` samples, so every batch comes from
+one bucket and is full (no padding); the batch order follows from the seeded stream. The position then
+also lists the [epoch, count] of the samples waiting in partial batches; a resumed slot re-reads and
+decodes them (same views) before it continues, so resuming stays exact. Per-bucket sample counts:
+`ShardLoader.bucket_counts()`. Without buckets there is one group and nothing waits between batches.
 
 With `epochs=None` (default, for step-based training) each slot streams epochs forever, so ranks never
 run dry at different times; with a finite `epochs` iteration ends after that many epochs per slot.
@@ -66,7 +75,8 @@ from condiff.conditioning.cond import CONTROL_H_FIELDS
 from condiff.io.images import IMAGE_EXTS
 from condiff.io.shards import expand_shards
 
-from .transforms import CropTransform, to_rgb
+from .buckets import BucketCrop, bucket_key
+from .transforms import to_rgb
 
 _FLIP = CONTROL_H_FIELDS.index("flip")
 
@@ -82,7 +92,8 @@ class LoaderConfig:
 
     shards: str | list[str] = ""
     batch_size: int = 64
-    resolution: int = 256  # square output side in pixels (ignored for latent shards)
+    resolution: int = 256  # square output side in pixels (ignored for latent shards and with buckets)
+    buckets: list | None = None  # [[H, W], ...] aspect buckets in pixels (`buckets.resolve_buckets`); None: square
     crop: str = "global"  # global | local | mix | center (transforms.CROP_RATIOS)
     flip_prob: float = 0.5
     conditioning: str = "class"  # class (needs a label) | text (needs a caption) | none
@@ -103,7 +114,13 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.conditioning must be class | text | none, got {self.conditioning!r}")
         if self.batch_size < 1:
             raise ValueError(f"LoaderConfig.batch_size must be >= 1, got {self.batch_size}")
-        CropTransform(self.resolution, self.crop, self.flip_prob, self.resample)  # validates crop/flip/resample
+        if self.buckets is not None:
+            ok = isinstance(self.buckets, (list, tuple)) and len(self.buckets) > 0 and all(
+                isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(v, int) and v > 0 for v in b) for b in self.buckets)
+            if not ok:
+                raise ValueError(f"LoaderConfig.buckets must be a non-empty list of [height, width] positive ints, got {self.buckets!r}")
+            self.buckets = [[int(h), int(w)] for h, w in self.buckets]
+        BucketCrop(self.buckets, self.resolution, self.crop, self.flip_prob, self.resample)  # validates crop/flip/resample
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,16 +221,22 @@ def load_image(sample: dict, meta: dict, cfg: LoaderConfig, stats: Counter) -> t
     return image, orig
 
 
-def decode_sample(sample: dict, cfg: LoaderConfig, transform: CropTransform, rng: np.random.Generator, stats: Counter) -> dict:
-    """One raw webdataset sample (bytes per field) -> dict of per-sample arrays (see module docstring).
+def decode_sample(sample: dict, cfg: LoaderConfig, transform: BucketCrop, rng: np.random.Generator, stats: Counter,
+                  latent_factor: int = 1) -> dict:
+    """One raw webdataset sample (bytes per field) -> dict of per-sample arrays (see module docstring) and
+    `bucket` (H, W): the image-space size of the output (for a latent, its size x `latent_factor`, the
+    autoencoder's downsample factor).
 
     Raises SkipSample for samples that must be skipped; counts mode conversions in `stats`."""
     out, meta = parse_fields(sample, cfg)
     if LATENT_EXT in sample:
-        return _decode_latent(sample, meta, out, cfg, rng)
+        out = _decode_latent(sample, meta, out, cfg, rng)
+        h, w = out["latent"].shape[-2:]
+        out["bucket"] = (int(h) * latent_factor, int(w) * latent_factor)
+        return out
     image, orig = load_image(sample, meta, cfg, stats)
-    x, control_h, control_l, _ = transform(image, rng, orig)
-    out.update(image=x, control_h=control_h, control_l=control_l)
+    bucket, x, control_h, control_l, _ = transform(image, rng, orig)
+    out.update(image=x, control_h=control_h, control_l=control_l, bucket=bucket)
     return out
 
 
@@ -245,8 +268,9 @@ PRECOMPUTE_SETTINGS = "precompute.json"
 
 
 def check_latent_views(cfg: LoaderConfig, shards: list[str]) -> dict | None:
-    """For latent shards (a `precompute.json` beside the first shard): refuse a crop strategy or flips that
-    the stored views cannot provide, naming both. Returns the precompute settings, or None for image shards."""
+    """For latent shards (a `precompute.json` beside the first shard): refuse a crop strategy, flips or aspect
+    buckets that the stored views cannot provide, naming both. Returns the precompute settings, or None for
+    image shards."""
     path = os.path.join(os.path.dirname(os.path.abspath(shards[0])), PRECOMPUTE_SETTINGS) if shards else ""
     if not os.path.isfile(path):
         return None
@@ -261,12 +285,37 @@ def check_latent_views(cfg: LoaderConfig, shards: list[str]) -> dict | None:
     if cfg.flip_prob > 0 and not flips:
         raise ValueError(f"flips (data.flip, flip_prob {cfg.flip_prob}) cannot be provided by {where}: re-run "
                          f"`condiff precompute --flip`, or set data.flip=false")
+    stored = settings.get("buckets")
+    if stored != cfg.buckets:
+        have = f"buckets {stored} (--buckets {settings.get('bucket_spec')!r})" if stored else "square latents (no --buckets)"
+        raise ValueError(f"data.buckets {cfg.buckets or 'none (square)'} differ from the latent shards beside {path}, "
+                         f"which hold {have}: train with the buckets they were precomputed with, or re-run "
+                         f"`condiff precompute --buckets ...`")
     return settings
 
 
+def latent_factor(settings: dict | None) -> int:
+    """Pixels per latent of a precompute (`precompute.json`): its `downsample`, else (older precomputes)
+    1 for the pixels autoencoder and the factor in a diffusers VAE's config.json (8 when unreadable)."""
+    if not settings:
+        return 1
+    if settings.get("downsample"):
+        return int(settings["downsample"])
+    ae = settings.get("autoencoder") or {}
+    if ae.get("kind", "pixels") == "pixels":
+        return 1
+    try:
+        with open(os.path.join(ae.get("path", ""), "config.json")) as f:
+            return 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 8
+
+
 def collate(samples: list[dict]) -> dict:
-    """List of decoded samples -> batch dict (docs/ARCHITECTURE.md)."""
+    """List of decoded samples (all of one bucket) -> batch dict (docs/ARCHITECTURE.md)."""
     batch: dict = {"key": [s["key"] for s in samples]}
+    if "bucket" in samples[0]:
+        batch["bucket"] = tuple(samples[0]["bucket"])
     for name in ("image", "latent"):
         if name in samples[0]:  # numpy stack: single-threaded (see transforms.to_tensor)
             batch[name] = torch.from_numpy(np.stack([s[name].numpy() for s in samples]))
@@ -329,13 +378,64 @@ def _warn_skip(stats: Counter, reason: str, key: str, url: str, exn: Exception) 
 
 # ------------------------------------------------------------------------------------------- stream
 class ShardStream(IterableDataset):
-    """The per-slot stream of batches (see module docstring). Used through `ShardLoader`."""
+    """The per-slot stream of batches (see module docstring). Used through `ShardLoader`.
 
-    def __init__(self, cfg: LoaderConfig, shards: list[str], rank: int, world_size: int, resume: dict[int, tuple[int, int]],
-                 first_worker: int = 0):
+    `resume` maps a slot to (epoch, count, pending): `pending` lists the [epoch, count] stream positions of
+    the samples already read but still waiting in a bucket's partial batch; they are decoded again (same
+    per-sample RNG, so the same views) before the stream continues after `count`."""
+
+    def __init__(self, cfg: LoaderConfig, shards: list[str], rank: int, world_size: int, resume: dict[int, tuple],
+                 first_worker: int = 0, latent_factor: int = 1):
         self.cfg, self.shards, self.rank, self.world_size, self.resume = cfg, shards, rank, world_size, resume
-        self.first_worker = first_worker
-        self.transform = CropTransform(cfg.resolution, cfg.crop, cfg.flip_prob, cfg.resample)
+        self.first_worker, self.latent_factor = first_worker, latent_factor
+        self.transform = BucketCrop(cfg.buckets, cfg.resolution, cfg.crop, cfg.flip_prob, cfg.resample)
+
+    def _raw(self, epoch: int, slot: int, slots: int, stats: Counter):
+        """The slot's shuffled raw sample stream of `epoch`."""
+        cfg = self.cfg
+        shards = list(self.shards)
+        if cfg.shuffle_shards:
+            random.Random(_seed_int(cfg.seed, epoch, "shards")).shuffle(shards)
+        stride = 1
+        if len(shards) >= slots:
+            shards = shards[slot::slots]
+        else:
+            stride = slots
+        raw = iter_raw_samples(shards, stats)
+        if stride > 1:
+            raw = (s for i, s in enumerate(raw) if i % stride == slot)
+        if cfg.shuffle_buffer > 1:
+            rng = random.Random(_seed_int(cfg.seed, epoch, "samples", slot))
+            raw = wds_filters._shuffle(raw, bufsize=cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng)
+        return raw, len(shards)
+
+    def _decode(self, sample: dict, epoch: int, stats: Counter) -> dict:
+        key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+        rng = np.random.default_rng(_seed_int(self.cfg.seed, epoch, os.path.basename(url), key))
+        return decode_sample(sample, self.cfg, self.transform, rng, stats, self.latent_factor)
+
+    def _replay(self, positions: list, slot: int, slots: int) -> dict[tuple, list]:
+        """The partial batches of a resumed slot: the samples at `positions` ([epoch, count], stream order),
+        decoded again and grouped by bucket in that order."""
+        pending: dict[tuple, list] = {}
+        wanted: dict[int, set] = {}
+        for e, c in positions:
+            wanted.setdefault(int(e), set()).add(int(c))
+        for e in sorted(wanted):
+            scratch: Counter = Counter()
+            raw, _ = self._raw(e, slot, slots, scratch)
+            for count, sample in enumerate(raw, start=1):
+                if count in wanted[e]:
+                    try:
+                        out = self._decode(sample, e, scratch)
+                    except SkipSample as exn:
+                        raise RuntimeError(f"data slot {slot}: the sample at epoch {e}, position {count} of its stream "
+                                           f"was usable when the position was saved but not now ({exn}); were the "
+                                           f"shards changed?") from None
+                    pending.setdefault(out["bucket"], []).append((out, (e, count)))
+                if count >= max(wanted[e]):
+                    break
+        return pending
 
     def __iter__(self):
         cfg = self.cfg
@@ -346,59 +446,57 @@ class ShardStream(IterableDataset):
         worker = (worker + self.first_worker) % workers
         slots = self.world_size * workers
         slot = self.rank * workers + worker
-        epoch, start = self.resume.get(slot, (0, 0))
+        epoch, start, held = self.resume.get(slot, (0, 0, []))
         stats: Counter = Counter()
-        pending: list[dict] = []
+        # bucket -> [(sample, (epoch, count))]: one partial batch per bucket, in stream order; a bucket's
+        # entry is removed when its batch is emitted, so the dict order is that of each batch's first sample
+        pending = self._replay(held, slot, slots) if held else {}
+        count = 0
         while cfg.epochs is None or epoch < cfg.epochs:
-            shards = list(self.shards)
-            if cfg.shuffle_shards:
-                random.Random(_seed_int(cfg.seed, epoch, "shards")).shuffle(shards)
-            stride = 1
-            if len(shards) >= slots:
-                shards = shards[slot::slots]
-            else:
-                stride = slots
-            raw = iter_raw_samples(shards, stats)
-            if stride > 1:
-                raw = (s for i, s in enumerate(raw) if i % stride == slot)
-            if cfg.shuffle_buffer > 1:
-                rng = random.Random(_seed_int(cfg.seed, epoch, "samples", slot))
-                raw = wds_filters._shuffle(raw, bufsize=cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng)
+            raw, n_shards = self._raw(epoch, slot, slots, stats)
             count = usable = 0
             for count, sample in enumerate(raw, start=1):
                 if count <= start:
                     continue
                 stats["read"] += 1
-                key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
-                rng = np.random.default_rng(_seed_int(cfg.seed, epoch, os.path.basename(url), key))
                 try:
-                    pending.append(decode_sample(sample, cfg, self.transform, rng, stats))
+                    out = self._decode(sample, epoch, stats)
                 except SkipSample as exn:
-                    _warn_skip(stats, exn.reason, key, url, exn)
+                    _warn_skip(stats, exn.reason, sample.get("__key__", "?"), sample.get("__url__", "?"), exn)
                     continue
                 usable += 1
-                if len(pending) == cfg.batch_size:
-                    yield self._emit(pending, slot, epoch, count, stats)
-                    pending = []
+                group = pending.setdefault(out["bucket"], [])
+                group.append((out, (epoch, count)))
+                if len(group) == cfg.batch_size:
+                    del pending[out["bucket"]]
+                    yield self._emit([o for o, _ in group], slot, (epoch, count, _held(pending)), stats)
             if start == 0 and usable == 0:
                 what = "readable" if count == 0 else "usable"
                 raise RuntimeError(
                     f"data slot {slot} (rank {self.rank}, worker {worker}) got no {what} sample in epoch {epoch} "
-                    f"from {len(shards)} shard(s) with {slots} slot(s) (conditioning={cfg.conditioning!r}); stats: {dict(stats)}"
+                    f"from {n_shards} shard(s) with {slots} slot(s) (conditioning={cfg.conditioning!r}); stats: {dict(stats)}"
                 )
             epoch, start = epoch + 1, 0
-        if pending and not cfg.drop_last:
-            yield self._emit(pending, slot, epoch - 1, count, stats)
+        while pending and not cfg.drop_last:  # the end of a finite stream: the partial batches, in order
+            bucket = next(iter(pending))
+            group = pending.pop(bucket)
+            yield self._emit([o for o, _ in group], slot, (epoch - 1, count, _held(pending)), stats)
         # end of a finite stream: a marker carrying the final position and counts (not a batch)
-        yield {"_end": True, "_position": (slot, epoch, 0), "_stats": (slot, dict(stats))}
+        yield {"_end": True, "_position": (slot, (epoch, 0, [])), "_stats": (slot, dict(stats))}
 
     @staticmethod
-    def _emit(samples: list[dict], slot: int, epoch: int, count: int, stats: Counter) -> dict:
+    def _emit(samples: list[dict], slot: int, position: tuple, stats: Counter) -> dict:
         batch = collate(samples)
         stats["samples"] += len(samples)
-        batch["_position"] = (slot, epoch, count)
+        stats[f"bucket_{bucket_key(batch['bucket'])}"] += len(samples)
+        batch["_position"] = (slot, position)
         batch["_stats"] = (slot, dict(stats))
         return batch
+
+
+def _held(pending: dict[tuple, list]) -> list[list[int]]:
+    """[[epoch, count], ...] of the samples waiting in partial batches, in stream order."""
+    return sorted([int(e), int(c)] for group in pending.values() for _, (e, c) in group)
 
 
 # ------------------------------------------------------------------------------------------- loader
@@ -427,7 +525,8 @@ class ShardLoader:
         self.world_size = world if self.config.world_size is None else self.config.world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"ShardLoader: rank {self.rank} is not in [0, world_size={self.world_size})")
-        self._slots: dict[int, tuple[int, int]] = {}
+        self.latent_factor = latent_factor(self.precompute)
+        self._slots: dict[int, tuple[int, int, list]] = {}  # slot -> (epoch, count, pending [[epoch, count], ...])
         self._slot_stats: dict[int, dict] = {}
         self._next_worker = 0  # this rank's worker whose batch comes next (round-robin)
 
@@ -439,18 +538,20 @@ class ShardLoader:
         return hashlib.sha1("\n".join(self.shards).encode()).hexdigest()[:16]
 
     def __iter__(self):
-        stream = ShardStream(self.config, self.shards, self.rank, self.world_size, dict(self._slots), self._next_worker)
+        stream = ShardStream(self.config, self.shards, self.rank, self.world_size, dict(self._slots), self._next_worker,
+                             self.latent_factor)
         kw = {}
         if self.config.num_workers > 0:
             kw = dict(prefetch_factor=2, persistent_workers=False)
         dl = DataLoader(stream, batch_size=None, num_workers=self.config.num_workers, pin_memory=self.config.pin_memory, **kw)
         for batch in dl:
-            slot, epoch, count = batch.pop("_position")
-            self._slots[int(slot)] = (int(epoch), int(count))
+            slot, (epoch, count, held) = batch.pop("_position")
+            self._slots[int(slot)] = (int(epoch), int(count), held)
             self._next_worker = (int(slot) % self.num_workers + 1) % self.num_workers
             slot, stats = batch.pop("_stats")
             self._slot_stats[int(slot)] = stats
             if not batch.pop("_end", False):
+                batch["bucket"] = tuple(int(v) for v in batch["bucket"])  # DataLoader turns tuples into lists
                 yield batch
 
     @property
@@ -462,32 +563,44 @@ class ShardLoader:
             total.update(s)
         return dict(total)
 
+    def bucket_counts(self) -> dict[str, int]:
+        """Samples batched per bucket ("HxW" -> count, `buckets.bucket_key`) by this rank since the loader
+        started iterating; with `config.buckets`, every configured bucket is listed (0 when empty)."""
+        counts = {key: 0 for key in map(bucket_key, self.config.buckets or [])}
+        for k, v in self.stats.items():
+            if k.startswith("bucket_"):
+                counts[k[len("bucket_"):]] = v
+        return counts
+
     def report(self) -> str:
         s = self.stats
         skipped = {k: v for k, v in s.items() if k.startswith("skipped_") or k == "shard_errors"}
         return f"data: read {s.get('read', 0)}, batched {s.get('samples', 0)}, skipped {skipped or 'none'}, " + (
-            f"converted {({k: v for k, v in s.items() if k.startswith('converted_')})}"
+            f"converted {({k: v for k, v in s.items() if k.startswith('converted_')})}, per bucket {self.bucket_counts()}"
         )
 
     def state_dict(self) -> dict:
         return {
-            "version": 1,
+            "version": 2,
             "seed": self.config.seed,
+            "buckets": self.config.buckets,
             "world_size": self.world_size,
             "num_workers": self.num_workers,
             "shards": self._fingerprint(),
-            "slots": {str(k): list(v) for k, v in sorted(self._slots.items())},
+            "slots": {str(k): [v[0], v[1], [list(p) for p in v[2]]] for k, v in sorted(self._slots.items())},
             "next_worker": self._next_worker,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        expect = {"seed": self.config.seed, "world_size": self.world_size, "num_workers": self.num_workers, "shards": self._fingerprint()}
+        expect = {"seed": self.config.seed, "world_size": self.world_size, "num_workers": self.num_workers,
+                  "shards": self._fingerprint(), "buckets": self.config.buckets}
         diff = {k: (state.get(k), v) for k, v in expect.items() if state.get(k) != v}
         if diff:
             raise ValueError(
                 "data position does not match this loader (saved, current): "
                 + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
-                + "; resume with the same shard list, seed, world size and num_workers"
+                + "; resume with the same shard list, seed, world size, num_workers and buckets"
             )
-        self._slots = {int(k): (int(v[0]), int(v[1])) for k, v in state["slots"].items()}
+        self._slots = {int(k): (int(v[0]), int(v[1]), [list(p) for p in (v[2] if len(v) > 2 else [])])
+                       for k, v in state["slots"].items()}
         self._next_worker = int(state.get("next_worker", 0))

@@ -22,6 +22,13 @@ of the crops), not a fresh crop each epoch; use K > 1 for crop augmentation (Fig
 training config must ask for what the views hold: `data.crop` equal to `--crop`, and `data.flip` only if
 the shards were written with `--flip` (otherwise the loader refuses, naming both). `--views 1 --crop center
 --no-flip` stores the plain centre crop.
+ASPECT BUCKETS (`--buckets SPEC`, the `data.buckets` syntax of `buckets.py`, pixel budget `--resolution`^2,
+sides multiples of `--multiple`, by default 2 x the autoencoder factor, i.e. a patch-2 transformer): each
+image goes to the bucket nearest its aspect and all its views are crops of that bucket's aspect, resized to
+it, so its latent is (A, C, H / f, W / f) for its bucket (H, W); control_h's aspect_ratio is the bucket's
+W / H. `precompute.json` then records `buckets` (the resolved list), `bucket_spec` and `downsample` (f), and
+each sample's json `precompute.bucket` ("HxW"). The loader batches these latents by bucket; training must
+ask for the same buckets (`data.buckets`, checked).
 `null_text.safetensors` (states (1, T, C), lengths (1,), pooled (1, Cp)) holds the encoding of the
 empty prompt "" for condition dropout (`conditions.apply_dropout(..., null_text=...)`).
 
@@ -45,8 +52,8 @@ import torch
 from condiff.io.shards import expand_shards
 
 from .autoencoder import build_autoencoder
+from .buckets import BucketCrop, bucket_key, resolve_buckets
 from .loader import _FLIP, LoaderConfig, SkipSample, _seed_int, _warn_skip, iter_raw_samples, load_image, parse_fields
-from .transforms import CropTransform
 from .writer import ShardSetWriter
 
 log = logging.getLogger("condiff.data")
@@ -86,7 +93,11 @@ class Precomputer:
         conditioning = args.conditioning or ("text" if self.text_encoder is not None else "class")
         self.cfg = LoaderConfig(shards=args.shards, resolution=args.resolution, crop=args.crop, flip_prob=0.0,
                                 conditioning=conditioning, min_size=args.min_size)
-        self.transform = CropTransform(args.resolution, args.crop, flip_prob=0.0)  # mirrors are added explicitly
+        multiple = args.multiple or 2 * self.autoencoder.downsample
+        self.buckets = resolve_buckets(args.buckets, args.resolution, multiple, where="--buckets")
+        if self.buckets is not None and multiple % self.autoencoder.downsample:
+            raise ValueError(f"--multiple {multiple} must be a multiple of the autoencoder factor {self.autoencoder.downsample}")
+        self.transform = BucketCrop(self.buckets, args.resolution, args.crop, flip_prob=0.0)  # mirrors are added explicitly
         self.stored_views = args.views * (2 if args.flip else 1)
         self.stats: Counter = Counter()
         self.settings = {
@@ -96,6 +107,9 @@ class Precomputer:
             "views": args.views, "dtype": args.dtype, "seed": args.seed,
             "conditioning": conditioning, "min_size": args.min_size,
         }
+        if self.buckets is not None:
+            self.settings.update(buckets=[list(b) for b in self.buckets], bucket_spec=args.buckets,
+                                 downsample=self.autoencoder.downsample)
 
     # ---------------------------------------------------------------------------------- estimates
     def bytes_per_sample(self) -> int:
@@ -113,18 +127,22 @@ class Precomputer:
 
         if not items:
             return
-        a = self.stored_views
-        views = torch.stack([v[0] for it in items for v in it["views"]])  # (N * A, 3, R, R)
-        latents = []
-        for i in range(0, views.shape[0], self.args.batch_size):
-            latents.append(self.autoencoder.encode(views[i : i + self.args.batch_size].to(self.device)).cpu())
-        latents = torch.cat(latents).to(self.dtype)  # (N * A, C, h, w)
+        latents = [None] * len(items)  # per item (A, C, h, w): encoded bucket by bucket (one shape per call)
+        for bucket in dict.fromkeys(it["bucket"] for it in items):
+            idx = [j for j, it in enumerate(items) if it["bucket"] == bucket]
+            views = torch.stack([v[0] for j in idx for v in items[j]["views"]])  # (n * A, 3, H, W)
+            out = []
+            for i in range(0, views.shape[0], self.args.batch_size):
+                out.append(self.autoencoder.encode(views[i : i + self.args.batch_size].to(self.device)).cpu())
+            out = torch.cat(out).to(self.dtype).unflatten(0, (len(idx), self.stored_views))  # (n, A, C, h, w)
+            for j, lat in zip(idx, out):
+                latents[j] = lat
         text = None
         if self.text_encoder is not None:
             text = self.text_encoder.encode([it["out"]["caption"] for it in items]).to("cpu")
         for j, it in enumerate(items):
             tensors = {
-                "latent": latents[j * a : (j + 1) * a].contiguous(),
+                "latent": latents[j].contiguous(),
                 "control_h": torch.from_numpy(np.stack([v[1] for v in it["views"]])),
                 "control_l": torch.from_numpy(it["views"][0][2]),
             }
@@ -135,6 +153,8 @@ class Precomputer:
                 tensors["pooled"] = text.pooled[j].to(self.dtype).contiguous()
                 meta["text_max_length"] = self.text_encoder.max_length
             meta["precompute"] = {k: self.settings[k] for k in ("resolution", "crop", "views", "flip", "dtype")}
+            if self.buckets is not None:
+                meta["precompute"]["bucket"] = bucket_key(it["bucket"])
             sample = {"__key__": it["out"]["key"], "safetensors": st_save(tensors), "json": meta}
             raw = it["raw"]
             for field in ("txt", "cls"):
@@ -158,13 +178,13 @@ class Precomputer:
                 continue
             views = []
             for v in range(a.views):
-                x, control_h, control_l, _ = self.transform(image, np.random.default_rng(_seed_int(a.seed, v, key)), orig)
+                bucket, x, control_h, control_l, _ = self.transform(image, np.random.default_rng(_seed_int(a.seed, v, key)), orig)
                 views.append((x, control_h, control_l))
                 if a.flip:  # the same crop mirrored (apply_crop mirrors after the resize: exactly x.flip(-1))
                     mirrored_h = control_h.copy()
                     mirrored_h[_FLIP] = 1.0
                     views.append((x.flip(-1), mirrored_h, control_l))
-            items.append({"raw": raw, "out": out, "meta": meta, "views": views})
+            items.append({"raw": raw, "out": out, "meta": meta, "views": views, "bucket": bucket})
             if len(items) * self.stored_views >= a.batch_size:
                 self._flush(items, writer)
                 bar.update(len(items))
@@ -192,6 +212,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--text-max-length", type=int, default=None)
     p.add_argument("--conditioning", default=None, choices=["class", "text", "none"], help="default: text with a text encoder, else class")
     p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--buckets", default="", help="aspect buckets: sdxl | auto | auto:MAX_ASPECT | HxW,HxW,... "
+                   "(pixel budget --resolution^2; default: square crops)")
+    p.add_argument("--multiple", type=int, default=0, help="bucket sides must be multiples of this (default: 2 x the "
+                   "autoencoder factor, for patch-2 transformers; e.g. 32 for the SDXL UNet on the SD-VAE)")
     p.add_argument("--crop", default="center", choices=["global", "local", "mix", "center"])
     p.add_argument("--views", type=int, default=1, help="crops stored per image (K; the loader draws one per epoch)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,

@@ -29,7 +29,9 @@ the left half and the second's in the right half (vertical: top / bottom), with 
 Presets: `PRESETS["default"]` (6 colours, 4 shapes, 1-2 objects, both layouts, 4 background kinds,
 originals 48-256 px with aspect 3:4..4:3) and `PRESETS["demo"]` (2 colours, 2 shapes, always two
 objects of different colours left/right, near-solid black backgrounds, square originals 32-64 px:
-8 classes), sized for the ten-minute CPU demo at 32 px (see notes/cpu-training-budget.md).
+8 classes), sized for the ten-minute CPU demo at 32 px (see notes/cpu-training-budget.md), and
+`PRESETS["wide"]` (the default vocabulary with originals from 1:4 to 4:1, log-uniform) for multi-aspect
+training with aspect buckets (`condiff.data.buckets`).
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ class ShapesConfig:
             raise ValueError(f"ShapesConfig.backgrounds must be a non-empty subset of {BACKGROUNDS}")
         if self.distinct_colours and 2 in self.n_objects and len(self.colours) < 2:
             raise ValueError("ShapesConfig.distinct_colours needs at least two colours")
+        if not (len(self.aspect_range) == 2 and 0 < self.aspect_range[0] <= self.aspect_range[1]):
+            raise ValueError(f"ShapesConfig.aspect_range must be (lo, hi) with 0 < lo <= hi (width / height), got {self.aspect_range}")
         if not (8 <= self.size_range[0] <= self.size_range[1]):
             raise ValueError(f"ShapesConfig.size_range must satisfy 8 <= lo <= hi, got {self.size_range}")
 
@@ -117,6 +121,7 @@ PRESETS: dict[str, ShapesConfig] = {
         object_scale=(0.32, 0.4),
         paraphrase=False,
     ),
+    "wide": ShapesConfig(aspect_range=(0.25, 4.0)),
 }
 
 

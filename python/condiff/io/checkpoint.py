@@ -27,7 +27,9 @@ meta.json is `CheckpointMeta.to_dict()`; its keys (all JSON):
   (`Schedule.to_dict()`, with any Eq. 3 rescaling), text_encoder (its `.config` or null), autoencoder
   (its config or null: null = pixel-space model), base_size (App. C positional grid anchor),
   train_sizes (list of [h, w] original image sizes seen in training, capped; sampling draws size
-  conditions from it, Tab. 2b), data_position (per-rank position in the data stream), config (the
+  conditions from it, Tab. 2b), train_sizes_by_bucket (the same per aspect bucket, capped per bucket:
+  {"HxW": [[h, w], ...]}, H x W the model input in image pixels of the bucket the samples were trained at;
+  sampling at an output aspect draws from the nearest bucket's list), data_position (per-rank position in the data stream), config (the
   resolved training config), transfer (what `init_from` changed, if anything), format (version),
   world_size, counters, converted_from (`condiff convert`: the source format), files (size in bytes and
   sha256 of every other file of the checkpoint, written at save time; `verify_checkpoint` checks them).
@@ -77,6 +79,8 @@ class CheckpointMeta:
     autoencoder: dict[str, Any] | None = None  # autoencoder config; None: pixel space
     base_size: int | None = None  # App. C positional-grid anchor
     train_sizes: list[list[int]] = field(default_factory=list)  # [h, w] original sizes seen in training (capped)
+    # per aspect bucket: {"HxW" (model input, image pixels, `condiff.data.buckets.bucket_key`): [[h, w], ...]}
+    train_sizes_by_bucket: dict[str, list[list[int]]] = field(default_factory=dict)
     data_position: Any = None  # merged `ShardLoader.state_dict()`
     world_size: int = 1
     config: dict[str, Any] | None = None  # the resolved `TrainConfig`

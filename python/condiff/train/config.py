@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from condiff.conditioning.cond import CONTROL_GROUPS
+from condiff.data.buckets import resolve_buckets
 from condiff.diffusion.schedule import WEIGHTINGS
 
 
@@ -55,7 +56,11 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     shards: str = ""  # webdataset shards: path / glob / brace pattern / directory (`condiff make-shards`)
-    resolution: int = 256  # training image size in pixels (square; ignored for latent shards)
+    resolution: int = 256  # training image size in pixels (square; ignored for latent shards); with buckets, the
+    # pixel budget is resolution^2
+    # aspect buckets (condiff.data.buckets): "" = square crops | sdxl (SDXL's list scaled to resolution) | auto |
+    # auto:MAX_ASPECT | "HxW,HxW,..."; sides must be multiples of the model's patch x the autoencoder factor
+    buckets: str = ""
     crop: str = "global"  # "global" (0.9-1) | "local" (0.4-0.6) | "mix" (0.4-1) | "center": crop-size ratio (Fig. 8c)
     flip: bool = True  # flip AUGMENTATION: random horizontal flips (recorded in phi_h; conditioned only if in control_fields)
     # control fields the model is CONDITIONED on (Table 2c rows): any of crop, aspect, flip, size
@@ -191,6 +196,10 @@ class TrainConfig:
             raise ConfigError(f"model.kwargs.control_fields {list(mk)} != data.control_fields "
                               f"{list(self.data.control_fields)}: set data.control_fields only")
         check(self.data.resolution > 0, "data.resolution", "a positive integer")
+        try:
+            resolve_buckets(self.data.buckets, self.data.resolution)  # the side multiple is checked by the trainer
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         check(self.data.workers >= 0, "data.workers", "a non-negative integer (0 = in the main process)")
         check(self.data.shuffle_buffer >= 0, "data.shuffle_buffer", "a non-negative integer (0 or 1 = no shuffling)")
         check(0 <= self.data.label_drop < 1, "data.label_drop", "a probability in [0, 1)")

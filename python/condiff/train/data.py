@@ -8,7 +8,10 @@ resumable position.
   (probability `control_drop`: control_keep -> False) drops, drawn from the rank's global torch RNG,
   whose state is checkpointed (Eq. 2 needs both null branches).
 * The training size distribution (original [h, w] of the samples seen, capped) is collected from the
-  batches' `control_l`, so sampling can condition on sizes the model saw (Tab. 2b).
+  batches' `control_l`, so sampling can condition on sizes the model saw (Tab. 2b); with aspect buckets
+  also per bucket (`BucketSizes`), so sampling at an aspect draws the sizes seen at that aspect.
+* Aspect buckets (`data.buckets`, `condiff.data.buckets`) are resolved here against the model: every side
+  must be a multiple of the patch size times the autoencoder factor (`input_multiple`).
 """
 
 from __future__ import annotations
@@ -99,19 +102,62 @@ def check_shards(cfg: DataConfig, conditioning: str, peek: int = 16) -> list[str
     return files
 
 
+def input_multiple(model_config: dict, downsample: int) -> int:
+    """Pixels every image side must be a multiple of: the patch size (transformers) or the UNet's total
+    downsampling 2^(levels - 1), times the autoencoder's downsample factor. `model_config`: a model's
+    `.config` dict."""
+    patch = model_config.get("patch_size")
+    if patch is None:
+        patch = 2 ** (len(model_config.get("channel_mult", [1])) - 1)
+    return int(patch) * int(downsample)
+
+
+def resolve_train_buckets(cfg: DataConfig, multiple: int) -> list[list[int]] | None:
+    """`data.buckets` as [[H, W], ...] pixels (None: square crops); ConfigError naming data.buckets."""
+    from condiff.data.buckets import resolve_buckets
+    from condiff.train.config import ConfigError
+
+    try:
+        buckets = resolve_buckets(cfg.buckets, cfg.resolution, multiple)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return None if buckets is None else [list(b) for b in buckets]
+
+
+class BucketSizes:
+    """Original [h, w] sizes seen in training per bucket ("HxW" -> [[h, w], ...], at most `cap` each):
+    checkpoint meta `train_sizes_by_bucket` (see `condiff.io.checkpoint`)."""
+
+    def __init__(self, sizes: dict | None = None, cap: int = 1024):
+        self.cap = cap
+        self.sizes: dict[str, list[list[int]]] = {k: [list(map(int, s)) for s in v] for k, v in (sizes or {}).items()}
+
+    def add(self, bucket: tuple[int, int], control_l: torch.Tensor) -> None:
+        from condiff.data.buckets import bucket_key
+
+        rows = self.sizes.setdefault(bucket_key(bucket), [])
+        room = self.cap - len(rows)
+        if room > 0:
+            rows.extend([[int(round(h)), int(round(w))] for h, w in control_l[:room].tolist()])
+
+
 class TrainStream:
     """Endless batches for one rank with dropout applied; `state_dict()` is this rank's position."""
 
     def __init__(self, cfg: DataConfig, *, conditioning: str, batch_size: int, rank: int, world_size: int, seed: int,
-                 num_classes: int, null_text=None):
+                 num_classes: int, null_text=None, buckets: list[list[int]] | None = None):
         from condiff.data.conditions import CondDropout, DropoutConfig
         from condiff.data.loader import LoaderConfig, ShardLoader
+        from condiff.train.config import ConfigError
 
         self.cfg, self.num_classes = cfg, num_classes
-        self.loader = ShardLoader(LoaderConfig(
-            shards=cfg.shards, batch_size=batch_size, resolution=cfg.resolution, crop=cfg.crop,
-            flip_prob=0.5 if cfg.flip else 0.0, conditioning=conditioning, num_workers=cfg.workers, seed=seed,
-            rank=rank, world_size=world_size, shuffle_buffer=cfg.shuffle_buffer))
+        try:  # a crop, flips or buckets that latent shards cannot provide: one line naming the data.* key
+            self.loader = ShardLoader(LoaderConfig(
+                shards=cfg.shards, batch_size=batch_size, resolution=cfg.resolution, buckets=buckets, crop=cfg.crop,
+                flip_prob=0.5 if cfg.flip else 0.0, conditioning=conditioning, num_workers=cfg.workers, seed=seed,
+                rank=rank, world_size=world_size, shuffle_buffer=cfg.shuffle_buffer))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.dropout = CondDropout(DropoutConfig.independent(cfg.label_drop, cfg.control_drop), num_classes, null_text)
         self._it = None
 

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import atexit
+import dataclasses
 import json
 import math
 import os
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +39,13 @@ import torch
 from torch import Tensor, nn
 
 from condiff.conditioning.cond import Cond
+from condiff.data.buckets import bucket_key
 from condiff.inference.grid import save_grid
 from condiff.io import checkpoint as ckpt
 from condiff.train import distributed as D
 from condiff.train.config import ConfigError, TrainConfig, dump_config
-from condiff.train.data import TrainStream, check_shards, dataset_info, ensure_builtin_shards, merge_positions
+from condiff.train.data import (BucketSizes, TrainStream, check_shards, dataset_info, ensure_builtin_shards, input_multiple,
+                                merge_positions, resolve_train_buckets)
 from condiff.train.ema import EMA
 from condiff.io.phema import load_checkpoint_state
 from condiff.train.guard import StepGuard
@@ -192,12 +196,24 @@ class Trainer:
         if cfg.model.conditioning == "class" and not self.num_classes:
             raise ConfigError("data.num_classes: class-conditional training needs the class count (set data.num_classes, "
                              "or shards written by `condiff make-shards` with a dataset.json)")
+        if meta is not None:
+            arch = dict(meta.model)
+        else:
+            from condiff.models import model_config
+
+            arch = dataclasses.asdict(model_config(cfg.model.name, cfg.model.conditioning, **model_kwargs(cfg, self.num_classes)))
+        buckets = resolve_train_buckets(cfg.data, input_multiple(arch, self.autoencoder.downsample))
         self.data = TrainStream(cfg.data, conditioning=cfg.model.conditioning, batch_size=self.micro_batch,
                                 rank=self.info.rank, world_size=world, seed=cfg.seed, num_classes=self.num_classes,
-                                null_text=self._null_text())
+                                null_text=self._null_text(), buckets=buckets)
         if meta is not None and meta.data_position:
             self.data.load_state_dict(meta.data_position)
         self.train_sizes: list[list[int]] = list(meta.train_sizes) if meta else []
+        self.train_sizes_by_bucket = BucketSizes(meta.train_sizes_by_bucket if meta else None)
+        # images per bucket ("HxW"): all ranks up to the resumed checkpoint, this rank since then / since the last log
+        self.bucket_images_resumed = Counter(meta.counters.get("bucket_images", {}) if meta else {})
+        self.rank_buckets: Counter = Counter()
+        self.window_buckets: Counter = Counter()
         self.transfer_info: dict[str, Any] | None = None
 
         if meta is not None:  # resume: the architecture and schedule are the checkpoint's
@@ -332,15 +348,18 @@ class Trainer:
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         rng = D.all_gather_object(_rng_state(self.device))
         positions = merge_positions(D.all_gather_object(self.data.state_dict()))
+        bucket_images = dict(sum(D.all_gather_object(self.rank_buckets), self.bucket_images_resumed.copy()))
         path = None
         if self.info.is_main:
             meta = ckpt.CheckpointMeta(
                 model=self.model_config, schedule=self.schedule.to_dict(),
                 text_encoder=getattr(self.text_encoder, "config", None), autoencoder=self.autoencoder.config,
                 base_size=getattr(self.model, "base_size", None), train_sizes=ckpt.cap_sizes(self.train_sizes),
+                train_sizes_by_bucket=self.train_sizes_by_bucket.sizes,
                 data_position=positions, world_size=self.info.world_size, config=self.cfg.to_dict(),
                 transfer=self.transfer_info,
-                counters={"nonfinite_total": self.nonfinite_total, "images_seen": self.images_seen})
+                counters={"nonfinite_total": self.nonfinite_total, "images_seen": self.images_seen,
+                          "bucket_images": bucket_images})
             keep = self.cfg.keep_last if self.cfg.keep_last > 0 else None
             path = ckpt.save_checkpoint(self.run_dir, self.step, model_state=model_state, ema_state=ema_state,
                                         meta=meta, optim_state=optim_state, rng_state=rng, keep_last=keep,
@@ -360,6 +379,11 @@ class Trainer:
                 x0 = self.autoencoder.encode(batch["image"].to(self.device))
         if "control_l" in batch and len(self.train_sizes) < ckpt.TRAIN_SIZES_CAP:
             self.train_sizes.extend([[int(round(h)), int(round(w))] for h, w in batch["control_l"].tolist()])
+        if "bucket" in batch:
+            self.window_buckets[bucket_key(batch["bucket"])] += x0.shape[0]
+            self.rank_buckets[bucket_key(batch["bucket"])] += x0.shape[0]
+            if "control_l" in batch:
+                self.train_sizes_by_bucket.add(batch["bucket"], batch["control_l"])
         with torch.no_grad():
             cond = build_cond(batch, self.text_encoder, device=self.device)
         if self.cfg.model.conditioning == "class":
@@ -461,10 +485,13 @@ class Trainer:
                     bar.update(1)
                 if self.step % cfg.log.every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - t_window
+                    window_buckets = sum(D.all_gather_object(self.window_buckets), Counter())  # every rank's images
+                    self.window_buckets = Counter()
                     logger.log({"step": self.step, "loss": window_loss / max(window_n, 1), "grad_norm": out["grad_norm"],
                                 "lr": out["lr"], "img_per_s": window_steps * cfg.batch_size / max(elapsed, 1e-9),
                                 "sec_per_step": elapsed / max(window_steps, 1), "nonfinite_total": self.nonfinite_total,
                                 "images_seen": self.images_seen, "data_skipped": self.data.skipped(),
+                                "bucket_img_per_s": {k: v / max(elapsed, 1e-9) for k, v in sorted(window_buckets.items())},
                                 "time": time.time()})
                     t_window, window_steps, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
                 if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and self.step < cfg.steps:
@@ -520,13 +547,14 @@ class Trainer:
         model.load_state_dict(ema_state)
         model.to(self.device).eval()
         gen = preview_generator(model, self.schedule, self.cfg, text_encoder=self.text_encoder,
-                                autoencoder=self.autoencoder, train_sizes=self.train_sizes, device=self.device)
+                                autoencoder=self.autoencoder, train_sizes=self.train_sizes,
+                                train_sizes_by_bucket=self.train_sizes_by_bucket.sizes, device=self.device)
         return save_grid(gen.generate(), path, nrow=self.cfg.log.sample_per_prompt, min_cell=64,
                          record={**gen.record(), "step": self.step})
 
 
 def preview_generator(model: nn.Module, schedule: Any, cfg: TrainConfig, *, text_encoder=None, autoencoder=None,
-                      train_sizes=(), device="cpu", seed: int = 1234):
+                      train_sizes=(), train_sizes_by_bucket=None, device="cpu", seed: int = 1234):
     """The `condiff.inference.generate.Generator` of a training grid: rows = prompts (or labels) x
     sample_per_prompt, DDIM over log.sample_steps, lambda = log.sample_guidance and size conditioning
     log.sample_size_cond read exactly as `condiff sample` reads --guidance and --size-cond."""
@@ -536,7 +564,8 @@ def preview_generator(model: nn.Module, schedule: Any, cfg: TrainConfig, *, text
 
     items = cfg.log.sample_prompts if cfg.model.conditioning == "text" else [int(x) for x in cfg.log.sample_labels]
     rows = [x for x in items for _ in range(cfg.log.sample_per_prompt)]
-    meta = ckpt.CheckpointMeta(model=dict(model.config), schedule=schedule.to_dict(), train_sizes=list(train_sizes))
+    meta = ckpt.CheckpointMeta(model=dict(model.config), schedule=schedule.to_dict(), train_sizes=list(train_sizes),
+                               train_sizes_by_bucket=dict(train_sizes_by_bucket or {}))
     pipe = Pipeline(model, schedule, text_encoder, autoencoder, meta, source="training preview", weights="ema")
     spec = SamplingSpec(seed=seed, sampler="ddim", steps=cfg.log.sample_steps, guidance=cfg.log.sample_guidance,
                         size_cond=cfg.log.sample_size_cond, batch_size=max(1, len(rows)))
