@@ -140,12 +140,10 @@ def test_shapes_fd_is_fid_code_path_and_grows_with_corruption(ext, cache):
     base = fd(clean)
     blurred = [fd(blur(clean, s)) for s in (0.6, 1.2, 2.4)]
     assert base < blurred[0] < blurred[1] < blurred[2], (base, blurred)
-    swapped = fd(clean.flip(1))  # RGB -> BGR: red objects turn blue and blue ones red
-    mirrored = fd(clean.flip(-1))  # left/right swapped: the canonical first object changes
+    swapped = fd(clean[:, [2, 1, 0]])  # RGB -> BGR: red objects turn blue-ish, blue ones red-ish (off-palette)
     other = fd(render("default", n, 32, seed=7))
-    # clean 3.0 (finite-sample bias), mirrored 9.3, swapped 21, blur 1.2 px 16, other preset 1035 with SMALL
-    for name, value, factor in (("mirrored", mirrored, 2), ("swapped", swapped, 4), ("blur", blurred[1], 4),
-                                ("other preset", other, 100)):
+    # SMALL: clean 3.0 (the finite-sample bias), swapped 21, blur 1.2 px 16, other preset 1035
+    for name, value, factor in (("swapped", swapped, 4), ("blur", blurred[1], 4), ("other preset", other, 100)):
         assert value > factor * base, (name, value, base)
 
 

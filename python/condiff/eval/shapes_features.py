@@ -6,10 +6,11 @@ What it is trained to read (five softmax heads on one D-dimensional feature vect
                     pair, the only object of a single): 6 colours, 4 shapes
   colour2, shape2   the second object, or "none" (single-object images): 7 and 5 classes
   layout            single / horizontal / vertical (so the object count too)
-These are the quantities the shapes alignment score (`condiff.eval.align`) checks, and, because "first"
-means "left", a horizontally mirrored set of two-object images gets other labels: features that separate
-them make the FD sensitive to left/right (flip conditioning, paper Tab. 2c) as well as to colour, shape,
-count and image quality.
+These are the quantities the shapes alignment score (`condiff.eval.align`) checks: features that separate
+colours, shapes, counts and layouts (and where the objects sit: "first" means "left") make the FD react to
+wrong colours, shapes, blur and noise. The FD compares distributions: the shapes presets are mirror-
+symmetric (every left/right pair comes in both orders), so a mirrored set is in-distribution and left/right
+faithfulness to a caption is the align score's `relation`, not the FD's.
 
 Training data: both presets (`default` and `demo`, so that the features cover the demo models too),
 every image ADM-centre-cropped to a resolution drawn from RESOLUTIONS (16-64 px, the range the toy
