@@ -64,7 +64,8 @@ def as_uint8(images: Tensor | np.ndarray, name: str, value_range: tuple[float, f
     tol = 1e-3 * (hi - lo)
     if x.min() < lo - tol or x.max() > hi + tol:
         raise ValueError(f"{name}: values in [{float(x.min()):.3g}, {float(x.max()):.3g}] lie outside value_range "
-                         f"({lo:g}, {hi:g}); pass value_range=(0, 1) for images in [0, 1], or uint8 images")
+                         f"({lo:g}, {hi:g}); pass value_range=(0, 1) for images in [0, 1], or uint8 images (clamp raw "
+                         "sampler outputs to the range first)")
     return to_uint8((x - lo) / (hi - lo) * 2.0 - 1.0)
 
 
