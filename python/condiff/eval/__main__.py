@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--features", default="inception",
                    help="inception | inception:PATH | shapes (CNN trained on the shapes data) | random[:DIM[:SIZE[:SEED]]]")
     f.add_argument("--inception", default=None, help="path of clean-fid's inception-2015-12-05.pt (or its directory)")
-    f.add_argument("--cache-dir", default=None, help="reference statistics cache (default $CONDIFF_CACHE or ~/.cache/condiff)")
+    f.add_argument("--cache-dir", default=None, help="cache of reference statistics and the shapes feature "
+                                                     "network (default $CONDIFF_CACHE or ~/.cache/condiff)")
     sf = p.add_argument_group("shapes-fd")
     sf.add_argument("--shapes-preset", default=None,
                     help="shapes preset of the reference images (default: PRESET of --prompts shapes:PRESET, else default)")

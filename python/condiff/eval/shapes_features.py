@@ -13,11 +13,12 @@ symmetric (every left/right pair comes in both orders), so a mirrored set is in-
 faithfulness to a caption is the align score's `relation`, not the FD's.
 
 Training data: both presets (`default` and `demo`, so that the features cover the demo models too),
-every image ADM-centre-cropped to a resolution drawn from RESOLUTIONS (16-64 px, the range the toy
-models generate at) and then brought to INPUT_SIZE by the extractor's own clean-fid resize: the network
+image i ADM-centre-cropped to RESOLUTIONS[i % 5] (16-64 px, the range the toy models generate at) and
+then brought to INPUT_SIZE by the extractor's own clean-fid resize: the network
 sees exactly the pipeline `FeatureExtractor.features` applies at evaluation. Training is deterministic
 (fixed seeds, `torch.use_deterministic_algorithms`, one intra-op thread, CPU), so the weights are a
-function of `ShapesNetSettings` (and the torch build); they are cached as
+function of `ShapesNetSettings` (and the torch build: an entry made under another build is reused as it
+is; `FeatureExtractor.weights_sha256` keys the reference statistics); they are cached as
 `<cache>/shapes_features/<key>.safetensors` with `<key>.json` (settings, held-out accuracy per head and
 preset, training time), `key` = sha256 of the settings. Held-out data: other seeds of the same presets.
 """
