@@ -223,7 +223,10 @@ def test_shapes_aspects_preset_samples_mixed_aspects(setup, tmp_path, capsys):
     assert idx == [0, 3, 6] and images.shape == (3, 3, 22, 12)
     with pytest.raises(SystemExit):
         parse_args(["run", "--metrics", "fid", "--ref-train", "x", "--aspects", "1:2,2:1"])
-    assert "square centre crops" in capsys.readouterr().err
+    assert "--metrics fid: fid / shapes-fd compare with square references" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["run", "--metrics", "shapes-fd,content-change", "--aspects", "1:2,2:1"])
+    assert "--metrics shapes-fd,content-change: " in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["run", "--preset", "shapes-aspects", "--aspects", "1:0"])
     assert "'1:0' is not a positive W:H" in capsys.readouterr().err
