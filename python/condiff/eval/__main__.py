@@ -19,6 +19,10 @@ gather of every metric's state to rank 0, which merges them and computes
   align/*               shapes alignment accuracies (`condiff.eval.align`; prompts in the shapes grammar)
   lpips_size            LPIPS size-diversity protocol (`condiff.eval.lpips_size`) on --lpips-prompts
                         prompts, fed size sweeps (one per prompt) instead of single samples
+  shapes_fd             Frechet distance on the features of a small CNN trained on the shapes data, against
+                        rendered shapes images (`condiff.eval.metrics.shapes_fd`; no weights to fetch)
+  content_change        content change of the same size sweeps as lpips_size, each image against the first
+                        size (`condiff.eval.content_change`: detected objects + low-pass pixels; shapes data)
 and writes --out/manifest.json, report.md, grid.png.
 
 Presets (`--preset`, explicit flags win): the paper's protocols, see PRESETS. `--guidance` means what it
@@ -39,7 +43,7 @@ import torch
 
 from condiff.inference.cli_args import add_sampling_args, add_source_args, source_of, spec_of
 
-METRICS = ("fid", "clip", "lpips", "align")
+METRICS = ("fid", "clip", "lpips", "align", "shapes-fd", "content-change")
 
 PRESETS: dict[str, dict] = {
     # Each preset fixes the lambda ACTUALLY USED (the manifest's `guidance`), whatever the model's base resolution.
@@ -78,12 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--ref-val", default=None, help="validation shard set: FID_val")
     f.add_argument("--ref-max", type=int, default=None, help="use at most this many reference images")
     f.add_argument("--features", default="inception",
-                   help="inception | inception:PATH | random[:DIM[:SIZE[:SEED]]] (offline tests)")
+                   help="inception | inception:PATH | shapes (CNN trained on the shapes data) | random[:DIM[:SIZE[:SEED]]]")
     f.add_argument("--inception", default=None, help="path of clean-fid's inception-2015-12-05.pt (or its directory)")
     f.add_argument("--cache-dir", default=None, help="reference statistics cache (default $CONDIFF_CACHE or ~/.cache/condiff)")
+    sf = p.add_argument_group("shapes-fd")
+    sf.add_argument("--shapes-preset", default=None,
+                    help="shapes preset of the reference images (default: PRESET of --prompts shapes:PRESET, else default)")
+    sf.add_argument("--shapes-ref-n", type=int, default=2000, help="rendered reference images")
     c = p.add_argument_group("clip")
     c.add_argument("--clip", default=None, help="local Hugging Face CLIP directory (or $CONDIFF_CLIP)")
-    lp = p.add_argument_group("lpips size-diversity")
+    lp = p.add_argument_group("lpips size-diversity (and content-change: the same size sweeps)")
     lp.add_argument("--lpips-prompts", type=int, default=100, help="number of prompts (paper: 10k)")
     lp.add_argument("--lpips-sizes", default=None, help="comma list of sizes (default: 10 in [res, 4 res])")
     lp.add_argument("--lpips-include-low", action="store_true", help="keep sizes below the resolution")
@@ -119,8 +127,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--n, --batch-size and --steps must be >= 1")
     if "fid" in metrics and not (args.ref_train or args.ref_val):
         parser.error("--metrics fid needs --ref-train and/or --ref-val (reference shard sets)")
-    if "fid" in metrics and args.n < 2:
-        parser.error("--metrics fid needs --n >= 2")
+    if ("fid" in metrics or "shapes-fd" in metrics) and args.n < 2:
+        parser.error("--metrics fid / shapes-fd need --n >= 2")
     return args
 
 
@@ -264,19 +272,34 @@ def build_metrics(args: argparse.Namespace, gen, prompts: list[str] | None, dist
         for prompt in prompts:  # fail before sampling, naming the first caption outside the grammar
             parse_caption(prompt)
         metrics["align"] = Align(samples, gen.caption)
-    if "lpips" in args.metrics:
+    if "shapes-fd" in args.metrics:
+        from condiff.eval.metrics.shapes_fd import ShapesFd
+
+        preset = args.shapes_preset or (args.prompts.partition(":")[2] or "default"
+                                        if args.prompts and args.prompts.split(":")[0] == "shapes" else "default")
+        metrics["shapes-fd"] = ShapesFd(samples, gen.resolution, preset, args.shapes_ref_n, cache_dir=args.cache_dir,
+                                        device=dist.device, log=lambda m: _log(dist, m))
+    sweeps = [m for m in ("lpips", "content-change") if m in args.metrics]
+    if sweeps:
         from condiff.eval import lpips_size
-        from condiff.eval.metrics.lpips import LpipsSize
 
         if not gen.has_control:
-            raise ValueError("--metrics lpips measures size conditioning, but this model has no control conditioning")
+            raise ValueError(f"--metrics {','.join(sweeps)} measures size conditioning, but this model has no "
+                             "control conditioning")
         sizes = ([int(s) for s in args.lpips_sizes.split(",")] if args.lpips_sizes
                  else lpips_size.default_sizes(gen.resolution))
-        sizes = lpips_size.protocol_sizes(sizes, gen.resolution, args.lpips_include_low)
+        sweep = Stream(args.lpips_prompts, tuple(lpips_size.protocol_sizes(sizes, gen.resolution, args.lpips_include_low)))
+    if "lpips" in args.metrics:
+        from condiff.eval.metrics.lpips import LpipsSize
+
         net = lpips_size.lpips_model(args.lpips_net, args.lpips_backbone, args.lpips_random, device=dist.device)
         record = {"lpips_net": args.lpips_net,
                   "lpips_backbone": "random" if args.lpips_random else str(args.lpips_backbone or "default")}
-        metrics["lpips"] = LpipsSize(Stream(args.lpips_prompts, tuple(sizes)), net, record)
+        metrics["lpips"] = LpipsSize(sweep, net, record)
+    if "content-change" in args.metrics:
+        from condiff.eval.metrics.content_change import ContentChange
+
+        metrics["content-change"] = ContentChange(sweep)
     return metrics
 
 

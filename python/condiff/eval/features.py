@@ -68,6 +68,7 @@ class FeatureExtractor:
     device: torch.device | str = "cpu"
     batch_size: int = 64
     weights_sha256: str = ""
+    info: dict = field(default_factory=dict)  # what reports quote about the extractor (e.g. its accuracy)
 
     def __post_init__(self):
         self._resizer = self.resize.build()
@@ -164,6 +165,7 @@ def random_extractor(dim: int = 32, size: int = 64, seed: int = 0, device="cpu",
 
 def build_extractor(spec: str | None, device="cpu", batch_size: int = 64) -> FeatureExtractor:
     """CLI form: `inception` (default; weights located by `resolve_inception_path`), `inception:PATH`,
+    `shapes` (a small CNN trained once on the shapes dataset and cached: `condiff.eval.shapes_features`),
     or `random[:DIM[:SIZE[:SEED]]]` (offline tests)."""
     spec = spec or "inception"
     kind, _, rest = spec.partition(":")
@@ -174,4 +176,9 @@ def build_extractor(spec: str | None, device="cpu", batch_size: int = 64) -> Fea
         if len(args) > 3:
             raise ValueError(f"feature extractor {spec!r}: expected random[:DIM[:SIZE[:SEED]]]")
         return random_extractor(*args, device=device, batch_size=batch_size)
-    raise ValueError(f"feature extractor {spec!r}: expected 'inception', 'inception:PATH' or 'random[:DIM[:SIZE[:SEED]]]'")
+    if spec == "shapes":
+        from condiff.eval.shapes_features import shapes_extractor
+
+        return shapes_extractor(device, batch_size)
+    raise ValueError(f"feature extractor {spec!r}: expected 'inception', 'inception:PATH', 'shapes' or "
+                     "'random[:DIM[:SIZE[:SEED]]]'")

@@ -171,3 +171,39 @@ def reference_stats(shards: str | Iterable[str], extractor: FeatureExtractor, re
     log(f"FID reference: {ref.n} images from {len(files)} shards ({stats.skipped} skipped) in "
         f"{time.time() - t0:.1f} s -> {path}")
     return ref
+
+
+def shapes_reference_stats(extractor: FeatureExtractor, resolution: int, preset: str = "default", n: int = 2000,
+                           seed: int = 0, *, cache_dir: str | os.PathLike | None = None,
+                           log: Callable[[str], None] = print) -> FidStats:
+    """Statistics of `n` rendered shapes images (`condiff.data.shapes.render(i, preset, seed)`, i < n: the
+    images `condiff make-shards shapes --seed SEED` writes) at `resolution` (ADM centre crop, like the
+    shards), cached as `<cache_dir>/fid_ref/<key>.npz` with `key` a hash of the shapes config, n, seed,
+    the extractor (name, weights, resize) and the resolution. No shards needed: the reference of the
+    toy-scale Frechet distance (`condiff.eval.metrics.shapes_fd`)."""
+    from condiff.data import shapes
+
+    config = shapes.get_config(preset)
+    if n < 2:
+        raise ValueError(f"shapes reference statistics: need n >= 2 images, got {n}")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    setting = {"source": "shapes", "config": config.to_dict(), "n": n, "seed": seed, "extractor": extractor.name,
+               "weights_sha256": extractor.weights_sha256, "resize": vars(extractor.resize),
+               "resolution": resolution, "crop": "adm-center"}
+    key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:32]
+    path = cache / "fid_ref" / f"{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return FidStats(z["mu"], z["sigma"], int(z["n"]), key)
+    t0 = time.time()
+    moments = Moments()
+    for start in range(0, n, extractor.batch_size):
+        batch = np.stack([center_crop_arr(shapes.render(i, config, seed).image, resolution)
+                          for i in range(start, min(n, start + extractor.batch_size))])  # (B, R, R, 3)
+        moments.update(extractor.features(torch.from_numpy(batch).permute(0, 3, 1, 2)))
+    ref = moments.stats(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, mu=ref.mu, sigma=ref.sigma, n=ref.n, meta=json.dumps(setting))
+    log(f"shapes reference: {n} images of preset {preset!r} at {resolution} px in {time.time() - t0:.1f} s -> {path}")
+    return ref
