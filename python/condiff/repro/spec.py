@@ -55,8 +55,8 @@ DIRECTIONS = ("higher", "lower")
 # `condiff eval` flags a spec may set (value -> `--flag value`; True -> `--flag`; False / None -> omitted)
 EVAL_FLAGS = ("metrics", "n", "prompts", "steps", "sampler", "guidance", "guidance_resolution", "no_guidance_law",
               "control_guidance", "size_cond", "flip", "resolution", "rescale_schedule", "seed", "batch_size",
-              "features", "ref_train", "ref_val", "ref_max", "lpips_sizes", "lpips_prompts", "lpips_include_low",
-              "lpips_random", "content_sizes", "raw_weights")
+              "features", "ref_train", "ref_val", "ref_max", "shapes_preset", "shapes_ref_n", "lpips_sizes",
+              "lpips_prompts", "lpips_include_low", "lpips_random", "raw_weights")
 TOP_KEYS = ("title", "paper", "recipe", "data", "overrides", "seeds", "budget", "reference", "arms", "eval", "claims")
 
 
