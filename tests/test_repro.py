@@ -230,6 +230,29 @@ def test_runner_schedules_resumes_and_reports_fast(tmp_path):
     assert "**reproduced**" in md and "paired t" in md and "0.300 [" in md
 
 
+def test_runner_interrupt_stops_jobs_without_failing_them(tmp_path):
+    import signal
+
+    from condiff.repro import runner
+
+    exp = load_spec(write_spec(tmp_path, spec_dict()))
+    jobs = runner.plan(exp, tmp_path / "runs", 1, {"a": 2, "b": 2})
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)  # Ctrl-C while both trainings run
+    try:
+        res = runner.execute(jobs, 2, log=lambda m: None, progress=False, poll_s=0.05,
+                             launcher=[sys.executable, "-c", "import time; time.sleep(60)"])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert res["interrupted"] and res["failed"] == [] and res["ran"] == []
+    assert not any(j.finished() for j in jobs)
+
+
 @pytest.mark.slow  # eight fresh interpreters importing torch: ~3-4 min on the shared 2-core machine
 def test_runner_end_to_end_resume_and_report(tmp_path):
     from condiff.repro import runner

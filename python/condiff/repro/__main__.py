@@ -78,11 +78,14 @@ def cmd_run(args, root: Path, configs: Path) -> int:
     record = {"command": command, "seeds": seeds, "jobs": args.jobs, "threads": result["threads"],
               "wall_s": round(time.time() - t0, 1), "total_wall_s": round(prev.get("total_wall_s", 0) + time.time() - t0, 1),
               "machine": runner.machine(), "ran": result["ran"], "failed": result["failed"], "skipped": result["skipped"],
+              "interrupted": result["interrupted"],
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if result["ran"] or result["failed"] or not prev:  # a run that found everything finished keeps the record
         atomic_write_text(root / exp.name / "run.json", json.dumps(record, indent=1))
     path = report.write(exp, root)
     print(f"[repro] report: {path}", file=sys.stderr)
+    if result["interrupted"]:
+        return 130
     if result["failed"] or result["skipped"]:
         print(f"[repro] {len(result['failed'])} jobs failed, {len(result['skipped'])} skipped: "
               + ", ".join(result["failed"] + result["skipped"]), file=sys.stderr)

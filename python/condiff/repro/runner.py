@@ -224,9 +224,10 @@ def execute(jobs: list[Job], parallel: int, log=print, progress: bool = True, po
                desc="repro", unit="step", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     running: dict[str, tuple[Job, subprocess.Popen, float, Any]] = {}
     failed, skipped, ran = [], [], []
+    interrupted = False
     t0 = time.perf_counter()
     try:
-        while todo or running:
+        while (todo or running) and not interrupted:
             for job in list(todo):
                 if len(running) >= parallel:
                     break
@@ -243,10 +244,20 @@ def execute(jobs: list[Job], parallel: int, log=print, progress: bool = True, po
                 proc = subprocess.Popen([*launcher, *job.argv], stdout=logf,
                                         stderr=subprocess.STDOUT, env=env)
                 running[job.key] = (job, proc, time.perf_counter(), logf)
-            time.sleep(poll_s)
+            try:
+                time.sleep(poll_s)
+            except KeyboardInterrupt:  # Ctrl-C: stop the running jobs (checkpoints stay), report what finished
+                interrupted = True
+                log(f"[repro] interrupted: stopping {', '.join(running) or 'nothing'}; run again to resume")
             for key, (job, proc, start, logf) in list(running.items()):
                 rc = proc.poll()
-                if rc is None:
+                if rc is None and not interrupted:
+                    continue
+                if interrupted and rc != 0:  # stopped (by us, or by the same Ctrl-C): neither finished nor failed
+                    proc.terminate()
+                    proc.wait()
+                    logf.close()
+                    del running[key]
                     continue
                 logf.close()
                 del running[key]
@@ -268,7 +279,8 @@ def execute(jobs: list[Job], parallel: int, log=print, progress: bool = True, po
             proc.wait()
             logf.close()
         bar.close()
-    return {"failed": failed, "skipped": skipped, "ran": ran, "wall_s": time.perf_counter() - t0, "threads": threads}
+    return {"failed": failed, "skipped": skipped, "ran": ran, "wall_s": time.perf_counter() - t0, "threads": threads,
+            "interrupted": interrupted}
 
 
 def _write_marker(job: Job, wall_s: float, threads: int) -> None:
