@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,10 @@ def cmd_run(args, root: Path, configs: Path) -> int:
     todo = [j for j in jobs if not j.finished()]
     print(f"[repro] {exp.name}: {len(jobs)} jobs ({len(jobs) - len(todo)} already finished), {args.jobs} at a time, "
           f"{runner.threads_per_job(args.jobs)} threads each", file=sys.stderr)
+    # SIGTERM, and SIGINT even where the shell started us with it ignored (a background job), stop the jobs
+    # cleanly: the runner turns KeyboardInterrupt into "interrupted" and still writes the record and report
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.time()
     result = runner.execute(jobs, args.jobs, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress)
     command = f"condiff repro run {exp.name} --seeds {seeds} --jobs {args.jobs}"
@@ -91,6 +96,10 @@ def cmd_run(args, root: Path, configs: Path) -> int:
               + ", ".join(result["failed"] + result["skipped"]), file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def cmd_report(args, root: Path, configs: Path) -> int:
