@@ -269,6 +269,13 @@ chosen, it was chosen so that the reference arm learns the task at all, and the 
 """
 
 
+def _size(exp: Experiment) -> str:
+    """"A arms x K seeds, N training steps" of a spec (steps as its overrides state them)."""
+    steps = [exp.arms[a].overrides.get("steps", exp.overrides.get("steps")) for a in exp.arms]
+    total = f", {sum(steps) * exp.seeds} training steps" if all(isinstance(s, int) for s in steps) else ""
+    return f"{len(exp.arms)} arms x {exp.seeds} seeds{total}, {len(exp.conditions)} evaluation condition(s) per run"
+
+
 def docs(root: Path, out: Path, configs: Path) -> Path:
     """docs/REPRODUCTION.md: every spec of `configs`, measured (from its report.json) or marked not yet run."""
     img_dir = out.parent / "repro"
@@ -277,13 +284,13 @@ def docs(root: Path, out: Path, configs: Path) -> Path:
         exp = load_spec(path, configs)
         rep_path = root / exp.name / "report.json"
         rep = read_json(rep_path)
-        command = f"condiff repro run {exp.name} --jobs 2 && condiff repro report {exp.name}"
+        command = f"condiff repro run {exp.name} --jobs 2"
         if rep is None or not rep["seeds"]:
             summary.append(f"| `{exp.name}` | {exp.paper.get('source', '')} | not yet run | - |")
             sections.append(f"## {exp.title} (`{exp.name}`)\n\n**Paper** "
                             f"({exp.paper.get('source', '?')}): {exp.paper.get('statement', '')}\n\n"
-                            f"**Not yet run.** The spec exists (`{path}`); command: `{command}`. No numbers are "
-                            "reported for it.\n")
+                            f"**Not yet run.** The spec exists (`{path}`: {_size(exp)}); command: `{command}`. "
+                            "No numbers are reported for it.\n")
             continue
         # copy the grids and plots next to this file, so the document shows them
         files = {}
@@ -300,7 +307,7 @@ def docs(root: Path, out: Path, configs: Path) -> Path:
         verdicts = ", ".join(f"{c['verdict']}" for c in rep["claims"]) or "no claim"
         summary.append(f"| `{exp.name}` | {exp.paper.get('source', '')} | {verdicts} | {minutes:.0f} |")
         body = markdown(rep, image_dir="repro/", heading="##")
-        sections.append(body + f"\nCommand: `{command}`.\n")
+        sections.append(body + f"\nCommand: `{rep.get('run', {}).get('command') or command}`.\n")
     text = DOC_HEADER.format(statistics=CI_NOTE[0].upper() + CI_NOTE[1:])
     text += ("\n| experiment | paper | verdict(s) | compute (process-min) |\n|---|---|---|---|\n" + "\n".join(summary)
              + f"\n\nTotal compute of the measured experiments: {total:.0f} process-minutes "
