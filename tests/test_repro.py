@@ -121,6 +121,12 @@ def test_spec_cycle_and_dependency_order(tmp_path):
     assert exp.arms["b"].deps == ("pre",) and topological(exp.arms) == ["pre", "b", "a"]
     over = exp.train_overrides(Path("R"), "b", 3)
     assert over["init_from"] == str(Path("R/toy/pre/seed3")) and over["run_dir"] == str(Path("R/toy/b/seed3"))
+    from condiff.repro.runner import plan, with_deps
+
+    assert with_deps(exp, ["b"]) == ["pre", "b"]
+    assert [j.key for j in plan(exp, Path("R"), 1, {"pre": 1, "b": 1}, ["b"])][:2] == ["train pre seed0", "train b seed0"]
+    with pytest.raises(SpecError, match="--arms 'zz'"):
+        with_deps(exp, ["zz"])
     d["arms"]["pre"]["overrides"] = {"init_from": "{run:b}"}
     with pytest.raises(SpecError, match="circular"):
         load_spec(write_spec(tmp_path, d))

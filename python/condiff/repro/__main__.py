@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("name", help="experiment name (configs/repro/NAME.yaml) or a spec path")
     r.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the spec's)")
     r.add_argument("--jobs", type=int, default=1, help="processes side by side (threads each: cores // jobs)")
+    r.add_argument("--arms", default=None,
+                   help="comma list: run only these arms (and the arms they start from); the report marks the rest")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     rep = sub.add_parser("report", help="write the report of one experiment (or of every one that has runs)")
     rep.add_argument("name", nargs="?", default=None)
@@ -64,10 +66,11 @@ def cmd_run(args, root: Path, configs: Path) -> int:
     seeds = args.seeds or exp.seeds
     if seeds < 1 or args.jobs < 1:
         raise SpecError("--seeds and --jobs must be >= 1")
-    print(f"[repro] {exp.name}: checking the {len(exp.arms)} arms' training configs", file=sys.stderr)
-    steps = {arm: int(cfg["steps"]) for arm, cfg in runner.resolved_configs(exp, root).items()}
+    arms = runner.with_deps(exp, [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else list(exp.arms))
+    print(f"[repro] {exp.name}: checking the {len(arms)} arms' training configs", file=sys.stderr)
+    steps = {arm: int(cfg["steps"]) for arm, cfg in runner.resolved_configs(exp, root, arms).items()}
     runner.ensure_data(exp, root, log=lambda m: print(m, file=sys.stderr))
-    jobs = runner.plan(exp, root, seeds, steps)
+    jobs = runner.plan(exp, root, seeds, steps, arms)
     runner.check_markers(jobs)
     todo = [j for j in jobs if not j.finished()]
     print(f"[repro] {exp.name}: {len(jobs)} jobs ({len(jobs) - len(todo)} already finished), {args.jobs} at a time, "
@@ -78,7 +81,7 @@ def cmd_run(args, root: Path, configs: Path) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.time()
     result = runner.execute(jobs, args.jobs, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress)
-    command = f"condiff repro run {exp.name} --seeds {seeds} --jobs {args.jobs}"
+    command = f"condiff repro run {exp.name} --seeds {seeds} --jobs {args.jobs}" + (f" --arms {args.arms}" if args.arms else "")
     prev = runner.read_json(root / exp.name / "run.json") or {}
     record = {"command": command, "seeds": seeds, "jobs": args.jobs, "threads": result["threads"],
               "wall_s": round(time.time() - t0, 1), "total_wall_s": round(prev.get("total_wall_s", 0) + time.time() - t0, 1),

@@ -115,12 +115,12 @@ def train_argv(exp: Experiment, root: Path, arm: str, seed: int) -> list[str]:
     return ["train", "--config", str(exp.recipe), *(override_arg(k, v) for k, v in over.items()), "log.progress=false"]
 
 
-def resolved_configs(exp: Experiment, root: Path) -> dict[str, dict]:
+def resolved_configs(exp: Experiment, root: Path, arms: list[str] | None = None) -> dict[str, dict]:
     """{arm: its training config as the trainer resolves it} (`condiff train --print-config`, one process per
     arm, side by side); a bad override is a SpecError naming the spec, the arm and the trainer's message."""
     procs = {arm: subprocess.Popen([sys.executable, "-m", "condiff", *train_argv(exp, root, arm, 0), "--print-config"],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(1))
-             for arm in exp.arms}
+             for arm in (arms or exp.arms)}
     out = {}
     for arm, proc in procs.items():
         stdout, stderr = proc.communicate()
@@ -131,12 +131,30 @@ def resolved_configs(exp: Experiment, root: Path) -> dict[str, dict]:
     return out
 
 
-def plan(exp: Experiment, root: Path, seeds: int, steps: dict[str, int]) -> list[Job]:
-    """Every job of the experiment in dependency order; `steps` = {arm: training steps} (progress units)."""
+def with_deps(exp: Experiment, arms: list[str]) -> list[str]:
+    """`arms` plus every arm they depend on, in dependency order; SpecError for an unknown arm."""
+    for a in arms:
+        if a not in exp.arms:
+            raise SpecError(f"--arms {a!r}: not an arm of {exp.path} ({', '.join(exp.arms)})")
+    need: set[str] = set()
+
+    def add(a: str) -> None:
+        need.add(a)
+        for d in exp.arms[a].deps:
+            add(d)
+
+    for a in arms:
+        add(a)
+    return [a for a in topological(exp.arms) if a in need]
+
+
+def plan(exp: Experiment, root: Path, seeds: int, steps: dict[str, int], arms: list[str] | None = None) -> list[Job]:
+    """Every job of the experiment (or of `arms` and what they depend on) in dependency order; `steps` =
+    {arm: training steps} (progress units)."""
     jobs: list[Job] = []
     for seed in range(seeds):  # seed by seed (a partial experiment has whole seeds), trainings first
         evals: list[Job] = []
-        for arm in topological(exp.arms):
+        for arm in with_deps(exp, arms or list(exp.arms)):
             run_dir = exp.run_dir(root, arm, seed)
             argv = train_argv(exp, root, arm, seed)
             deps = [f"train {d} seed{seed}" for d in exp.arms[arm].deps]
