@@ -84,7 +84,7 @@ def build(exp: Experiment, root: Path) -> dict[str, Any]:
                        against_value=stats.t_interval(list(b.values())).to_dict(),
                        difference=d.to_dict(), verdict=stats.verdict(d, c.direction))
         else:
-            row.update(verdict="not run", difference=None)
+            row.update(verdict="not run", difference=None)  # an arm (or condition) without finished evaluations
         claims.append(row)
     seeds = sorted({int(s) for arm in arms.values() for m in arm["metrics"].values() for s in m["per_seed"]})
     return {"name": exp.name, "title": exp.title, "paper": exp.paper, "spec": str(exp.path), "budget": exp.budget,
@@ -228,6 +228,10 @@ def markdown(rep: dict, image_dir: str = "", heading: str = "#") -> str:
               f"conditions {json.dumps(rep['conditions'])}."]
     if rep["budget"]:
         parts += ["", f"**Budget**: {rep['budget']}"]
+    missing = [a["label"] for a in rep["arms"].values() if not a["metrics"]]
+    if missing:
+        parts += ["", f"**Not run**: {', '.join(missing)} (no finished evaluation: no numbers; claims on them "
+                  "say \"not run\")."]
     parts += ["", f"**Statistics**: {rep['statistics']}.", "", f"{heading}# Claims", "", claims_table(rep)]
     for cond in rep["conditions"]:
         table = arms_table(rep, cond)
@@ -304,7 +308,8 @@ def docs(root: Path, out: Path, configs: Path) -> Path:
         rep = {**rep, "files": files}
         minutes = (rep["compute"]["train_s"] + rep["compute"]["eval_s"]) / 60
         total += minutes
-        verdicts = ", ".join(f"{c['verdict']}" for c in rep["claims"]) or "no claim"
+        counts = {v: sum(c["verdict"] == v for c in rep["claims"]) for v in (*stats.VERDICTS, "not run")}
+        verdicts = ", ".join(f"{n} {v}" for v, n in counts.items() if n) or "no claim"
         summary.append(f"| `{exp.name}` | {exp.paper.get('source', '')} | {verdicts} | {minutes:.0f} |")
         body = markdown(rep, image_dir="repro/", heading="##")
         sections.append(body + f"\nCommand: `{rep.get('run', {}).get('command') or command}`.\n")
