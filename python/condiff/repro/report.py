@@ -242,8 +242,9 @@ def markdown(rep: dict, image_dir: str = "", heading: str = "#") -> str:
                 parts += ["", dt]
     files = rep.get("files", {})
     for g in files.get("grids", []):
+        cond = Path(g).stem.removeprefix(f"{rep['name']}_")  # docs/repro/ prefixes the experiment name
         parts += ["", f"Samples, seed 0, same noise and prompts per column (rows: arms), condition "
-                  f"`{Path(g).stem}`:", "", f"![{Path(g).stem}]({image_dir}{g})"]
+                  f"`{cond}`:", "", f"![{cond}]({image_dir}{g})"]
     for p in files.get("plots", []):
         parts += ["", f"![{Path(p).stem}]({image_dir}{p})"]
     total = rep["compute"]["train_s"] + rep["compute"]["eval_s"]
