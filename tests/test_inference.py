@@ -110,6 +110,17 @@ def test_uniform_sizes_and_batch_size_independence():
         Generator(pipe, SamplingSpec(size_cond="train-dist"))
 
 
+def test_flip_field_of_the_control_condition():
+    """--flip 1 sets phi_h's flip field (Table 2c: ask a flip-conditioned model for the mirrored layout)."""
+    pipe = Pipeline.from_zoo("mmdit-ours-tiny", seed=0)  # control: disentangled, every field conditioned
+    plain = Generator(pipe, SamplingSpec(steps=1)).cond([0, 1])
+    flipped = Generator(pipe, spec_of(parse_args(["run", "--metrics", "align", "--flip", "1", "--steps", "1"]))).cond([0, 1])
+    assert plain.control_h[:, 5].tolist() == [0.0, 0.0] and flipped.control_h[:, 5].tolist() == [1.0, 1.0]
+    torch.testing.assert_close(plain.control_h[:, :5], flipped.control_h[:, :5])  # the crop is unchanged
+    with pytest.raises(ValueError, match="--flip 2"):
+        resolve(pipe, SamplingSpec(flip=2))
+
+
 def test_save_grid_writes_png_and_record(tmp_path):
     imgs = torch.linspace(-1, 1, 4 * 3 * 8 * 8).reshape(4, 3, 8, 8)
     p = save_grid(imgs, tmp_path / "grid.png", record={"guidance": 2.0})

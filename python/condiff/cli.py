@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("condiff.demo:main", "ten-minute CPU demo: shapes shards, tiny mmDiT-ours, samples"),
     "ema": ("condiff.io.phema:main", "reconstruct the EMA of any length from a run's snapshots (EDM2)"),
     "eval": ("condiff.eval.__main__:main", "FID / CLIP / LPIPS / shapes alignment with a manifest"),
+    "repro": ("condiff.repro.__main__:main", "reproduce the paper's findings at toy scale (configs/repro/)"),
     "align": ("condiff.eval.align:main", "validate the shapes-alignment detector on rendered shapes data"),
 }
 

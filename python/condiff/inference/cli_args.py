@@ -51,6 +51,9 @@ def add_sampling_args(p: argparse.ArgumentParser, steps: int = SamplingSpec.step
     g.add_argument("--size-cond", default=d.size_cond,
                    help=f"size conditioning phi_l (Table 2b): {SIZE_COND_SYNTAX}; auto = train-dist when the "
                         "checkpoint stores training sizes, else output")
+    g.add_argument("--flip", type=int, choices=(0, 1), default=d.flip,
+                   help="flip field of the control condition phi_h (Table 2c): 1 asks a flip-conditioned model for "
+                        "the mirrored image (default 0)")
     g.add_argument("--orig-size", type=float, nargs="+", default=None, help=argparse.SUPPRESS)  # = fixed:HxW
     g.add_argument("--resolution", type=int, default=None, help="output pixels (default: the training resolution)")
     g.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
@@ -71,7 +74,7 @@ def spec_of(args: argparse.Namespace) -> SamplingSpec:
     return SamplingSpec(seed=args.seed, sampler=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta,
                         guidance=args.guidance, guidance_resolution=args.guidance_resolution,
                         guidance_law=not args.no_guidance_law, control_guidance=args.control_guidance,
-                        size_cond=size_cond, resolution=args.resolution,
+                        size_cond=size_cond, flip=args.flip, resolution=args.resolution,
                         size=tuple(args.size) if args.size else None, aspects=getattr(args, "aspects", None),
                         rescale_schedule=args.rescale_schedule,
                         batch_size=args.batch_size, precision=args.precision)

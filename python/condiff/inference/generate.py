@@ -10,7 +10,7 @@ number of ranks or which rank draws it (up to float reduction order):
     ADM's balanced protocol; `condiff sample`: each requested id / prompt repeated --n-per-cond times);
   * size conditioning phi_l (Table 2b, `condiff.inference.spec`): fixed, the output size, drawn from the
     training sizes, or uniform over a range, random draws from the same per-index generator (after the
-    noise); phi_h is a full centred un-flipped crop (`condiff.diffusion.size_cond`);
+    noise); phi_h is a full centred crop, un-flipped unless `spec.flip` = 1 (`condiff.diffusion.size_cond`);
   * deterministic samplers (DDIM with eta = 0, DPM-Solver++(2M), Heun) add no noise; DDIM with eta > 0
     draws its per-step noise from one generator per batch seeded with the batch's first index (so eta > 0
     depends on the batching).
@@ -123,6 +123,7 @@ class Generator:
             control_l = self.sizes(indices) if sizes is None else sizes
             control_h = torch.cat([full_crop_control_h(control_l[j:j + 1], self.shape(i).size)  # aspect W / H
                                    for j, i in enumerate(indices)])
+            control_h[:, 5] = float(self.spec.flip)  # (B, 6): the flip field of phi_h (Table 2c)
             cond = replace(cond, control_h=control_h.to(self.device), control_l=control_l.to(self.device))
         return cond
 

@@ -54,6 +54,7 @@ class SamplingSpec:
     guidance_law: bool = True  # Eq. 4 at an output resolution other than guidance_resolution
     control_guidance: float = 1.0  # beta of Eq. 2; 1 = plain CFG
     size_cond: str = "auto"  # SIZE_COND_SYNTAX
+    flip: int = 0  # phi_h's flip field (Table 2c): 1 asks a flip-conditioned model for the mirrored image
     resolution: int | None = None  # output pixels (square); None: the training resolution
     size: tuple[int, int] | None = None  # output (H, W) pixels, any aspect; exclusive with resolution
     aspects: tuple[float, ...] | None = None  # mixed aspects: sample i at aspects[i % k] (W / H), `resolve_shapes`
@@ -152,6 +153,8 @@ def resolve(pipeline, spec: SamplingSpec) -> Resolved:
         raise ValueError(f"--eta applies to ddim only (sampler {spec.sampler!r} is deterministic)")
     if spec.precision not in PRECISIONS:
         raise ValueError(f"--precision {spec.precision!r}: expected one of {PRECISIONS}")
+    if spec.flip not in (0, 1):
+        raise ValueError(f"--flip {spec.flip!r}: expected 0 (as captioned) or 1 (mirrored; Table 2c)")
     if spec.steps < 1 or spec.batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
     guidance_res = float(spec.guidance_resolution or guidance_base_resolution(pipeline.schedule.config, cfg, factor))
