@@ -316,3 +316,22 @@ def test_runner_reports_a_bad_override(tmp_path):
     d["arms"]["b"]["overrides"] = {"optim.lrr": 1.0}
     with pytest.raises(SpecError, match=r"arms\.b.*optim\.lrr"):
         resolved_configs(load_spec(write_spec(tmp_path, d)), tmp_path / "runs")
+
+
+def test_docs_keep_measured_sections_without_their_runs(tmp_path):
+    """A tree without runs/repro/NAME keeps NAME's measured section from the existing REPRODUCTION.md; a spec
+    neither measured here nor before is marked not yet run."""
+    from condiff.repro.report import docs, measured_sections
+
+    write_spec(tmp_path, spec_dict())
+    write_spec(tmp_path, spec_dict(title="other"), name="other")
+    out = tmp_path / "docs" / "REPRODUCTION.md"
+    out.parent.mkdir()
+    measured = "## toy (`toy`)\n\n| claim | verdict |\n|---|---|\n| B beats A | **reproduced** |\n"
+    out.write_text("# header\n\n| experiment | paper | verdict(s) | compute (process-min) |\n|---|---|---|---|\n"
+                   "| `toy` | Table X | 1 reproduced | 12 |\n\nTotal ...\n\n" + measured)
+    assert measured_sections(out.read_text()) == {"toy": ("| `toy` | Table X | 1 reproduced | 12 |", measured, 12.0)}
+    text = docs(tmp_path / "runs", out, tmp_path / "configs").read_text()
+    assert "| `toy` | Table X | 1 reproduced | 12 |" in text and measured in text
+    assert "| `other` | Table X | not yet run | - |" in text and "Total compute of the measured experiments: 12 " in text
+    assert docs(tmp_path / "runs", out, tmp_path / "configs").read_text() == text  # stable when re-run

@@ -12,6 +12,7 @@ the same prompts in every row (`condiff eval` draws sample i from (seed, i) only
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -281,15 +282,36 @@ def _size(exp: Experiment) -> str:
     return f"{len(exp.arms)} arms x {exp.seeds} seeds{total}, {len(exp.conditions)} evaluation condition(s) per run"
 
 
+def measured_sections(text: str) -> dict[str, tuple[str, str, float]]:
+    """The measured experiments of an existing REPRODUCTION.md: name -> (summary row, section, process-minutes).
+    Lets `docs` keep what was measured in another tree (run directories are not in git)."""
+    rows = {m.group(1): (m.group(0), float(m.group(2)))
+            for m in re.finditer(r"^\| `([\w.-]+)` \|.*\| ([0-9.]+) \|$", text, flags=re.M)}
+    found = {}
+    for section in re.split(r"\n(?=## )", text):
+        m = re.match(r"## .*\(`([\w.-]+)`\)\n", section)
+        if m and m.group(1) in rows:
+            found[m.group(1)] = (rows[m.group(1)][0], section.rstrip("\n") + "\n", rows[m.group(1)][1])
+    return found
+
+
 def docs(root: Path, out: Path, configs: Path) -> Path:
-    """docs/REPRODUCTION.md: every spec of `configs`, measured (from its report.json) or marked not yet run."""
+    """docs/REPRODUCTION.md: every spec of `configs`, measured (from its report.json), else as measured in the
+    existing `out` (kept, so a tree without the run directories does not erase results), else marked not yet run."""
     img_dir = out.parent / "repro"
+    previous = measured_sections(out.read_text()) if out.is_file() else {}
     sections, summary, total = [], [], 0.0
     for path in list_specs(configs):
         exp = load_spec(path, configs)
         rep_path = root / exp.name / "report.json"
         rep = read_json(rep_path)
         command = f"condiff repro run {exp.name} --jobs 2"
+        if (rep is None or not rep["seeds"]) and exp.name in previous:
+            row, section, minutes = previous[exp.name]
+            summary.append(row)
+            sections.append(section)
+            total += minutes
+            continue
         if rep is None or not rep["seeds"]:
             summary.append(f"| `{exp.name}` | {exp.paper.get('source', '')} | not yet run | - |")
             sections.append(f"## {exp.title} (`{exp.name}`)\n\n**Paper** "
