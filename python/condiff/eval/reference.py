@@ -129,6 +129,19 @@ def shard_moments(shards: list[str], extractor: FeatureExtractor, resolution: in
     return moments
 
 
+def _load_stats(path: Path, key: str) -> FidStats:
+    """Cached statistics `<cache>/fid_ref/<key>.npz`."""
+    with np.load(path) as z:
+        return FidStats(z["mu"], z["sigma"], int(z["n"]), key)
+
+
+def _save_stats(path: Path, ref: FidStats, meta: dict) -> None:
+    """Write statistics atomically, with `meta` (what they were computed from) as JSON beside mu / sigma / n."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, mu=ref.mu, sigma=ref.sigma, n=ref.n, meta=json.dumps(meta))
+
+
 def reference_stats(shards: str | Iterable[str], extractor: FeatureExtractor, resolution: int, *,
                     cache_dir: str | os.PathLike | None = None, max_images: int | None = None,
                     rank: int = 0, world_size: int = 1, gather: Callable | None = None,
@@ -145,8 +158,7 @@ def reference_stats(shards: str | Iterable[str], extractor: FeatureExtractor, re
     key = reference_key(files, extractor, resolution, max_images, cache)
     path = cache / "fid_ref" / f"{key}.npz"
     if path.is_file():
-        with np.load(path) as z:
-            return FidStats(z["mu"], z["sigma"], int(z["n"]), key)
+        return _load_stats(path, key)
     t0 = time.time()
     stats = ShardReadStats()
     per_rank = None if max_images is None else -(-max_images // world_size)
@@ -163,11 +175,8 @@ def reference_stats(shards: str | Iterable[str], extractor: FeatureExtractor, re
                          f"({stats.skipped} skipped: {stats.errors[:3]})")
     ref = moments.stats(key)
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path, suffix=".npz") as tmp:
-            np.savez(tmp, mu=ref.mu, sigma=ref.sigma, n=ref.n,
-                     meta=json.dumps({"shards": files, "extractor": extractor.name, "resolution": resolution,
-                                      "skipped": stats.skipped}))
+        _save_stats(path, ref, {"shards": files, "extractor": extractor.name, "resolution": resolution,
+                                "skipped": stats.skipped})
     log(f"FID reference: {ref.n} images from {len(files)} shards ({stats.skipped} skipped) in "
         f"{time.time() - t0:.1f} s -> {path}")
     return ref
@@ -193,8 +202,7 @@ def shapes_reference_stats(extractor: FeatureExtractor, resolution: int, preset:
     key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:32]
     path = cache / "fid_ref" / f"{key}.npz"
     if path.is_file():
-        with np.load(path) as z:
-            return FidStats(z["mu"], z["sigma"], int(z["n"]), key)
+        return _load_stats(path, key)
     t0 = time.time()
     moments = Moments()
     for start in range(0, n, extractor.batch_size):
@@ -202,8 +210,6 @@ def shapes_reference_stats(extractor: FeatureExtractor, resolution: int, preset:
                           for i in range(start, min(n, start + extractor.batch_size))])  # (B, R, R, 3)
         moments.update(extractor.features(torch.from_numpy(batch).permute(0, 3, 1, 2)))
     ref = moments.stats(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, mu=ref.mu, sigma=ref.sigma, n=ref.n, meta=json.dumps(setting))
+    _save_stats(path, ref, setting)
     log(f"shapes reference: {n} images of preset {preset!r} at {resolution} px in {time.time() - t0:.1f} s -> {path}")
     return ref
