@@ -335,3 +335,80 @@ def test_docs_keep_measured_sections_without_their_runs(tmp_path):
     assert "| `toy` | Table X | 1 reproduced | 12 |" in text and measured in text
     assert "| `other` | Table X | not yet run | - |" in text and "Total compute of the measured experiments: 12 " in text
     assert docs(tmp_path / "runs", out, tmp_path / "configs").read_text() == text  # stable when re-run
+
+
+def _shared_spec() -> dict:
+    """An experiment whose `base` arm shares `toy`'s arm `a` training run and fine-tunes `b` from it."""
+    return spec_dict(reference="base",
+                     arms={"base": {"label": "toy's a", "run_of": "toy/a"},
+                           "b": {"overrides": {"init_from": "{run:base}"}}},
+                     claims=[{"name": "b above base", "metric": "plain/align/relation", "arm": "b",
+                              "against": "base", "direction": "higher"}])
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda d: d["arms"]["base"].update(overrides={"steps": 3}), "arms.base.overrides"),
+    (lambda d: d["arms"]["base"].update(run_of="toy/zz"), "arms.base.run_of"),
+    (lambda d: d["arms"]["base"].update(run_of="nope/a"), "arms.base.run_of"),
+    (lambda d: d["arms"]["base"].update(run_of="toy"), "arms.base.run_of"),
+])
+def test_run_of_spec_errors(tmp_path, mutate, key):
+    write_spec(tmp_path, spec_dict())
+    d = _shared_spec()
+    mutate(d)
+    path = write_spec(tmp_path, d, name="share")
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert str(path) in str(e.value) and key in str(e.value)
+
+
+def test_run_of_cycle_between_experiments(tmp_path):
+    owner = spec_dict()
+    owner["arms"]["a"] = {"run_of": "share/base"}
+    write_spec(tmp_path, owner)
+    with pytest.raises(SpecError, match=r"circular run_of between experiments \(share -> toy -> share\)"):
+        load_spec(write_spec(tmp_path, _shared_spec(), name="share"))
+
+
+def test_run_of_shares_the_owners_training(tmp_path, monkeypatch):
+    """A `run_of` arm trains once, in its owner's directory (`repro run` trains it there first), is evaluated
+    under its own experiment, and `{run:ARM}` on it names the owner's run; its training is not counted twice."""
+    import functools
+
+    from condiff.repro import __main__ as cli
+    from condiff.repro import report, runner
+
+    write_spec(tmp_path, spec_dict())
+    exp = load_spec(write_spec(tmp_path, _shared_spec(), name="share"))
+    root = tmp_path / "runs"
+    assert exp.run_dir(root, "base", 0) == root / "toy" / "a" / "seed0"
+    assert exp.arm_dir(root, "base", 0) == root / "share" / "base" / "seed0"
+    assert exp.train_overrides(root, "b", 0)["init_from"] == str(root / "toy" / "a" / "seed0")
+    assert runner.sources(exp, ["base", "b"]) == {"toy": ["a"]}
+    owner_job = runner.plan(load_spec(tmp_path / "configs" / "toy.yaml"), root, 1, {"a": 2, "b": 2})[0]
+    jobs = {j.key: j for j in runner.plan(exp, root, 1, {"base": 2, "b": 2})}
+    shared = jobs["train base seed0"]
+    assert (shared.argv, shared.run_dir, shared.identity) == (owner_job.argv, owner_job.run_dir, owner_job.identity)
+    assert jobs["eval base seed0 plain"].out_dir == root / "share" / "base" / "seed0" / "repro_eval" / "plain"
+
+    # `condiff repro run share`: toy's arm a is trained first (trainings only), then share's own jobs
+    fake = tmp_path / "fake_condiff.py"
+    fake.write_text(FAKE_CONDIFF)
+    monkeypatch.setattr(runner, "execute", functools.partial(runner.execute, launcher=[sys.executable, str(fake)],
+                                                             poll_s=0.05))
+    monkeypatch.setattr(runner, "resolved_configs", lambda exp, root, arms=None: {a: {"steps": 2} for a in arms})
+    argv = ["--root", str(root), "--configs", str(tmp_path / "configs"), "run", "share", "--no-progress"]
+    assert cli.main(argv) == 0
+    calls = (tmp_path / "fake_condiff.py.calls").read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ["train", "train"] + ["eval"] * 4  # a (for share), b; 2 arms x 2 conds
+    assert "(trainings only, for share)" in json.loads((root / "toy" / "run.json").read_text())["command"]
+    assert not (root / "toy" / "a" / "seed0" / "repro_eval").exists()  # toy's own evaluations were not run
+    assert cli.main(argv) == 0 and len((tmp_path / "fake_condiff.py.calls").read_text().splitlines()) == 6
+
+    rep = json.loads((root / "share" / "report.json").read_text())
+    assert rep["arms"]["base"]["run_of"] == "toy/a"
+    assert rep["arms"]["base"]["metrics"]["plain/align/relation"]["per_seed"] == {"0": 0.5}  # a's value, seed 0
+    own = json.loads((root / "share" / "b" / "seed0" / "repro.json").read_text())["wall_s"]
+    assert rep["compute"]["train_s"] == pytest.approx(own, abs=0.05)  # toy's training is counted in toy
+    assert "run of `toy/a`" in (root / "share" / "report.md").read_text()
+    assert report.build(load_spec(tmp_path / "configs" / "toy.yaml"), root)["arms"]["a"]["metrics"] == {}

@@ -67,10 +67,19 @@ def cmd_run(args, root: Path, configs: Path) -> int:
     if seeds < 1 or args.jobs < 1:
         raise SpecError("--seeds and --jobs must be >= 1")
     arms = runner.with_deps(exp, [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else list(exp.arms))
+    for name, src_arms in runner.sources(exp, arms).items():  # shared training runs: trained by their owner
+        print(f"[repro] {exp.name}: training runs shared with {name} ({', '.join(src_arms)})", file=sys.stderr)
+        rc = cmd_run(argparse.Namespace(name=name, seeds=seeds, jobs=args.jobs, arms=",".join(src_arms),
+                                        no_progress=args.no_progress, train_only=exp.name), root, configs)
+        if rc != 0:
+            return rc
     print(f"[repro] {exp.name}: checking the {len(arms)} arms' training configs", file=sys.stderr)
     steps = {arm: int(cfg["steps"]) for arm, cfg in runner.resolved_configs(exp, root, arms).items()}
     runner.ensure_data(exp, root, log=lambda m: print(m, file=sys.stderr))
     jobs = runner.plan(exp, root, seeds, steps, arms)
+    train_only = getattr(args, "train_only", None)  # the experiment an owner's training runs are for
+    if train_only:  # its evaluations are not needed
+        jobs = [j for j in jobs if j.kind == "train"]
     runner.check_markers(jobs)
     todo = [j for j in jobs if not j.finished()]
     print(f"[repro] {exp.name}: {len(jobs)} jobs ({len(jobs) - len(todo)} already finished), {args.jobs} at a time, "
@@ -82,6 +91,7 @@ def cmd_run(args, root: Path, configs: Path) -> int:
     t0 = time.time()
     result = runner.execute(jobs, args.jobs, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress)
     command = f"condiff repro run {exp.name} --seeds {seeds} --jobs {args.jobs}" + (f" --arms {args.arms}" if args.arms else "")
+    command += f" (trainings only, for {train_only})" if train_only else ""
     prev = runner.read_json(root / exp.name / "run.json") or {}
     record = {"command": command, "seeds": seeds, "jobs": args.jobs, "threads": result["threads"],
               "wall_s": round(time.time() - t0, 1), "total_wall_s": round(prev.get("total_wall_s", 0) + time.time() - t0, 1),

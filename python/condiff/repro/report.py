@@ -66,7 +66,9 @@ def build(exp: Experiment, root: Path) -> dict[str, Any]:
     run_rec = read_json(root / exp.name / "run.json") or {}
     arms = {}
     for arm in exp.reported_arms():
+        run_of = exp.arms[arm].run_of
         arms[arm] = {"label": exp.arms[arm].label, "overrides": exp.arms[arm].overrides,
+                     "run_of": "/".join(run_of) if run_of else None,
                      "metrics": {k: {"per_seed": {str(s): v for s, v in sorted(per.items())},
                                      **stats.t_interval(list(per.values())).to_dict()}
                                  for k, per in sorted(values[arm].items())}}
@@ -120,7 +122,7 @@ def write_grids(exp: Experiment, root: Path, out: Path) -> list[Path]:
     for cond in exp.conditions:
         rows, labels = [], []
         for arm in exp.reported_arms():
-            files = sorted((exp.run_dir(root, arm, 0) / "repro_eval" / cond / "images").glob("*.png"))[:GRID_SAMPLES]
+            files = sorted((exp.arm_dir(root, arm, 0) / "repro_eval" / cond / "images").glob("*.png"))[:GRID_SAMPLES]
             if len(files) < GRID_SAMPLES:
                 continue
             rows += [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files]
@@ -197,6 +199,7 @@ def arms_table(rep: dict, cond: str) -> str:
     lines = [head, "|---" * (len(keys) + 1) + "|"]
     for name, arm in rep["arms"].items():
         ref = " (reference)" if name == rep["reference"] else ""
+        ref += f" (training: run of `{arm['run_of']}`)" if arm.get("run_of") else ""
         lines.append(f"| {arm['label']}{ref} | " + " | ".join(_cell(arm["metrics"].get(k)) for k in keys) + " |")
     return "\n".join(lines)
 
@@ -253,7 +256,9 @@ def markdown(rep: dict, image_dir: str = "", heading: str = "#") -> str:
               f"{rep['compute']['eval_s'] / 60:.1f} evaluation)"
               + (f"; last `{run.get('command', '')}` took {run.get('wall_s', 0) / 60:.1f} min wall on "
                  f"{run.get('machine', {}).get('cpu', '?')} ({run.get('machine', {}).get('cores', '?')} cores, "
-                 f"{run.get('jobs', '?')} jobs x {run.get('threads', '?')} threads)" if run else "") + ".",
+                 f"{run.get('jobs', '?')} jobs x {run.get('threads', '?')} threads)" if run else "") + "."
+              + (" Training of the arms marked \"run of\" is counted in the experiment that owns it."
+                 if any(a.get("run_of") for a in rep["arms"].values()) else ""),
               "", f"Report written {rep['written']}."]
     return "\n".join(parts) + "\n"
 

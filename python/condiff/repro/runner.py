@@ -11,6 +11,9 @@ Jobs (`plan`):
                     after its training run; cached in repro_eval/C/repro.json (keyed by the flags and the
                     training run's repro.json), so a report re-reads it and a changed condition re-evaluates.
 An arm naming another arm's run ("{run:ARM}", e.g. fine-tuning from a pre-training arm) waits for it.
+A `run_of` arm's training job is its owner experiment's job (same command, directory and identity): finished
+there, it is skipped here; `condiff repro run` trains missing owner runs first (`sources`), and its
+evaluations are written under this experiment (ROOT/NAME/ARM/seedK/repro_eval/C).
 
 Parallelism: J processes side by side, each with OMP_NUM_THREADS = MKL_NUM_THREADS = max(1, cores // J)
 (torch reads them for its intra-op pool), cores = the CPUs this process may use. One progress bar over
@@ -110,9 +113,25 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": cores(), "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__}
 
 
+def owner(exp: Experiment, arm: str) -> tuple[Experiment, str]:
+    """The experiment and arm that own ARM's training run (itself, unless a `run_of` arm)."""
+    return exp.source(arm) or (exp, arm)
+
+
 def train_argv(exp: Experiment, root: Path, arm: str, seed: int) -> list[str]:
+    exp, arm = owner(exp, arm)
     over = exp.train_overrides(root, arm, seed)
     return ["train", "--config", str(exp.recipe), *(override_arg(k, v) for k, v in over.items()), "log.progress=false"]
+
+
+def sources(exp: Experiment, arms: list[str]) -> dict[str, list[str]]:
+    """{owner experiment name: [its arms]} whose training runs the `run_of` arms among `arms` share."""
+    out: dict[str, list[str]] = {}
+    for arm in arms:
+        src = exp.source(arm)
+        if src and src[1] not in out.setdefault(src[0].name, []):
+            out[src[0].name].append(src[1])
+    return out
 
 
 def resolved_configs(exp: Experiment, root: Path, arms: list[str] | None = None) -> dict[str, dict]:
@@ -158,13 +177,13 @@ def plan(exp: Experiment, root: Path, seeds: int, steps: dict[str, int], arms: l
             run_dir = exp.run_dir(root, arm, seed)
             argv = train_argv(exp, root, arm, seed)
             deps = [f"train {d} seed{seed}" for d in exp.arms[arm].deps]
-            identity = _hash([exp.recipe.read_text(), argv[3:]])  # the recipe's text, not its absolute path
+            identity = _hash([owner(exp, arm)[0].recipe.read_text(), argv[3:]])  # the recipe's text, not its path
             jobs.append(Job(f"train {arm} seed{seed}", "train", arm, seed, None, argv, run_dir, run_dir, deps,
                             units=steps[arm], identity=identity))
             if not exp.arms[arm].evaluate:
                 continue
             for cond in exp.conditions:
-                out = run_dir / "repro_eval" / cond
+                out = exp.arm_dir(root, arm, seed) / "repro_eval" / cond
                 eargv = ["eval", str(run_dir), *exp.eval_argv(cond), "--out", str(out),
                          "--save-images", str(out / "images")]
                 evals.append(Job(f"eval {arm} seed{seed} {cond}", "eval", arm, seed, cond, eargv, run_dir, out,

@@ -17,6 +17,9 @@ conditioning, flip, resolution, ...), and the paper's CLAIMS tested on the resul
       no_flip: {label: no flip augmentation, overrides: {data.flip: false}}
       pre16: {eval: false, overrides: {...}}     # trained but not reported (e.g. a shared pre-training stage)
       ft32: {overrides: {init_from: "{run:pre16}"}}   # "{run:ARM}": ARM's run dir at the same seed (a dependency)
+      base: {run_of: loss-weighting/edm}         # this arm's training IS that experiment's arm's run (same seed):
+                                                 # trained once, there (`repro run` trains it first when absent),
+                                                 # evaluated here; no overrides of its own
     eval:                                        # `condiff eval` flags shared by every condition
       metrics: [align]
       n: 64
@@ -71,6 +74,7 @@ class Arm:
     overrides: dict[str, Any]  # flat dotted keys -> values (after the experiment-wide overrides)
     evaluate: bool = True
     deps: tuple[str, ...] = ()  # arms whose run dir this arm's overrides name ("{run:ARM}")
+    run_of: tuple[str, str] | None = None  # (EXPERIMENT, ARM) whose training run this arm shares
 
 
 @dataclass
@@ -104,11 +108,28 @@ class Experiment:
     def reported_arms(self) -> list[str]:
         return [a for a, arm in self.arms.items() if arm.evaluate]
 
-    def run_dir(self, root: Path, arm: str, seed: int) -> Path:
+    def arm_dir(self, root: Path, arm: str, seed: int) -> Path:
+        """Where this experiment keeps ARM's seed: its training run, or only its evaluations (`run_of` arms)."""
         return root / self.name / arm / f"seed{seed}"
+
+    def source(self, arm: str) -> tuple[Experiment, str] | None:
+        """(experiment, arm) whose training run `arm` shares (`run_of`), followed to the run's owner."""
+        if self.arms[arm].run_of is None:
+            return None
+        name, src_arm = self.arms[arm].run_of
+        src = load_spec(name, self.path.parent)
+        return src.source(src_arm) or (src, src_arm)
+
+    def run_dir(self, root: Path, arm: str, seed: int) -> Path:
+        """ARM's training run at `seed` (the owner's directory for a `run_of` arm)."""
+        src = self.source(arm)
+        return src[0].run_dir(root, src[1], seed) if src else self.arm_dir(root, arm, seed)
 
     def train_overrides(self, root: Path, arm: str, seed: int) -> dict[str, Any]:
         """The flat `key=value` overrides of one training run (run_dir and seed included, "{run:ARM}" resolved)."""
+        src = self.source(arm)
+        if src:
+            return src[0].train_overrides(root, src[1], seed)
         out: dict[str, Any] = {}
         if self.data is not None:
             out["data.shards"] = str(data_dir(root, self.data))
@@ -179,9 +200,23 @@ def list_specs(configs: Path = REPO_CONFIGS) -> list[Path]:
     return sorted(configs.glob("*.yaml"))
 
 
+_LOADING: list[Path] = []  # specs being loaded (a `run_of` cycle across experiments is an error)
+
+
 def load_spec(name_or_path: str | Path, configs: Path = REPO_CONFIGS) -> Experiment:
     """Parse and check one spec; SpecError names the file and the key."""
     path = spec_path(str(name_or_path), configs)
+    if path.resolve() in _LOADING:
+        chain = " -> ".join(p.stem for p in _LOADING + [path.resolve()])
+        raise SpecError(f"{path}: arms: circular run_of between experiments ({chain})")
+    _LOADING.append(path.resolve())
+    try:
+        return _load_spec(path, configs)
+    finally:
+        _LOADING.pop()
+
+
+def _load_spec(path: Path, configs: Path) -> Experiment:
     if not path.is_file():
         known = ", ".join(p.stem for p in list_specs(configs)) or "none"
         raise SpecError(f"{path}: no such experiment spec (known under {configs}: {known})")
@@ -220,8 +255,11 @@ def load_spec(name_or_path: str | Path, configs: Path = REPO_CONFIGS) -> Experim
         _expect(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_\-]+", name) is not None, path, key,
                 "an arm name of letters, digits, '_' or '-'", name)
         body = _mapping(body if body is not None else {}, path, key)
-        bad = sorted(set(body) - {"label", "overrides", "eval"})
-        _expect(not bad, path, f"{key}.{bad[0]}" if bad else key, "keys label, overrides, eval")
+        bad = sorted(set(body) - {"label", "overrides", "eval", "run_of"})
+        _expect(not bad, path, f"{key}.{bad[0]}" if bad else key, "keys label, overrides, eval, run_of")
+        run_of = _run_of(body.get("run_of"), path, key) if "run_of" in body else None
+        _expect(run_of is None or not body.get("overrides"), path, f"{key}.overrides",
+                "no overrides on a run_of arm (its training is the other experiment's run)")
         arm_over = _flatten(_mapping(body.get("overrides", {}), path, f"{key}.overrides"))
         for k in ("run_dir", "seed"):
             _expect(k not in arm_over and k not in overrides, path, f"{key}.overrides.{k}",
@@ -229,7 +267,7 @@ def load_spec(name_or_path: str | Path, configs: Path = REPO_CONFIGS) -> Experim
         deps = tuple(dict.fromkeys(m for v in arm_over.values() if isinstance(v, str) for m in RUN_REF.findall(v)))
         evaluate = body.get("eval", True)
         _expect(isinstance(evaluate, bool), path, f"{key}.eval", "true or false", evaluate)
-        arms[name] = Arm(name, str(body.get("label", name)), arm_over, evaluate, deps)
+        arms[name] = Arm(name, str(body.get("label", name)), arm_over, evaluate, deps, run_of)
     for arm in arms.values():
         for dep in arm.deps:
             _expect(dep in arms and dep != arm.name, path, f"arms.{arm.name}.overrides",
@@ -279,6 +317,18 @@ def load_spec(name_or_path: str | Path, configs: Path = REPO_CONFIGS) -> Experim
     return Experiment(name=path.stem, path=path, title=raw["title"], paper=paper, recipe=recipe, data=data,
                       overrides=overrides, seeds=seeds, budget=str(raw.get("budget", "")), reference=raw["reference"],
                       arms=arms, eval_flags=ev, conditions=conds, claims=claims)
+
+
+def _run_of(value: Any, path: Path, key: str) -> tuple[str, str]:
+    """`run_of: EXPERIMENT/ARM` checked against the spec of EXPERIMENT beside `path`."""
+    _expect(isinstance(value, str) and value.count("/") == 1, path, f"{key}.run_of", "EXPERIMENT/ARM", value)
+    name, arm = value.split("/")
+    src_path = path.parent / f"{name}.yaml"
+    _expect(src_path.is_file() and src_path.resolve() != path.resolve(), path, f"{key}.run_of",
+            f"another experiment of {path.parent} (EXPERIMENT/ARM)", value)
+    src = load_spec(src_path)
+    _expect(arm in src.arms, path, f"{key}.run_of", f"an arm of {src_path} ({', '.join(src.arms)})", value)
+    return name, arm
 
 
 def _check_acyclic(arms: dict[str, Arm], path: Path) -> None:
