@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,3 +46,12 @@ def shards(tmp_path_factory):
     info = write_shapes(str(out), 64, seed=0, preset="demo", shard_size=16)
     (out / "dataset.json").write_text(json.dumps(info))
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def training_recipes() -> list[Path]:
+    """Every training recipe under configs/, without the `_`-prefixed partial bases they include
+    (configs/repro/ holds `condiff repro` experiment specs, not recipes)."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    return sorted(p for p in configs.rglob("*.yaml")
+                  if not p.name.startswith("_") and "repro" not in p.relative_to(configs).parts)

@@ -150,19 +150,13 @@ def test_train_cli_print_config_and_config_error(capsys):
     assert "unknown config key 'optim.bogus'" in capsys.readouterr().err
 
 
-def training_recipes() -> list[Path]:
-    """Every training recipe under configs/ (configs/repro/ holds `condiff repro` experiment specs instead)."""
-    return sorted(p for p in (REPO / "configs").rglob("*.yaml") if "repro" not in p.relative_to(REPO / "configs").parts)
-
-
-def test_recipes_all_parse_and_build_their_models():
+def test_recipes_all_parse_and_build_their_models(training_recipes):
     """Every recipe validates, and its model kwargs are accepted by `create` (built on the meta device)."""
     from condiff.models import create
 
-    recipes = [p for p in training_recipes() if not p.name.startswith("_")]
-    assert len(recipes) >= 30
+    assert len(training_recipes) >= 30
     seen = set()
-    for path in recipes:
+    for path in training_recipes:
         cfg = load_config(path)
         assert cfg.steps > 0, path
         key = (cfg.model.name, cfg.model.conditioning, json.dumps(cfg.model.kwargs, sort_keys=True))
@@ -179,16 +173,15 @@ def test_recipes_all_parse_and_build_their_models():
     assert base.optim.betas == [0.9, 0.95] and base.log.sample_guidance == 1.5  # at the 256 px base (Eq. 4: 2.0)
 
 
-def test_every_recipe_and_the_demo_train_the_edm_objective():
+def test_every_recipe_and_the_demo_train_the_edm_objective(training_recipes):
     """App. C read in EDM terms ("edm" = plain epsilon MSE) is what every shipped recipe trains; the former
     1/sigma^2-on-epsilon default is only reachable by its explicit name."""
     import argparse
 
     from condiff.demo import demo_overrides
 
-    for path in training_recipes():
-        if not path.name.startswith("_"):
-            assert load_config(path).schedule.weighting == "edm", path
+    for path in training_recipes:
+        assert load_config(path).schedule.weighting == "edm", path
     args = argparse.Namespace(seed=0, steps=10, batch_size=4, resolution=16, text_len=12, lr=1e-3, quiet=True,
                               sample_every=0, per_prompt=1, guidance=4.0, sample_steps=5,
                               weighting="edm")
@@ -199,15 +192,13 @@ def test_every_recipe_and_the_demo_train_the_edm_objective():
         load_config(overrides=["schedule.weighting=inv-snr"])
 
 
-def test_recipes_match_the_papers_comparison_setups():
+def test_recipes_match_the_papers_comparison_setups(training_recipes):
     """Table 1 / Table A3: the re-implemented baselines train without control conditioning (SDXL's UNet with its
     own micro-conditioning); only the paper's model (mmdit-ours) uses Eq. 1 control."""
     from condiff.models import create
 
     seen = set()
-    for path in training_recipes():
-        if path.name.startswith("_"):
-            continue
+    for path in training_recipes:
         cfg = load_config(path)
         kw = dict(cfg.model.kwargs, control_fields=cfg.data.control_fields)
         kw.update({"num_classes": 8} if cfg.model.conditioning == "class" else {})

@@ -37,15 +37,9 @@ def wide(tmp_path_factory):
     return out
 
 
-def _recipes():
-    """The training recipes (configs/repro/ holds `condiff repro` experiment specs, not recipes)."""
-    return sorted(p for p in (REPO / "configs").rglob("*.yaml")
-                  if not p.name.startswith("_") and "repro" not in p.relative_to(REPO / "configs").parts)
-
-
-def test_cc12m_recipes_train_on_buckets_imagenet_stays_square():
+def test_cc12m_recipes_train_on_buckets_imagenet_stays_square(training_recipes):
     seen = 0
-    for path in _recipes():
+    for path in training_recipes:
         cfg = load_config(path)
         arch = dataclasses.asdict(model_config(cfg.model.name, cfg.model.conditioning, **cfg.model.kwargs))
         factor = 1 if cfg.autoencoder.config.get("kind", "pixels") == "pixels" else 8  # SD-VAE
