@@ -412,3 +412,23 @@ def test_run_of_shares_the_owners_training(tmp_path, monkeypatch):
     assert rep["compute"]["train_s"] == pytest.approx(own, abs=0.05)  # toy's training is counted in toy
     assert "run of `toy/a`" in (root / "share" / "report.md").read_text()
     assert report.build(load_spec(tmp_path / "configs" / "toy.yaml"), root)["arms"]["a"]["metrics"] == {}
+
+
+def test_grid_of_arms_sampled_at_different_sizes(tmp_path):
+    """A 16 px and a 32 px arm in one grid (guidance-law): the smaller samples are upscaled, not refused."""
+    from PIL import Image
+
+    from condiff.repro.report import GRID_SAMPLES, write_grids
+
+    exp = load_spec(write_spec(tmp_path, spec_dict()))
+    root = tmp_path / "runs"
+    for arm, side in (("a", 4), ("b", 8)):
+        images = exp.arm_dir(root, arm, 0) / "repro_eval" / "plain" / "images"
+        images.mkdir(parents=True)
+        for i in range(GRID_SAMPLES):
+            Image.new("RGB", (side, side), (200, 0, 0)).save(images / f"{i:06d}.png")
+    (grid,) = write_grids(exp, root, tmp_path / "grids")
+    assert grid.name == "plain.png"
+    one_row = write_grids(load_spec(write_spec(tmp_path, spec_dict(arms={"b": {}}, reference="b", claims=[]))),
+                          root, tmp_path / "grids1")[0]
+    assert Image.open(grid).size[1] > Image.open(one_row).size[1]  # both arms' rows are drawn

@@ -111,7 +111,8 @@ def write(exp: Experiment, root: Path) -> Path:
 
 def write_grids(exp: Experiment, root: Path, out: Path) -> list[Path]:
     """One grid per condition: a row per evaluated arm, seed 0's first GRID_SAMPLES samples (same noise and
-    prompts in every row)."""
+    prompts in every row). Arms sampled at different sizes (e.g. 16 and 32 px models) are shown at the
+    largest, upscaled by nearest neighbour."""
     import numpy as np
     import torch
     from PIL import Image
@@ -120,14 +121,16 @@ def write_grids(exp: Experiment, root: Path, out: Path) -> list[Path]:
 
     written = []
     for cond in exp.conditions:
-        rows, labels = [], []
+        images, labels = [], []
         for arm in exp.reported_arms():
             files = sorted((exp.arm_dir(root, arm, 0) / "repro_eval" / cond / "images").glob("*.png"))[:GRID_SAMPLES]
             if len(files) < GRID_SAMPLES:
                 continue
-            rows += [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files]
+            images += [Image.open(f).convert("RGB") for f in files]
             labels.append(exp.arms[arm].label)
-        if rows:
+        if images:
+            size = (max(im.width for im in images), max(im.height for im in images))
+            rows = [torch.from_numpy(np.array(im.resize(size, Image.NEAREST))).permute(2, 0, 1) for im in images]
             out.mkdir(parents=True, exist_ok=True)
             written.append(save_grid(torch.stack(rows), out / f"{cond}.png", nrow=GRID_SAMPLES, min_cell=48,
                                      row_captions=labels))
