@@ -257,7 +257,9 @@ def markdown(rep: dict, image_dir: str = "", heading: str = "#") -> str:
     total = rep["compute"]["train_s"] + rep["compute"]["eval_s"]
     parts += ["", f"**Compute**: {total / 60:.1f} process-minutes ({rep['compute']['train_s'] / 60:.1f} training, "
               f"{rep['compute']['eval_s'] / 60:.1f} evaluation)"
-              + (f"; last `{run.get('command', '')}` took {run.get('wall_s', 0) / 60:.1f} min wall on "
+              + (f"; last `{run.get('command', '')}` took {run.get('wall_s', 0) / 60:.1f} min wall"
+                 + (f" ({run['total_wall_s'] / 60:.1f} over every invocation)"
+                    if run.get("total_wall_s", 0) > run.get("wall_s", 0) + 30 else "") + " on "
                  f"{run.get('machine', {}).get('cpu', '?')} ({run.get('machine', {}).get('cores', '?')} cores, "
                  f"{run.get('jobs', '?')} jobs x {run.get('threads', '?')} threads)" if run else "") + "."
               + (" Training of the arms marked \"run of\" is counted in the experiment that owns it."
