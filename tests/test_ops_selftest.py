@@ -97,3 +97,30 @@ def test_ops_info_names_cuda_build_once(monkeypatch, capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
     assert out.count("compiled in") == 1 and "CUDA kernels compiled in (nvcc" in out
+
+
+def test_first_use_inside_activation_checkpointing():
+    """The self-test runs on its own thread: when an op's first use is inside torch.utils.checkpoint, the
+    checkpoint's saved-tensor hooks do not capture the test's tensors (the recomputation used to fail with
+    "a different number of tensors was saved", and the kernel was wrongly routed to the reference)."""
+    x, s, c = (t.requires_grad_(True) for t in _adaln_inputs())
+    g, y = torch.randn(2, 8, requires_grad=True), torch.randn(2, 5, 8, requires_grad=True)
+
+    def block(x, s, c, g, y):
+        return ops.gated_residual(ops.adaln_modulate(x, s, c), g, y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no kernel is reported failed
+        out = torch.utils.checkpoint.checkpoint(block, x, s, c, g, y, use_reentrant=False)
+        grads = torch.autograd.grad(out.square().sum(), (x, s, c, g, y))
+    assert selftest._results == {("adaln_modulate", "cpu", "cpu"): True, ("gated_residual", "cpu", "cpu"): True}
+    ref_out = reference.gated_residual(reference.adaln_modulate(x, s, c, 1e-6), g, y)
+    ref_grads = torch.autograd.grad(ref_out.square().sum(), (x, s, c, g, y))
+    torch.testing.assert_close(out, ref_out)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_check_of_an_unknown_op_raises_in_the_caller():
+    with pytest.raises(KeyError, match="no_such_op"):
+        selftest.check("no_such_op", "cpu", "cpu")

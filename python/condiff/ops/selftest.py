@@ -11,11 +11,17 @@ so that one rule covers every kernel. An explicitly requested backend (`backend=
 rerouted. Under `torch.compile` tracing no test can run: an op not yet checked in eager mode uses its
 kernel unchecked.
 
+The test runs on a thread of its own. Autograd's saved-tensor hooks, grad mode and dispatch modes are
+thread-local, so the test neither sees nor disturbs the caller's: the first use of an op often happens
+inside `torch.utils.checkpoint` (activation checkpointing), whose hooks would otherwise capture the
+test's saved tensors and fail the recomputation ("a different number of tensors was saved").
+
 `condiff ops-info --selftest` runs every op on every live kernel backend on demand (`run_all`).
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -65,9 +71,7 @@ def _run(fn, inputs: list[Tensor], backend: str, grads_out: list[Tensor] | None)
     return [o.detach() for o in outs] + [g.detach() for g in grads], grads_out
 
 
-def check(op: str, backend: str, device: torch.device | str) -> tuple[bool, str]:
-    """Run `op` with `backend` and with the reference on `device`; (ok, one-line detail)."""
-    device = torch.device(device)
+def _compare(op: str, backend: str, device: torch.device) -> tuple[bool, str]:
     fn, inputs = _cases(device)[op]
     try:
         want, grads_out = _run(fn, inputs, "reference", None)
@@ -84,6 +88,28 @@ def check(op: str, backend: str, device: torch.device | str) -> tuple[bool, str]
         worst = max(worst, float((err - RTOL * b.float().abs()).max()))
     ok = worst <= ATOL
     return ok, f"forward+backward within {ATOL:g} + {RTOL:g}*|ref|" if ok else f"off by {worst + ATOL:.3g} (tolerance {ATOL:g} + {RTOL:g}*|ref|)"
+
+
+def check(op: str, backend: str, device: torch.device | str) -> tuple[bool, str]:
+    """Run `op` with `backend` and with the reference on `device`; (ok, one-line detail). Runs on a fresh
+    thread (clean autograd state, see the module docstring) and waits for it."""
+    device = torch.device(device)
+    result: list = []
+
+    def target() -> None:
+        try:
+            if device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)  # the current device is per thread too
+            result.append(_compare(op, backend, device))
+        except BaseException as exc:  # not a kernel failure (e.g. an unknown op): raised in the caller
+            result.append(exc)
+
+    thread = threading.Thread(target=target, name=f"condiff-selftest-{op}")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 def passed(op: str, backend: str, device: torch.device) -> bool:
