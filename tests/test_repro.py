@@ -432,3 +432,23 @@ def test_grid_of_arms_sampled_at_different_sizes(tmp_path):
     one_row = write_grids(load_spec(write_spec(tmp_path, spec_dict(arms={"b": {}}, reference="b", claims=[]))),
                           root, tmp_path / "grids1")[0]
     assert Image.open(grid).size[1] > Image.open(one_row).size[1]  # both arms' rows are drawn
+
+
+def test_specs_are_found_outside_the_clone(tmp_path, monkeypatch, capsys):
+    """From another working directory the CLI reads the specs of the clone condiff was imported from; with
+    neither, `list` and `run` say where specs come from instead of 'none'."""
+    from condiff.repro import __main__ as cli
+    from condiff.repro import spec
+
+    monkeypatch.chdir(tmp_path)
+    assert spec.default_configs() == ROOT / "configs" / "repro"
+    assert cli.main(["--root", str(tmp_path / "r"), "list"]) == 0
+    listed = [ln.split()[0] for ln in capsys.readouterr().out.splitlines()]
+    assert listed == sorted(p.stem for p in (ROOT / "configs" / "repro").glob("*.yaml")) and "flip" in listed
+    monkeypatch.setattr(spec, "SOURCE_CONFIGS", tmp_path / "nowhere")
+    assert spec.default_configs() == Path("configs/repro")
+    assert cli.main(["list"]) == 1
+    assert "ship with the source tree" in capsys.readouterr().err
+    assert cli.main(["run", "flip"]) == 2
+    err = capsys.readouterr().err
+    assert "configs/repro/flip.yaml: no such experiment spec" in err and "pass --configs DIR" in err

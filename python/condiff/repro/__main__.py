@@ -19,14 +19,16 @@ import time
 from pathlib import Path
 
 from condiff.io.atomic import atomic_write_text
-from condiff.repro.spec import REPO_CONFIGS, SpecError, list_specs, load_spec
+from condiff.repro.spec import SpecError, default_configs, list_specs, load_spec, missing_configs_hint
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="condiff repro", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="runs/repro", help="where runs and reports go (default runs/repro)")
-    p.add_argument("--configs", default=str(REPO_CONFIGS), help="directory of experiment specs (default configs/repro)")
+    p.add_argument("--configs", default=None,
+                   help="directory of experiment specs (default: ./configs/repro, else the configs/repro of the "
+                        "clone condiff was imported from)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the experiments")
     r = sub.add_parser("run", help="train and evaluate an experiment, then write its report")
@@ -48,7 +50,7 @@ def cmd_list(root: Path, configs: Path) -> int:
 
     specs = list_specs(configs)
     if not specs:
-        print(f"no experiment specs under {configs}")
+        print(missing_configs_hint(configs), file=sys.stderr)
         return 1
     for path in specs:
         exp = load_spec(path, configs)
@@ -128,7 +130,7 @@ def cmd_report(args, root: Path, configs: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    root, configs = Path(args.root), Path(args.configs)
+    root, configs = Path(args.root), Path(args.configs) if args.configs else default_configs()
     try:
         if args.command == "list":
             return cmd_list(root, configs)

@@ -53,6 +53,8 @@ from typing import Any
 import yaml
 
 REPO_CONFIGS = Path("configs/repro")
+# the source tree this package was imported from (a clone: python/condiff/repro/spec.py -> the clone's root)
+SOURCE_CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "repro"
 RUN_REF = re.compile(r"\{run:([A-Za-z0-9_\-]+)\}")
 DIRECTIONS = ("higher", "lower")
 # `condiff eval` flags a spec may set (value -> `--flag value`; True -> `--flag`; False / None -> omitted)
@@ -189,11 +191,27 @@ def _mapping(value: Any, path: Path, key: str) -> dict:
 
 
 def spec_path(name_or_path: str, configs: Path = REPO_CONFIGS) -> Path:
-    """configs/repro/NAME.yaml for a name; a path ending in .yaml as given."""
+    """CONFIGS/NAME.yaml for a name; a path ending in .yaml as given."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
         return p
     return configs / f"{name_or_path}.yaml"
+
+
+def default_configs() -> Path:
+    """Where the experiment specs are: ./configs/repro when the working directory is a clone, else the clone
+    this package was imported from (an editable install or PYTHONPATH=python). The specs and the recipes they
+    name live in the source tree, not in the wheel: from a wheel outside a clone, pass --configs."""
+    for candidate in (REPO_CONFIGS, SOURCE_CONFIGS):
+        if candidate.is_dir():
+            return candidate
+    return REPO_CONFIGS
+
+
+def missing_configs_hint(configs: Path) -> str:
+    """One sentence on where specs come from, for errors about an empty or absent spec directory."""
+    return (f"no experiment specs under {configs} (the specs ship with the source tree, in a clone's configs/repro: "
+            f"run from the clone's root, or pass --configs DIR)")
 
 
 def list_specs(configs: Path = REPO_CONFIGS) -> list[Path]:
@@ -218,8 +236,9 @@ def load_spec(name_or_path: str | Path, configs: Path = REPO_CONFIGS) -> Experim
 
 def _load_spec(path: Path, configs: Path) -> Experiment:
     if not path.is_file():
-        known = ", ".join(p.stem for p in list_specs(configs)) or "none"
-        raise SpecError(f"{path}: no such experiment spec (known under {configs}: {known})")
+        known = ", ".join(p.stem for p in list_specs(configs))
+        raise SpecError(f"{path}: no such experiment spec "
+                        + (f"(known under {configs}: {known})" if known else f"({missing_configs_hint(configs)})"))
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
