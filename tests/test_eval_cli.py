@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,19 +140,12 @@ def test_guidance_weights_must_be_finite_and_non_negative(flag, value, capsys):
 
 
 @pytest.mark.slow  # two fresh interpreters importing torch: ~60 s on the shared 2-core machine
-def test_torchrun_two_ranks_match_one(setup):
+def test_torchrun_two_ranks_match_one(setup, torchrun):
     """`torchrun -m condiff.eval` with 2 gloo ranks gives the single-process numbers."""
     from condiff.eval.__main__ import main
 
     main(_args(setup, "single"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), OMP_NUM_THREADS="1")
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "condiff.eval", *_args(setup, "two", n_flag="--num-samples")]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun(["-m", "condiff.eval", *_args(setup, "two", n_flag="--num-samples")], timeout=120)
     one, two = M.load(setup / "single"), M.load(setup / "two")
     assert two.world_size == 2 and one.world_size == 1
     for k, v in one.metrics.items():

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -260,20 +259,13 @@ D.shutdown()
 """
 
 
-def test_resume_is_exact_with_two_processes(tmp_path, shards):
+def test_resume_is_exact_with_two_processes(tmp_path, shards, torchrun):
     """torchrun, 2 gloo processes: DDP 4 steps == 2 steps + resume + 2 steps, bit for bit (model, EMA,
     Adam state, power-EMA profiles and their snapshots); FSDP2 + activation checkpointing (2 + resume + 2)
     matches DDP to float rounding."""
     script = tmp_path / "worker.py"
     script.write_text(_RESUME_WORKER)
-    env = dict(os.environ, PYTHONPATH=str(REPO / "python"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path), shards, *TINY]
-    for _ in range(2):  # a port taken between torchrun's choice and its bind (shared machine): retry once
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
-            break
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun([str(script), str(tmp_path), shards, *TINY], timeout=300)
     full, split = tmp_path / "full" / "step_00000004", tmp_path / "split" / "step_00000004"
     from safetensors.torch import load_file
 

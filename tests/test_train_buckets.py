@@ -186,23 +186,13 @@ D.shutdown()
 
 
 @pytest.mark.slow  # ~40 s: two gloo processes
-def test_two_rank_bucketed_run_resumes_exactly(wide, tmp_path):
+def test_two_rank_bucketed_run_resumes_exactly(wide, tmp_path, torchrun):
     """torchrun, 2 ranks (each its own bucket per step): 3 + resume + 3 == 6 steps bit for bit; the per-bucket
     image counts cover both ranks."""
-    import os
-    import subprocess
-    import sys
 
     script = tmp_path / "worker.py"
     script.write_text(_DDP_WORKER)
-    env = dict(os.environ, PYTHONPATH=str(REPO / "python"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path), wide, *TINY_TEXT]
-    for _ in range(2):  # a port taken between torchrun's choice and its bind (shared machine): retry once
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
-            break
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun([str(script), str(tmp_path), wide, *TINY_TEXT], timeout=600)
     _assert_same_weights(tmp_path / "full" / "step_00000006", tmp_path / "split" / "step_00000006")
     meta = ck.read_meta(tmp_path / "split" / "step_00000006")
     assert sum(meta.counters["bucket_images"].values()) == meta.counters["images_seen"] == 48
