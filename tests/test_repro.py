@@ -435,11 +435,15 @@ def test_grid_of_arms_sampled_at_different_sizes(tmp_path):
 
 
 def test_specs_are_found_outside_the_clone(tmp_path, monkeypatch, capsys):
-    """From another working directory the CLI reads the specs of the clone condiff was imported from; with
-    neither, `list` and `run` say where specs come from instead of 'none'."""
+    """From another working directory the CLI reads the specs of the clone condiff was imported from (an
+    editable install or PYTHONPATH; CI tests a wheel install, hence the patched SOURCE_CONFIGS); with neither,
+    `list` and `run` say where specs come from instead of 'none'."""
     from condiff.repro import __main__ as cli
     from condiff.repro import spec
 
+    if Path(spec.__file__).resolve().is_relative_to(ROOT / "python"):  # imported from this clone (not a wheel)
+        assert spec.SOURCE_CONFIGS == ROOT / "configs" / "repro"
+    monkeypatch.setattr(spec, "SOURCE_CONFIGS", ROOT / "configs" / "repro")
     monkeypatch.chdir(tmp_path)
     assert spec.default_configs() == ROOT / "configs" / "repro"
     assert cli.main(["--root", str(tmp_path / "r"), "list"]) == 0
