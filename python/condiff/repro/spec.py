@@ -106,6 +106,7 @@ class Experiment:
     eval_flags: dict[str, Any]
     conditions: dict[str, dict[str, Any]]
     claims: list[Claim] = field(default_factory=list)
+    _sources: dict[str, tuple[Experiment, str] | None] = field(default_factory=dict, repr=False, compare=False)
 
     def reported_arms(self) -> list[str]:
         return [a for a, arm in self.arms.items() if arm.evaluate]
@@ -116,11 +117,11 @@ class Experiment:
 
     def source(self, arm: str) -> tuple[Experiment, str] | None:
         """(experiment, arm) whose training run `arm` shares (`run_of`), followed to the run's owner."""
-        if self.arms[arm].run_of is None:
-            return None
-        name, src_arm = self.arms[arm].run_of
-        src = load_spec(name, self.path.parent)
-        return src.source(src_arm) or (src, src_arm)
+        if arm not in self._sources:  # each spec read once per Experiment, not once per call
+            run_of = self.arms[arm].run_of
+            src = None if run_of is None else load_spec(run_of[0], self.path.parent)
+            self._sources[arm] = None if src is None else src.source(run_of[1]) or (src, run_of[1])
+        return self._sources[arm]
 
     def run_dir(self, root: Path, arm: str, seed: int) -> Path:
         """ARM's training run at `seed` (the owner's directory for a `run_of` arm)."""
