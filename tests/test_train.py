@@ -283,6 +283,10 @@ def test_resume_is_exact_with_two_processes(tmp_path, shards, torchrun):
         assert torch.equal(oa["state"][k]["exp_avg_sq"], ob["state"][k]["exp_avg_sq"])
     meta = ck.read_meta(split)
     assert meta.world_size == 2 and len(meta.data_position["slots"]) == 2
+    # the original sizes seen in training: every rank's, the resumed ones counted once
+    full_meta = ck.read_meta(full)
+    assert len(meta.train_sizes) == meta.counters["images_seen"] == 32  # 4 steps x global batch 8
+    assert sorted(meta.train_sizes) == sorted(full_meta.train_sizes)
     # the run really moved: weights differ from the step-2 checkpoint
     mid = ck.load_weights(tmp_path / "split" / "step_00000002", "model")
     assert any(not torch.equal(mid[k], ck.load_weights(split, "model")[k]) for k in mid)

@@ -15,7 +15,7 @@ from condiff.data.make_shards import write_shapes
 from condiff.io import checkpoint as ck
 from condiff.models.zoo import model_config
 from condiff.train.config import load_config
-from condiff.train.data import input_multiple, resolve_train_buckets
+from condiff.train.data import BucketSizes, input_multiple, resolve_train_buckets
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -197,3 +197,15 @@ def test_two_rank_bucketed_run_resumes_exactly(wide, tmp_path, torchrun):
     meta = ck.read_meta(tmp_path / "split" / "step_00000006")
     assert sum(meta.counters["bucket_images"].values()) == meta.counters["images_seen"] == 48
     assert len(meta.data_position["slots"]) == 2
+
+
+def test_bucket_sizes_of_every_rank_merge_per_bucket_with_a_cap():
+    r0 = {"16x16": [[16, 16], [20, 20]], "16x32": [[10, 30]]}
+    r1 = {"16x32": [[12, 34], [11, 33], [14, 36]]}
+    assert BucketSizes.merge([r0, r1], cap=8) == {"16x16": [[16, 16], [20, 20]],
+                                                  "16x32": [[10, 30], [12, 34], [11, 33], [14, 36]]}
+    # over the cap: evenly strided over the concatenation (both ranks represented)
+    assert BucketSizes.merge([r0, r1], cap=2)["16x32"] == [[10, 30], [11, 33]]
+    acc = BucketSizes(cap=3)
+    acc.add((16, 32), torch.tensor([[10.4, 29.6], [12.0, 34.0], [1.0, 1.0], [2.0, 2.0]]))
+    assert acc.sizes == {"16x32": [[10, 30], [12, 34], [1, 1]]}

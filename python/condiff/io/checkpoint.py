@@ -26,7 +26,7 @@ meta.json is `CheckpointMeta.to_dict()`; its keys (all JSON):
   step, model (the `model.config` dict: `create(**model)` rebuilds the architecture), schedule
   (`Schedule.to_dict()`, with any Eq. 3 rescaling), text_encoder (its `.config` or null), autoencoder
   (its config or null: null = pixel-space model), base_size (App. C positional grid anchor),
-  train_sizes (list of [h, w] original image sizes seen in training, capped; sampling draws size
+  train_sizes (list of [h, w] original image sizes seen in training by every rank, capped; sampling draws size
   conditions from it, Tab. 2b), train_sizes_by_bucket (the same per aspect bucket, capped per bucket:
   {"HxW": [[h, w], ...]}, H x W the model input in image pixels of the bucket the samples were trained at;
   sampling at an output aspect draws from the nearest bucket's list), data_position (per-rank position in the data stream), config (the

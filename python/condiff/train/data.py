@@ -128,7 +128,9 @@ class BucketSizes:
     """Original [h, w] sizes seen in training per bucket ("HxW" -> [[h, w], ...], at most `cap` each):
     checkpoint meta `train_sizes_by_bucket` (see `condiff.io.checkpoint`)."""
 
-    def __init__(self, sizes: dict | None = None, cap: int = 1024):
+    CAP = 1024  # rows per bucket
+
+    def __init__(self, sizes: dict | None = None, cap: int = CAP):
         self.cap = cap
         self.sizes: dict[str, list[list[int]]] = {k: [list(map(int, s)) for s in v] for k, v in (sizes or {}).items()}
 
@@ -139,6 +141,15 @@ class BucketSizes:
         room = self.cap - len(rows)
         if room > 0:
             rows.extend([[int(round(h)), int(round(w))] for h, w in control_l[:room].tolist()])
+
+    @staticmethod
+    def merge(parts: list[dict[str, list[list[int]]]], cap: int = CAP) -> dict[str, list[list[int]]]:
+        """Every rank's `sizes` in one dict: per bucket the ranks' rows concatenated (rank order), then at most
+        `cap`, evenly strided (`condiff.io.checkpoint.cap_sizes`)."""
+        from condiff.io.checkpoint import cap_sizes
+
+        keys = sorted({k for part in parts for k in part})
+        return {k: cap_sizes(sum((part.get(k, []) for part in parts), []), cap) for k in keys}
 
 
 class TrainStream:

@@ -208,8 +208,11 @@ class Trainer:
                                 null_text=self._null_text(), buckets=buckets)
         if meta is not None and meta.data_position:
             self.data.load_state_dict(meta.data_position)
-        self.train_sizes: list[list[int]] = list(meta.train_sizes) if meta else []
-        self.train_sizes_by_bucket = BucketSizes(meta.train_sizes_by_bucket if meta else None)
+        # original sizes seen in training (this rank's; `save` gathers every rank's). A checkpoint's lists already
+        # hold every rank's: rank 0 carries them on, so that the next gather counts them once.
+        resumed = meta is not None and self.info.is_main
+        self.train_sizes: list[list[int]] = list(meta.train_sizes) if resumed else []
+        self.train_sizes_by_bucket = BucketSizes(meta.train_sizes_by_bucket if resumed else None)
         # images per bucket ("HxW"): all ranks up to the resumed checkpoint, this rank since then / since the last log
         self.bucket_images_resumed = Counter(meta.counters.get("bucket_images", {}) if meta else {})
         self.rank_buckets: Counter = Counter()
@@ -347,6 +350,8 @@ class Trainer:
         optim_state = get_optimizer_state_dict(self.model, self.optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         rng = D.all_gather_object(_rng_state(self.device))
+        train_sizes = ckpt.cap_sizes(sum(D.all_gather_object(self.train_sizes), []))
+        sizes_by_bucket = BucketSizes.merge(D.all_gather_object(self.train_sizes_by_bucket.sizes))
         positions = merge_positions(D.all_gather_object(self.data.state_dict()))
         bucket_images = dict(sum(D.all_gather_object(self.rank_buckets), self.bucket_images_resumed.copy()))
         path = None
@@ -354,8 +359,8 @@ class Trainer:
             meta = ckpt.CheckpointMeta(
                 model=self.model_config, schedule=self.schedule.to_dict(),
                 text_encoder=getattr(self.text_encoder, "config", None), autoencoder=self.autoencoder.config,
-                base_size=getattr(self.model, "base_size", None), train_sizes=ckpt.cap_sizes(self.train_sizes),
-                train_sizes_by_bucket=self.train_sizes_by_bucket.sizes,
+                base_size=getattr(self.model, "base_size", None), train_sizes=train_sizes,
+                train_sizes_by_bucket=sizes_by_bucket,
                 data_position=positions, world_size=self.info.world_size, config=self.cfg.to_dict(),
                 transfer=self.transfer_info,
                 counters={"nonfinite_total": self.nonfinite_total, "images_seen": self.images_seen,
