@@ -42,6 +42,7 @@ def test_shapes_config_roundtrip_and_zero_init(family, conditioning):
     x, t, cond = model.example_inputs(3)
     out = model(x, t, cond)
     assert out.shape == (3, 4, 8, 8)
+    assert out._base is None, "the output must not be a view (FSDP2 hooks the root's output)"
     assert torch.equal(out, torch.zeros_like(out)), "zero-init: a fresh model must predict exactly 0"
     config = json.loads(json.dumps(model.config))
     rebuilt = create(**config)
@@ -210,7 +211,8 @@ def test_learn_sigma_returns_eps_channels_only():
     model = perturb(tiny("dit", "class", learn_sigma=True))
     assert model.final_layer.linear.out_features == 2 * 2 * 8
     x, t, cond = model.example_inputs(2)
-    assert model(x, t, cond).shape == (2, 4, 8, 8)
+    out = model(x, t, cond)
+    assert out.shape == (2, 4, 8, 8) and out._base is None and out.is_contiguous()
 
 
 def test_text_states_validation_and_default_lengths():

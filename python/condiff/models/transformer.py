@@ -183,5 +183,6 @@ class Backbone(DiffusionModel):
         """(B, N, p*p*C_out) -> (B, C, H, W) (eps; the learned-sigma half is dropped)."""
         B, p, C = x.shape[0], self.cfg.patch_size, self.out_channels
         x = x.reshape(B, grid_h, grid_w, p, p, C)
-        x = torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, grid_h * p, grid_w * p)  # (B, C_out, H, W)
-        return x[:, : self.cfg.in_channels]
+        x = torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, grid_h * p, grid_w * p)  # (B, C_out, H, W), a copy
+        # never a view: FSDP2 hooks the root's output, and an in-place op on a view would drop that hook
+        return x if C == self.cfg.in_channels else x[:, : self.cfg.in_channels].contiguous()
