@@ -124,6 +124,11 @@ def resolve_train_buckets(cfg: DataConfig, multiple: int) -> list[list[int]] | N
     return None if buckets is None else [list(b) for b in buckets]
 
 
+def rounded_sizes(control_l: torch.Tensor) -> list[list[int]]:
+    """(B, 2) original (h, w) size conditions -> [[h, w], ...] as the nearest integers (checkpoint meta rows)."""
+    return [[int(round(h)), int(round(w))] for h, w in control_l.tolist()]
+
+
 class BucketSizes:
     """Original [h, w] sizes seen in training per bucket ("HxW" -> [[h, w], ...], at most `cap` each):
     checkpoint meta `train_sizes_by_bucket` (see `condiff.io.checkpoint`)."""
@@ -140,7 +145,7 @@ class BucketSizes:
         rows = self.sizes.setdefault(bucket_key(bucket), [])
         room = self.cap - len(rows)
         if room > 0:
-            rows.extend([[int(round(h)), int(round(w))] for h, w in control_l[:room].tolist()])
+            rows.extend(rounded_sizes(control_l[:room]))
 
     @staticmethod
     def merge(parts: list[dict[str, list[list[int]]]], cap: int = CAP) -> dict[str, list[list[int]]]:
@@ -149,7 +154,7 @@ class BucketSizes:
         from condiff.io.checkpoint import cap_sizes
 
         keys = sorted({k for part in parts for k in part})
-        return {k: cap_sizes(sum((part.get(k, []) for part in parts), []), cap) for k in keys}
+        return {k: cap_sizes([row for part in parts for row in part.get(k, [])], cap) for k in keys}
 
 
 class TrainStream:

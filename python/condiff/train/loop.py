@@ -45,7 +45,7 @@ from condiff.io import checkpoint as ckpt
 from condiff.train import distributed as D
 from condiff.train.config import ConfigError, TrainConfig, dump_config
 from condiff.train.data import (BucketSizes, TrainStream, check_shards, dataset_info, ensure_builtin_shards, input_multiple,
-                                merge_positions, resolve_train_buckets)
+                                merge_positions, resolve_train_buckets, rounded_sizes)
 from condiff.train.ema import EMA
 from condiff.io.phema import load_checkpoint_state
 from condiff.train.guard import StepGuard
@@ -350,7 +350,7 @@ class Trainer:
         optim_state = get_optimizer_state_dict(self.model, self.optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         rng = D.all_gather_object(_rng_state(self.device))
-        train_sizes = ckpt.cap_sizes(sum(D.all_gather_object(self.train_sizes), []))
+        train_sizes = ckpt.cap_sizes([row for part in D.all_gather_object(self.train_sizes) for row in part])
         sizes_by_bucket = BucketSizes.merge(D.all_gather_object(self.train_sizes_by_bucket.sizes))
         positions = merge_positions(D.all_gather_object(self.data.state_dict()))
         bucket_images = dict(sum(D.all_gather_object(self.rank_buckets), self.bucket_images_resumed.copy()))
@@ -383,7 +383,7 @@ class Trainer:
             with torch.no_grad():
                 x0 = self.autoencoder.encode(batch["image"].to(self.device))
         if "control_l" in batch and len(self.train_sizes) < ckpt.TRAIN_SIZES_CAP:
-            self.train_sizes.extend([[int(round(h)), int(round(w))] for h, w in batch["control_l"].tolist()])
+            self.train_sizes.extend(rounded_sizes(batch["control_l"]))
         if "bucket" in batch:
             self.window_buckets[bucket_key(batch["bucket"])] += x0.shape[0]
             self.rank_buckets[bucket_key(batch["bucket"])] += x0.shape[0]
